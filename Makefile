@@ -1,0 +1,44 @@
+# instaflow-pl: `make help` lists the targets. Stage targets default to the tiny configs (seconds on a CPU);
+# pass CONFIG=configs/sd15/pairs.yaml (etc.) for the real recipe.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?=
+export WANDB_MODE ?= offline
+
+.PHONY: help install test test-all lint format bench tiny pairs clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## Create .venv and install the package with dev tools (once; redone when pyproject.toml changes)
+
+test: $(STAMP) ## Run the test suite (CPU, no network)
+	$(BIN)/pytest -q
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process
+	$(BIN)/python bench/run.py
+
+tiny: $(STAMP) ## Write the tiny Stable-Diffusion-format folder the tiny configs use (outputs/tiny/sd)
+	$(BIN)/instaflow-pl tiny outputs/tiny/sd
+
+pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/pairs.yaml by default
+	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),configs/tiny/pairs.yaml)
+
+clean: ## Remove outputs/ (generated data) -- asks first
+	@read -p "delete outputs/ (generated datasets and models)? [y/N] " ok && [ "$$ok" = y ] && rm -rf outputs/ || echo kept

@@ -1,0 +1,89 @@
+"""The ``instaflow-pl`` command: LightningCLI subcommands (fit, validate, test, predict) plus project tools.
+
+``instaflow-pl pairs ...`` is ``instaflow-pl predict ...`` (pair generation); ``instaflow-pl tiny DIR`` writes the
+tiny Stable-Diffusion-format folder the tiny configs use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from instaflow_pl.errors import UserError
+
+ALIASES = {"pairs": "predict"}
+"""Friendlier names for LightningCLI subcommands."""
+
+
+class InstaFlowCLI(LightningCLI):
+    """LightningCLI with the project's defaults: predictions are written by callbacks, never kept in memory."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        """Project-wide parser defaults."""
+        if any(getattr(action, "dest", None) == "return_predictions" for action in parser._actions):
+            parser.set_defaults({"return_predictions": False})
+
+
+def cli_main(args: Sequence[str] | None = None) -> InstaFlowCLI:
+    """Run a LightningCLI subcommand in-process (``args`` as on the command line, without the program name)."""
+    import lightning as L
+
+    if args is not None:
+        args = list(args)
+        if args and args[0] in ALIASES:
+            args[0] = ALIASES[args[0]]
+    elif len(sys.argv) > 1 and sys.argv[1] in ALIASES:
+        # Rewritten in place: DDP's launcher restarts the other ranks with sys.argv.
+        sys.argv[1] = ALIASES[sys.argv[1]]
+    argv = sys.argv[1:] if args is None else args
+    predicting = bool(argv) and argv[0] == "predict"
+    return InstaFlowCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=args,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        # Pair generation records its settings in the dataset's manifest.json; a config.yaml there would be noise.
+        save_config_callback=None if predicting else SaveConfigCallback,
+        auto_configure_optimizers=False,
+    )
+
+
+def _tiny_main(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="instaflow-pl tiny", description="Write a tiny Stable-Diffusion-format folder with random weights."
+    )
+    parser.add_argument("out", nargs="?", default="outputs/tiny/sd", help="folder to write (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
+    opts = parser.parse_args(args)
+    from pathlib import Path
+
+    from instaflow_pl.tiny import build_tiny_sd
+
+    if (Path(opts.out) / "model_index.json").exists() and not opts.force:
+        print(f"{opts.out} already holds a model (use --force to rebuild)")
+        return
+    print(f"wrote {build_tiny_sd(opts.out, seed=opts.seed)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``instaflow-pl`` console script."""
+    try:
+        if argv is None and len(sys.argv) > 1 and sys.argv[1] == "tiny":
+            _tiny_main(sys.argv[2:])
+        elif argv is not None and argv and argv[0] == "tiny":
+            _tiny_main(list(argv[1:]))
+        else:
+            cli_main(argv)
+    except UserError as err:
+        print(f"instaflow-pl: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

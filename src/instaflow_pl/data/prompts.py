@@ -1,0 +1,124 @@
+"""Prompt sources: plain text, JSONL, parquet and COCO captions files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from instaflow_pl.errors import UserError
+
+FORMATS = ("txt", "jsonl", "parquet", "coco")
+"""Prompt file formats; ``auto`` picks one from the file name."""
+
+
+def _detect(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".text", ".csv"):
+        return "txt"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix in (".parquet", ".pq"):
+        return "parquet"
+    if suffix == ".json":
+        return "coco"
+    raise UserError(f"cannot tell the format of prompt file {path}; set format to one of {', '.join(FORMATS)}")
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"prompt file {path} is not UTF-8 text (byte {err.start}); re-encode it as UTF-8") from None
+
+
+def _from_txt(path: Path) -> list[str]:
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _missing_column(path: Path, column: str, available: list[str]) -> UserError:
+    return UserError(f"prompt file {path} has no column {column!r}; set column to one of {sorted(available)}")
+
+
+def _from_jsonl(path: Path, column: str) -> list[str]:
+    prompts = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"line {number} of {path} is not valid JSON; fix or remove it") from None
+        if not isinstance(row, dict) or column not in row:
+            raise _missing_column(path, column, list(row) if isinstance(row, dict) else [])
+        prompts.append(str(row[column]))
+    return prompts
+
+
+def _from_parquet(path: Path, column: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise UserError(f"{path} is not a readable parquet file; check the file or its format option") from None
+    if column not in schema.names:
+        raise _missing_column(path, column, schema.names)
+    return [str(v) for v in pq.read_table(path, columns=[column]).column(column).to_pylist()]
+
+
+def _from_coco(path: Path) -> list[str]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; a COCO captions file holds {{'annotations': [...]}}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise UserError(f"{path} has no 'annotations' list; is it a COCO captions file (captions_*.json)?")
+    return [str(a["caption"]).strip() for a in data["annotations"] if isinstance(a, dict) and "caption" in a]
+
+
+def load_prompts(
+    path: str | Path,
+    format: str = "auto",
+    column: str = "prompt",
+    limit: int | None = None,
+    repeats: int = 1,
+) -> list[str]:
+    """Read prompts from a file.
+
+    Args:
+        path: The prompt file.
+        format: ``auto`` (from the extension: .txt, .jsonl, .parquet, .json = COCO captions) or one of ``FORMATS``.
+        column: Field holding the prompt in JSONL and parquet files.
+        limit: Keep at most this many prompts (before repeats).
+        repeats: Emit each prompt this many times in a row (different noise each time).
+
+    Returns:
+        The prompts, in file order.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"prompt file not found: {path}")
+    kind = _detect(path) if format == "auto" else format
+    readers = {
+        "txt": lambda: _from_txt(path),
+        "jsonl": lambda: _from_jsonl(path, column),
+        "parquet": lambda: _from_parquet(path, column),
+        "coco": lambda: _from_coco(path),
+    }
+    if kind not in readers:
+        raise UserError(f"unknown prompt format {kind!r}: choose auto or one of {', '.join(FORMATS)}")
+    if repeats < 1:
+        raise UserError(f"repeats must be >= 1, got {repeats}")
+    if limit is not None and limit < 1:
+        raise UserError(f"limit must be >= 1 (or null for all prompts), got {limit}")
+    prompts = readers[kind]()
+    if not prompts:
+        raise UserError(f"prompt file {path} holds no prompts; add one prompt per line (or per row)")
+    prompts = prompts[:limit] if limit is not None else prompts
+    return [p for p in prompts for _ in range(repeats)]
+
+
+def prompts_digest(prompts: list[str]) -> str:
+    """SHA-256 of a prompt list (recorded in a dataset's manifest)."""
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()

@@ -1,0 +1,205 @@
+"""Writing a triples dataset as litdata shards, one shard at a time, so generation can resume after any crash.
+
+Layout of a dataset folder::
+
+    manifest.json            what produced the data (written first)
+    shard-000000.bin ...     litdata chunks; shard k holds samples [k * shard_size, (k + 1) * shard_size)
+    .progress/shard-k.json   commit record of shard k (its litdata chunk entry); written last, atomically
+    index.json               litdata index over all shards, written once every shard is committed
+
+A shard counts as done only once its commit record exists, so a partly written shard is never counted; a rerun
+regenerates it. Everything is written to a temporary name and moved into place, so a kill at any point leaves either
+the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
+from instaflow_pl.errors import UserError
+
+INDEX_FILE = "index.json"
+_PROGRESS = ".progress"
+_TMP = ".tmp"
+STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class PairRecord:
+    """One generated sample before it is written.
+
+    Attributes:
+        index: Sample index in the dataset.
+        seed: The seed its noise X0 was drawn from.
+        prompt: The prompt.
+        x1: The teacher's output, (C, H, W).
+        x0: The noise, (C, H, W); stored only when the manifest asks for tensors.
+    """
+
+    index: int
+    seed: int
+    prompt: str
+    x1: torch.Tensor
+    x0: torch.Tensor | None = None
+
+
+def shard_name(shard: int) -> str:
+    """File name of shard ``shard``."""
+    return f"shard-{shard:06d}.bin"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PairStore:
+    """A dataset folder being generated (see the module docstring for its layout).
+
+    Args:
+        root: The dataset folder.
+        manifest: What the folder holds (or will hold).
+    """
+
+    def __init__(self, root: str | Path, manifest: Manifest):
+        self.root = Path(root).expanduser()
+        self.manifest = manifest
+
+    def open(self) -> None:
+        """Create the folder for the manifest, or check that it already holds the same dataset.
+
+        Call on one process only. Clears leftovers of interrupted writes.
+
+        Raises:
+            UserError: the folder holds a different dataset or something else, or cannot be written.
+        """
+        path = self.root / MANIFEST_FILE
+        if path.exists():
+            existing = Manifest.read(path)
+            diff = existing.differences(self.manifest)
+            if diff:
+                raise UserError(
+                    f"{self.root} already holds a different dataset ({'; '.join(diff)}); "
+                    "use a new output folder, or restore the original settings to resume"
+                )
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise UserError(f"output folder {self.root} is not empty and holds no {MANIFEST_FILE}; choose a new folder")
+        try:
+            (self.root / _PROGRESS).mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / _TMP, ignore_errors=True)
+            if not path.exists():
+                _atomic_write_text(path, self.manifest.to_json())
+        except OSError as err:
+            raise UserError(f"cannot write to output folder {self.root} ({err.strerror}); choose a writable one") from None
+
+    def is_complete(self) -> bool:
+        """Whether every shard is committed and the index is written."""
+        return (self.root / INDEX_FILE).is_file()
+
+    def done_shards(self) -> set[int]:
+        """Shards whose commit record exists and whose file has the recorded size."""
+        done = set()
+        for record_path in (self.root / _PROGRESS).glob("shard-*.json"):
+            try:
+                record = json.loads(record_path.read_text())
+            except json.JSONDecodeError:
+                continue
+            shard_file = self.root / record["chunk"]["filename"]
+            if shard_file.is_file() and shard_file.stat().st_size == record["bytes"]:
+                done.add(int(record["shard"]))
+        return done
+
+    def pending_shards(self) -> list[int]:
+        """Shards still to generate, in order."""
+        done = self.done_shards()
+        return [k for k in range(self.manifest.num_shards) if k not in done]
+
+    def _to_item(self, record: PairRecord) -> dict:
+        dtype = STORAGE_DTYPES[self.manifest.x1_dtype]
+        item = {"index": record.index, "seed": record.seed, "prompt": record.prompt}
+        if self.manifest.x0_format == "tensor":
+            if record.x0 is None:
+                raise ValueError(f"sample {record.index} has no x0 but the manifest stores X0 as tensors")
+            item["x0"] = record.x0.detach().to("cpu", dtype).contiguous()
+        item["x1"] = record.x1.detach().to("cpu", dtype).contiguous()
+        return item
+
+    def write_shard(self, shard: int, records: Sequence[PairRecord]) -> Path:
+        """Write and commit shard ``shard`` from its records (in any order).
+
+        Raises:
+            ValueError: the records do not cover the shard's indices exactly, or X1 holds NaN or Inf.
+        """
+        from litdata.streaming.writer import BinaryWriter
+
+        expected = self.manifest.shard_range(shard)
+        records = sorted(records, key=lambda r: r.index)
+        if [r.index for r in records] != list(expected):
+            raise ValueError(f"shard {shard} needs samples {expected.start}..{expected.stop - 1} exactly")
+        bad = [r.index for r in records if not torch.isfinite(r.x1).all()]
+        if bad:
+            raise ValueError(
+                f"the teacher produced NaN or Inf in X1 for samples {bad[:10]}; shard {shard} was not written "
+                "(try teacher dtype fp32 or bf16 instead of fp16)"
+            )
+        tmp = self.root / _TMP / f"shard-{shard:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer = BinaryWriter(str(tmp), chunk_size=self.manifest.shard_size)
+        for position, record in enumerate(records):
+            writer[position] = self._to_item(record)
+        writer.done()
+        index = json.loads(Path(glob.glob(str(tmp / "*.index.json"))[0]).read_text())
+        chunk = index["chunks"][0]
+        target = self.root / shard_name(shard)
+        os.replace(tmp / chunk["filename"], target)
+        chunk["filename"] = target.name
+        commit = {
+            "shard": shard,
+            "chunk": chunk,
+            "config": index["config"],
+            "bytes": target.stat().st_size,
+            "sha256": _sha256(target),
+        }
+        _atomic_write_text(self.root / _PROGRESS / f"shard-{shard:06d}.json", json.dumps(commit, sort_keys=True))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def finalize(self) -> Path:
+        """Write ``index.json`` once every shard is committed; return its path.
+
+        Raises:
+            RuntimeError: some shards are missing.
+        """
+        pending = self.pending_shards()
+        if pending:
+            raise RuntimeError(f"cannot finalize {self.root}: shards {pending[:10]} are not written yet")
+        chunks, config = [], None
+        for shard in range(self.manifest.num_shards):
+            record = json.loads((self.root / _PROGRESS / f"shard-{shard:06d}.json").read_text())
+            chunks.append(record["chunk"])
+            config = config or record["config"]
+        _atomic_write_text(self.root / INDEX_FILE, json.dumps({"chunks": chunks, "config": config}, sort_keys=True))
+        shutil.rmtree(self.root / _TMP, ignore_errors=True)
+        return self.root / INDEX_FILE

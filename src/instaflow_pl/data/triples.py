@@ -1,0 +1,201 @@
+"""Streaming (X0, X1, prompt) triples from a generated dataset (local folder or object-store URL) with litdata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from instaflow_pl.conventions import noise_from_seed
+from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
+from instaflow_pl.data.store import INDEX_FILE
+from instaflow_pl.errors import UserError
+
+
+@dataclass
+class TripleBatch:
+    """A batch of training triples.
+
+    Attributes:
+        x0: Noise, (B, C, H, W), float32.
+        x1: The teacher's output for that noise and prompt, (B, C, H, W), float32.
+        prompts: The B prompts.
+        index: Sample indices in the dataset, (B,).
+    """
+
+    x0: torch.Tensor
+    x1: torch.Tensor
+    prompts: list[str]
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.x0.shape[0]
+
+
+class TripleDecoder:
+    """Turns a stored record into float32 (x0, x1): X0 is regenerated from its seed unless it was stored.
+
+    Args:
+        latent_shape: (C, H, W) of the dataset.
+    """
+
+    def __init__(self, latent_shape: list[int]):
+        self.latent_shape = tuple(latent_shape)
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Decode one record."""
+        x0 = item["x0"].float() if "x0" in item else noise_from_seed(item["seed"], self.latent_shape)
+        return {"index": item["index"], "prompt": item["prompt"], "x0": x0, "x1": item["x1"].float()}
+
+
+def collate_triples(items: list[dict[str, Any]]) -> TripleBatch:
+    """Stack decoded records into a :class:`TripleBatch`."""
+    return TripleBatch(
+        x0=torch.stack([it["x0"] for it in items]),
+        x1=torch.stack([it["x1"] for it in items]),
+        prompts=[it["prompt"] for it in items],
+        index=torch.tensor([int(it["index"]) for it in items]),
+    )
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def read_manifest(path: str) -> Manifest:
+    """The manifest of a dataset folder or URL."""
+    if not _is_url(path):
+        return Manifest.read(Path(path).expanduser() / MANIFEST_FILE)
+    import fsspec
+
+    try:
+        with fsspec.open(f"{path.rstrip('/')}/{MANIFEST_FILE}", "r") as handle:
+            text = handle.read()
+    except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
+        raise UserError(f"cannot read {path}/{MANIFEST_FILE} ({type(err).__name__}: {err})") from None
+    data = json.loads(text)
+    return Manifest(**data)
+
+
+def check_local_dataset(root: Path) -> None:
+    """Fail with one line naming the file if the index is missing or a shard is missing or truncated."""
+    index_path = root / INDEX_FILE
+    if not index_path.is_file():
+        raise UserError(
+            f"{root} has no {INDEX_FILE}: generation has not finished; rerun the same pairs command to complete it"
+        )
+    for chunk in json.loads(index_path.read_text())["chunks"]:
+        shard = root / chunk["filename"]
+        if not shard.is_file():
+            raise UserError(f"shard {shard} is missing; restore it or regenerate the dataset")
+        if shard.stat().st_size != chunk["chunk_bytes"]:
+            raise UserError(
+                f"shard {shard} is corrupt ({shard.stat().st_size} bytes, index says {chunk['chunk_bytes']}); "
+                "regenerate the dataset"
+            )
+
+
+class TriplesDataModule(L.LightningDataModule):
+    """Streams a generated triples dataset for reflow or distillation.
+
+    The position in the stream is part of every Lightning checkpoint (litdata's ``StreamingDataLoader`` state), so a
+    resumed fit continues from the exact sample it stopped at.
+
+    Args:
+        path: Dataset folder, or an object-store URL (``s3://bucket/prefix``, ``gs://...``) litdata can stream.
+        batch_size: Triples per batch.
+        num_workers: DataLoader worker processes.
+        val_fraction: Fraction of the samples (taken from the end) held out for validation.
+        shuffle: Shuffle the training stream (litdata shuffles shards, then samples within a window).
+        seed: Seed of the shuffle.
+        drop_last: Drop the last incomplete training batch.
+        cache_dir: Local cache for remote datasets.
+        expected_latent_shape: If set, refuse a dataset whose latents have another (C, H, W).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        cache_dir: str | None = None,
+        expected_latent_shape: list[int] | None = None,
+    ):
+        super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise UserError(f"data.num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.cache_dir = cache_dir
+        self.expected_latent_shape = expected_latent_shape
+        self.manifest: Manifest | None = None
+        self._train = None
+        self._val = None
+
+    def _dataset(self, shuffle: bool):
+        from litdata import StreamingDataset
+
+        return StreamingDataset(
+            self.path if _is_url(self.path) else str(Path(self.path).expanduser()),
+            cache_dir=self.cache_dir,
+            shuffle=shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last if shuffle else False,
+            transform=TripleDecoder(self.manifest.latent_shape),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and check the manifest and shards; build the train and val streams."""
+        if self._train is not None:
+            return
+        self.manifest = read_manifest(self.path)
+        if self.expected_latent_shape is not None and list(self.expected_latent_shape) != list(
+            self.manifest.latent_shape
+        ):
+            raise UserError(
+                f"triples in {self.path} have latent shape {self.manifest.latent_shape}, "
+                f"but the model expects {list(self.expected_latent_shape)}; generate pairs at the model's shape"
+            )
+        if not _is_url(self.path):
+            check_local_dataset(Path(self.path).expanduser())
+        if self.val_fraction > 0:
+            from litdata import train_test_split
+
+            train, val = train_test_split(
+                self._dataset(self.shuffle), [1.0 - self.val_fraction, self.val_fraction], shuffle=False
+            )
+            self._train, self._val = train, val
+        else:
+            self._train = self._dataset(self.shuffle)
+
+    def _loader(self, dataset):
+        from litdata import StreamingDataLoader
+
+        return StreamingDataLoader(
+            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_triples
+        )
+
+    def train_dataloader(self):
+        """The training stream (resumable)."""
+        return self._loader(self._train)
+
+    def val_dataloader(self):
+        """The held-out stream (empty list when ``val_fraction`` is 0)."""
+        return self._loader(self._val) if self._val is not None else []

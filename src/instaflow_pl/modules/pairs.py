@@ -1,0 +1,227 @@
+"""Pair generation: a teacher turns noise and prompts into (X0, X1, prompt) triples, under ``Trainer.predict``."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+
+from instaflow_pl.conventions import noise_for_indices, sample_seed
+from instaflow_pl.data.manifest import X0_FORMATS, X1_DTYPES, Manifest
+from instaflow_pl.data.prompt_stream import PromptBatch
+from instaflow_pl.data.prompts import prompts_digest
+from instaflow_pl.data.store import PairRecord, PairStore
+from instaflow_pl.errors import UserError
+from instaflow_pl.teachers import load_teacher
+
+
+@dataclass
+class GeneratedBatch:
+    """What one predict step produces.
+
+    Attributes:
+        indices: Sample indices.
+        prompts: Their prompts.
+        x1: Teacher outputs, (B, C, H, W).
+        x0: The noises, (B, C, H, W).
+        nfe: Teacher evaluations spent on the batch.
+    """
+
+    indices: list[int]
+    prompts: list[str]
+    x1: torch.Tensor
+    x0: torch.Tensor
+    nfe: int
+
+
+class PairGenerator(L.LightningModule):
+    """Generates the (X0, X1, prompt) triples of reflow or distillation with a teacher.
+
+    Sample ``i`` uses noise drawn from ``seed + i`` (DESIGN.md), so the data does not depend on batch size, workers
+    or ranks. Work is cut into shards; each rank generates whole shards and a shard is committed atomically, so a
+    killed run resumes where it stopped when the same command is run again.
+
+    Args:
+        teacher: Diffusers-format folder (or hub id) of a Stable Diffusion model or a velocity (k-RF) model.
+        output_dir: Dataset folder to create or resume.
+        solver: ``auto``, a scheduler name for SD (``dpm++``, ``ddim``, ...) or an ODE method for velocity teachers.
+        steps: Solver steps.
+        guidance: Classifier-free guidance weight (<= 1: none, only the conditional branch is evaluated).
+        seed: Base seed of the noises.
+        latent_shape: (C, H, W) of the latents; null: the UNet's native shape.
+        teacher_dtype: Teacher weight dtype: ``fp32``, ``fp16`` or ``bf16``.
+        x0_format: ``seed`` (store only the seed of X0; exact regeneration, half the bytes) or ``tensor``.
+        x1_dtype: Storage dtype of X1: ``fp16``, ``bf16`` or ``fp32``.
+        shard_size: Samples per shard (the unit of resumption).
+    """
+
+    def __init__(
+        self,
+        teacher: str,
+        output_dir: str,
+        solver: str = "auto",
+        steps: int = 25,
+        guidance: float = 1.0,
+        seed: int = 0,
+        latent_shape: list[int] | None = None,
+        teacher_dtype: str = "fp32",
+        x0_format: str = "seed",
+        x1_dtype: str = "fp16",
+        shard_size: int = 256,
+    ):
+        super().__init__()
+        if x0_format not in X0_FORMATS:
+            raise UserError(f"x0_format must be one of {', '.join(X0_FORMATS)}, got {x0_format!r}")
+        if x1_dtype not in X1_DTYPES:
+            raise UserError(f"x1_dtype must be one of {', '.join(X1_DTYPES)}, got {x1_dtype!r}")
+        if shard_size < 1:
+            raise UserError(f"shard_size must be >= 1, got {shard_size}")
+        if guidance < 0:
+            raise UserError(f"guidance must be >= 0 (1 or less means no guidance), got {guidance}")
+        self.teacher = load_teacher(teacher, solver=solver, steps=steps, dtype=teacher_dtype)
+        self.latent_shape = self.teacher.check_latent_shape(latent_shape or self.teacher.latent_shape)
+        self.steps = steps
+        self.guidance = guidance
+        self.seed = seed
+        self.teacher_dtype = teacher_dtype
+        self.x0_format = x0_format
+        self.x1_dtype = x1_dtype
+        self.shard_size = shard_size
+        self.output_dir = output_dir
+        self.store: PairStore | None = None
+        self._ranges: list[range] = []
+
+    def manifest_for(self, prompts: list[str], source: str) -> Manifest:
+        """The manifest this configuration produces for ``prompts``."""
+        return Manifest(
+            teacher=self.teacher.source,
+            teacher_kind=self.teacher.kind,
+            teacher_fingerprint=self.teacher.fingerprint,
+            teacher_dtype=self.teacher_dtype,
+            solver=self.teacher.solver_name,
+            steps=self.steps,
+            guidance=float(self.guidance),
+            seed=self.seed,
+            latent_shape=list(self.latent_shape),
+            x0_format=self.x0_format,
+            x1_dtype=self.x1_dtype,
+            count=len(prompts),
+            shard_size=self.shard_size,
+            prompts_sha256=prompts_digest(prompts),
+            prompts_source=str(source),
+        )
+
+    def setup(self, stage: str) -> None:
+        """Open (or resume) the dataset folder on rank 0 and decide which shards this rank generates."""
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "prompts"):
+            raise UserError("pair generation needs a PromptDataModule (data: class_path: ...PromptDataModule)")
+        manifest = self.manifest_for(datamodule.prompts, datamodule.source)
+        self.store = PairStore(self.output_dir, manifest)
+        error = None
+        if self.trainer.is_global_zero:
+            try:
+                self.store.open()
+            except UserError as err:
+                error = str(err)
+        error = self.trainer.strategy.broadcast(error, src=0)
+        if error:
+            raise UserError(error)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        pending = [] if self.store.is_complete() else self.store.pending_shards()
+        self._ranges = [manifest.shard_range(k) for k in pending if k % world == rank]
+        done = manifest.num_shards - len(pending)
+        if not pending:
+            rank_zero_info(f"{self.store.root} is complete ({manifest.count} samples); nothing to do")
+        elif done:
+            rank_zero_info(f"resuming {self.store.root}: {done}/{manifest.num_shards} shards already written")
+
+    def work_ranges(self, count: int) -> list[range]:
+        """The sample ranges (whole shards) this rank generates; used by the PromptDataModule."""
+        return self._ranges
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int = 0) -> GeneratedBatch:
+        """Solve the teacher's ODE for one micro-batch."""
+        x0 = noise_for_indices(self.seed, batch.indices, self.latent_shape).to(self.device)
+        solution = self.teacher.sample(x0, batch.prompts, guidance=self.guidance)
+        return GeneratedBatch(batch.indices, batch.prompts, solution.x, x0, solution.nfe)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Pair generation always writes through a :class:`PairWriter`."""
+        return [PairWriter()]
+
+
+# Prompt batches come from an IterableDataset; the writer does not need Lightning's batch indices.
+warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+
+
+class PairWriter(BasePredictionWriter):
+    """Collects generated samples per shard and commits each shard as soon as it is whole; shows samples/s."""
+
+    def __init__(self):
+        super().__init__(write_interval="batch")
+        self._pending: dict[int, list[PairRecord]] = {}
+        self._bar: tqdm | None = None
+        self._start = 0.0
+        self._samples = 0
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: PairGenerator) -> None:
+        """Open the progress bar (rank 0) over the samples this rank generates."""
+        total = sum(len(r) for r in pl_module.work_ranges(0))
+        self._start, self._samples = time.perf_counter(), 0
+        if trainer.is_global_zero and total:
+            self._bar = tqdm(total=total, desc="pairs", unit="sample", dynamic_ncols=True)
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: PairGenerator,
+        prediction: GeneratedBatch,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Buffer the batch; write every shard it completes."""
+        store = pl_module.store
+        manifest = store.manifest
+        keep_x0 = manifest.x0_format == "tensor"
+        for row, index in enumerate(prediction.indices):
+            record = PairRecord(
+                index=index,
+                seed=sample_seed(manifest.seed, index),
+                prompt=prediction.prompts[row],
+                x1=prediction.x1[row],
+                x0=prediction.x0[row] if keep_x0 else None,
+            )
+            self._pending.setdefault(index // manifest.shard_size, []).append(record)
+        for shard in [k for k, recs in self._pending.items() if len(recs) == len(manifest.shard_range(k))]:
+            try:
+                store.write_shard(shard, self._pending.pop(shard))
+            except ValueError as err:
+                raise UserError(str(err)) from None
+        self._samples += len(prediction.indices)
+        if self._bar is not None:
+            self._bar.update(len(prediction.indices))
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: PairGenerator) -> None:
+        """Wait for every rank, then write the dataset index (rank 0)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._pending:
+            raise RuntimeError(f"shards {sorted(self._pending)} were left incomplete; rerun to finish them")
+        trainer.strategy.barrier()
+        if trainer.is_global_zero and not pl_module.store.is_complete():
+            path = pl_module.store.finalize()
+            seconds = time.perf_counter() - self._start
+            rate = self._samples / seconds if seconds > 0 else 0.0
+            rank_zero_info(f"wrote {Path(path).parent} ({pl_module.store.manifest.count} samples, {rate:.1f}/s here)")

@@ -1,0 +1,155 @@
+"""LatentODE: the one solver that integrates a velocity field from t=0 (noise) to t=1 (data)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from instaflow_pl.errors import UserError
+
+Field = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+"""A velocity field ``v(x, t, cond)``: ``x`` of shape (B, ...), ``t`` of shape (B,), any conditioning object."""
+
+
+@dataclass
+class ODESolution:
+    """What a solve returns.
+
+    Attributes:
+        x: The end point (X1), shape (B, ...).
+        nfe: Number of function evaluations (one batched call of the field counts once).
+        states: The trajectory, shape (K+1, B, ...) with ``states[0] = x0``, when requested.
+        times: The flow times of ``states``, shape (K+1,), from 0 to 1, when requested.
+    """
+
+    x: torch.Tensor
+    nfe: int
+    states: torch.Tensor | None = None
+    times: torch.Tensor | None = None
+
+
+class _CountedField:
+    """Calls a field with per-sample times and counts the calls."""
+
+    def __init__(self, field: Field, cond: Any):
+        self.field = field
+        self.cond = cond
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+        return self.field(x, t_batch, self.cond).to(x.dtype)
+
+
+def _euler(f: _CountedField, x: torch.Tensor, t: float, dt: float) -> torch.Tensor:
+    return x + dt * f(x, t)
+
+
+def _midpoint(f: _CountedField, x: torch.Tensor, t: float, dt: float) -> torch.Tensor:
+    return x + dt * f(x + 0.5 * dt * f(x, t), t + 0.5 * dt)
+
+
+def _heun(f: _CountedField, x: torch.Tensor, t: float, dt: float) -> torch.Tensor:
+    k1 = f(x, t)
+    k2 = f(x + dt * k1, t + dt)
+    return x + 0.5 * dt * (k1 + k2)
+
+
+def _rk4(f: _CountedField, x: torch.Tensor, t: float, dt: float) -> torch.Tensor:
+    k1 = f(x, t)
+    k2 = f(x + 0.5 * dt * k1, t + 0.5 * dt)
+    k3 = f(x + 0.5 * dt * k2, t + 0.5 * dt)
+    k4 = f(x + dt * k3, t + dt)
+    return x + dt / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+
+
+METHODS: dict[str, Callable[[_CountedField, torch.Tensor, float, float], torch.Tensor]] = {
+    "euler": _euler,
+    "midpoint": _midpoint,
+    "heun": _heun,
+    "rk4": _rk4,
+}
+"""Explicit one-step methods by name."""
+
+ORDERS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+"""Order of convergence of each method."""
+
+EVALS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+"""Function evaluations each method spends per step."""
+
+
+def uniform_grid(steps: int) -> list[float]:
+    """``steps + 1`` equally spaced times from 0 to 1."""
+    return [k / steps for k in range(steps + 1)]
+
+
+class LatentODE:
+    """Integrates ``dx/dt = v(x, t, cond)`` from t=0 (noise) to t=1 (data) with an explicit method.
+
+    Args:
+        method: One of ``euler``, ``midpoint``, ``heun``, ``rk4``.
+        steps: Number of uniform steps from 0 to 1 (ignored when ``time_grid`` is given).
+        time_grid: Increasing times to step through, e.g. ``[0, 0.5, 0.8, 1]``; the first is the start time.
+    """
+
+    def __init__(self, method: str = "euler", steps: int = 25, time_grid: Sequence[float] | None = None):
+        if method not in METHODS:
+            raise UserError(f"unknown ODE method {method!r}: choose one of {', '.join(METHODS)}")
+        grid = list(time_grid) if time_grid is not None else None
+        if grid is None:
+            if steps < 1:
+                raise UserError(f"steps must be >= 1, got {steps}")
+            grid = uniform_grid(steps)
+        if len(grid) < 2 or any(b <= a for a, b in zip(grid, grid[1:], strict=False)):
+            raise UserError(f"time_grid must hold at least two strictly increasing times, got {grid}")
+        self.method = method
+        self.time_grid = [float(t) for t in grid]
+
+    @property
+    def steps(self) -> int:
+        """Number of steps on the grid."""
+        return len(self.time_grid) - 1
+
+    @property
+    def nfe(self) -> int:
+        """Function evaluations one solve costs."""
+        return self.steps * EVALS_PER_STEP[self.method]
+
+    def solve(
+        self,
+        field: Field,
+        x0: torch.Tensor,
+        cond: Any = None,
+        *,
+        return_trajectory: bool = False,
+        enable_grad: bool = False,
+    ) -> ODESolution:
+        """Integrate ``field`` from ``x0`` along the time grid.
+
+        Args:
+            field: The velocity ``v(x, t, cond)``.
+            x0: Start states at ``time_grid[0]``, shape (B, ...).
+            cond: Conditioning passed to every call of ``field``.
+            return_trajectory: Also return every state on the grid and its time.
+            enable_grad: Keep the autograd graph (for training through the solve).
+
+        Returns:
+            The end point, the number of evaluations and, on request, the trajectory.
+        """
+        f = _CountedField(field, cond)
+        step = METHODS[self.method]
+        x = x0
+        states = [x0] if return_trajectory else None
+        with torch.set_grad_enabled(enable_grad):
+            for t, t_next in zip(self.time_grid, self.time_grid[1:], strict=False):
+                x = step(f, x, t, t_next - t)
+                if states is not None:
+                    states.append(x)
+        if states is None:
+            return ODESolution(x=x, nfe=f.calls)
+        times = torch.tensor(self.time_grid, dtype=torch.float32)
+        return ODESolution(x=x, nfe=f.calls, states=torch.stack(states), times=times)

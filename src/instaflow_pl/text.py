@@ -1,0 +1,69 @@
+"""Prompt encoding: tokenizer + frozen text encoder, truncation to the model's length, the null prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from instaflow_pl.velocity.condition import TextCondition
+
+NULL_PROMPT = ""
+"""The null prompt of classifier-free guidance."""
+
+
+class PromptEncoder(nn.Module):
+    """Encodes prompts the way diffusers' Stable Diffusion pipeline does (padded to the tokenizer's max length).
+
+    The text encoder is frozen. A prompt longer than the tokenizer allows is truncated, with one warning.
+
+    Args:
+        tokenizer: A CLIP tokenizer (``model_max_length`` sets the length).
+        text_encoder: A CLIP text model; its last hidden state is the embedding.
+    """
+
+    def __init__(self, tokenizer, text_encoder: nn.Module):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self._warned_truncation = False
+        self._null: torch.Tensor | None = None
+
+    @property
+    def max_length(self) -> int:
+        """Number of tokens every prompt is padded or truncated to."""
+        return int(self.tokenizer.model_max_length)
+
+    def _warn_if_truncated(self, prompts: Sequence[str]) -> None:
+        if self._warned_truncation:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
+        too_long = [p for p, n in zip(prompts, lengths, strict=True) if n > self.max_length]
+        if too_long:
+            self._warned_truncation = True
+            rank_zero_warn(
+                f"{len(too_long)} prompt(s) exceed the tokenizer's {self.max_length} tokens and were truncated, "
+                f"e.g. {too_long[0][:60]!r}... (this warning is shown once)"
+            )
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Embeddings of shape (B, max_length, D) on the text encoder's device and dtype."""
+        prompts = list(prompts)
+        self._warn_if_truncated(prompts)
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(ids.to(device))[0]
+
+    def condition(self, prompts: Sequence[str], with_null: bool = True) -> TextCondition:
+        """Conditioning for a batch; ``with_null`` adds the null-prompt embedding needed for guidance."""
+        embeds = self.encode(prompts)
+        if not with_null:
+            return TextCondition(embeds)
+        if self._null is None or self._null.device != embeds.device or self._null.dtype != embeds.dtype:
+            self._null = self.encode([NULL_PROMPT])
+        return TextCondition(embeds, self._null)

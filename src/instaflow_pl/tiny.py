@@ -1,0 +1,149 @@
+"""A tiny Stable-Diffusion-format folder with random weights, for tests, benchmarks, the tiny configs and users.
+
+It has every part a real SD 1.5 folder has (UNet, VAE, CLIP text encoder and tokenizer, scheduler,
+``model_index.json``) and loads through exactly the same code, but runs in milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+TINY_WORDS = (
+    "a an the of in on with and photo picture painting drawing digit handwritten cat dog horse bird car "
+    "red green blue yellow black white small big old young man woman city street forest mountain river sea "
+    "sky house tree flower riding sitting standing on top zero one two three four five six seven eight nine"
+).split()
+"""Words the tiny tokenizer knows as single tokens; everything else is spelled out character by character."""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible map from bytes to printable unicode characters."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    chars = keep[:]
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(keep, [chr(c) for c in chars], strict=True))
+
+
+def write_tiny_tokenizer(out: Path, max_length: int = 77) -> int:
+    """Write a small CLIP BPE tokenizer (vocab.json, merges.txt, configs) to ``out``; return its vocabulary size."""
+    out.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merge = f"{current} {nxt}"
+            current = current + nxt
+            if merge not in merges:
+                merges.append(merge)
+                vocab_list.append(current)
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "model_max_length": max_length,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2)
+    )
+    return len(vocab)
+
+
+def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
+    """Write a tiny Stable-Diffusion-format folder with random weights to ``out_dir``.
+
+    Latents are 4 x ``sample_size`` x ``sample_size``; the VAE maps them to RGB images twice as large.
+
+    Args:
+        out_dir: Folder to create (must not hold anything else).
+        seed: Seed of the random weights, so two builds are identical.
+        sample_size: Latent height and width.
+
+    Returns:
+        The folder's path.
+    """
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
+        from instaflow_pl.errors import UserError
+
+        raise UserError(f"{out} exists and is not empty; choose a new folder for the tiny model")
+    tok_dir = out / "tokenizer"
+    vocab_size = write_tiny_tokenizer(tok_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=sample_size * 2,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    # Stable Diffusion 1.5's scheduler settings.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

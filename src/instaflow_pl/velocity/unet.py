@@ -1,0 +1,48 @@
+"""Models built on a diffusers ``UNet2DConditionModel``."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DConditionModel
+from torch import nn
+
+from instaflow_pl.conventions import unet_timestep
+from instaflow_pl.velocity.condition import TextCondition
+
+
+class UNetPredictor(nn.Module):
+    """A diffusers UNet called as ``f(x, timestep, cond)`` with the raw diffusers timestep.
+
+    This is how a Stable Diffusion teacher (epsilon- or v-prediction) is evaluated inside its scheduler. Inputs are
+    cast to the UNet's dtype and the output is returned in float32, so solvers step in full precision.
+
+    Args:
+        unet: The UNet.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        """Evaluate the UNet at diffusers ``timestep`` (scalar or per sample)."""
+        dtype = self.unet.dtype
+        out = self.unet(
+            x.to(dtype), timestep, encoder_hidden_states=cond.embeds.to(dtype), return_dict=False
+        )[0]
+        return out.float()
+
+
+class UNetVelocity(UNetPredictor):
+    """The velocity ``v(x, t, cond)`` of a rectified flow whose network is a diffusers UNet.
+
+    Flow time ``t`` (0 = noise, 1 = data) is given to the UNet as timestep ``(1 - t) * 1000`` and the UNet's output
+    is the velocity itself.
+
+    Args:
+        unet: The UNet (initialised from a Stable Diffusion teacher or a k-rectified flow).
+    """
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        """Evaluate the velocity at flow time ``t`` (scalar or per sample)."""
+        return super().forward(x, unet_timestep(t), cond)
