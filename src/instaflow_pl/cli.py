@@ -27,8 +27,33 @@ class InstaFlowCLI(LightningCLI):
             parser.set_defaults({"return_predictions": False})
 
 
+def user_error_in(error: BaseException) -> UserError | None:
+    """The UserError behind ``error``, if any (jsonargparse and Lightning wrap exceptions raised in user code)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def cli_main(args: Sequence[str] | None = None) -> InstaFlowCLI:
-    """Run a LightningCLI subcommand in-process (``args`` as on the command line, without the program name)."""
+    """Run a LightningCLI subcommand in-process (``args`` as on the command line, without the program name).
+
+    Raises:
+        UserError: a problem with the user's config or files, unwrapped from the CLI's own exceptions.
+    """
+    try:
+        return _run_cli(args)
+    except Exception as err:
+        user_error = user_error_in(err)
+        if user_error is None:
+            raise
+        raise user_error from None
+
+
+def _run_cli(args: Sequence[str] | None) -> InstaFlowCLI:
     import lightning as L
 
     if args is not None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,17 @@ INDEX_FILE = "index.json"
 _PROGRESS = ".progress"
 _TMP = ".tmp"
 STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def encode_tensor(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """``x`` in storage dtype; bf16 is stored as its int16 bit pattern (litdata cannot serialise bf16)."""
+    x = x.detach().to("cpu", STORAGE_DTYPES[dtype_name]).contiguous()
+    return x.view(torch.int16) if dtype_name == "bf16" else x
+
+
+def decode_tensor(x: torch.Tensor, dtype_name: str) -> torch.Tensor:
+    """Inverse of :func:`encode_tensor`: the stored tensor in its storage dtype."""
+    return x.view(torch.bfloat16) if dtype_name == "bf16" else x
 
 
 @dataclass
@@ -51,6 +63,15 @@ class PairRecord:
     prompt: str
     x1: torch.Tensor
     x0: torch.Tensor | None = None
+
+
+CRASH_ENV = "INSTAFLOW_PL_CRASH_AT"
+"""Fault injection for the crash-safety tests: ``point:shard`` makes the process SIGKILL itself there."""
+
+
+def _crashpoint(point: str, shard: int) -> None:
+    if os.environ.get(CRASH_ENV) == f"{point}:{shard}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def shard_name(shard: int) -> str:
@@ -137,13 +158,13 @@ class PairStore:
         return [k for k in range(self.manifest.num_shards) if k not in done]
 
     def _to_item(self, record: PairRecord) -> dict:
-        dtype = STORAGE_DTYPES[self.manifest.x1_dtype]
+        dtype = self.manifest.x1_dtype
         item = {"index": record.index, "seed": record.seed, "prompt": record.prompt}
         if self.manifest.x0_format == "tensor":
             if record.x0 is None:
                 raise ValueError(f"sample {record.index} has no x0 but the manifest stores X0 as tensors")
-            item["x0"] = record.x0.detach().to("cpu", dtype).contiguous()
-        item["x1"] = record.x1.detach().to("cpu", dtype).contiguous()
+            item["x0"] = encode_tensor(record.x0, dtype)
+        item["x1"] = encode_tensor(record.x1, dtype)
         return item
 
     def write_shard(self, shard: int, records: Sequence[PairRecord]) -> Path:
@@ -170,11 +191,13 @@ class PairStore:
         for position, record in enumerate(records):
             writer[position] = self._to_item(record)
         writer.done()
+        _crashpoint("chunk_written", shard)
         index = json.loads(Path(glob.glob(str(tmp / "*.index.json"))[0]).read_text())
         chunk = index["chunks"][0]
         target = self.root / shard_name(shard)
         os.replace(tmp / chunk["filename"], target)
         chunk["filename"] = target.name
+        _crashpoint("shard_moved", shard)
         commit = {
             "shard": shard,
             "chunk": chunk,
@@ -183,6 +206,7 @@ class PairStore:
             "sha256": _sha256(target),
         }
         _atomic_write_text(self.root / _PROGRESS / f"shard-{shard:06d}.json", json.dumps(commit, sort_keys=True))
+        _crashpoint("committed", shard)
         shutil.rmtree(tmp, ignore_errors=True)
         return target
 
@@ -200,6 +224,7 @@ class PairStore:
             record = json.loads((self.root / _PROGRESS / f"shard-{shard:06d}.json").read_text())
             chunks.append(record["chunk"])
             config = config or record["config"]
+        _crashpoint("before_index", self.manifest.num_shards - 1)
         _atomic_write_text(self.root / INDEX_FILE, json.dumps({"chunks": chunks, "config": config}, sort_keys=True))
         shutil.rmtree(self.root / _TMP, ignore_errors=True)
         return self.root / INDEX_FILE

@@ -12,7 +12,7 @@ import torch
 
 from instaflow_pl.conventions import noise_from_seed
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
-from instaflow_pl.data.store import INDEX_FILE
+from instaflow_pl.data.store import INDEX_FILE, decode_tensor
 from instaflow_pl.errors import UserError
 
 
@@ -40,16 +40,21 @@ class TripleDecoder:
     """Turns a stored record into float32 (x0, x1): X0 is regenerated from its seed unless it was stored.
 
     Args:
-        latent_shape: (C, H, W) of the dataset.
+        manifest: The dataset's manifest (latent shape, storage dtype).
     """
 
-    def __init__(self, latent_shape: list[int]):
-        self.latent_shape = tuple(latent_shape)
+    def __init__(self, manifest: Manifest):
+        self.latent_shape = tuple(manifest.latent_shape)
+        self.dtype = manifest.x1_dtype
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         """Decode one record."""
-        x0 = item["x0"].float() if "x0" in item else noise_from_seed(item["seed"], self.latent_shape)
-        return {"index": item["index"], "prompt": item["prompt"], "x0": x0, "x1": item["x1"].float()}
+        if "x0" in item:
+            x0 = decode_tensor(item["x0"], self.dtype).float()
+        else:
+            x0 = noise_from_seed(item["seed"], self.latent_shape)
+        x1 = decode_tensor(item["x1"], self.dtype).float()
+        return {"index": item["index"], "prompt": item["prompt"], "x0": x0, "x1": x1}
 
 
 def collate_triples(items: list[dict[str, Any]]) -> TripleBatch:
@@ -158,7 +163,7 @@ class TriplesDataModule(L.LightningDataModule):
             shuffle=shuffle,
             seed=self.seed,
             drop_last=self.drop_last if shuffle else False,
-            transform=TripleDecoder(self.manifest.latent_shape),
+            transform=TripleDecoder(self.manifest),
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks of instaflow-pl: each reports ratios against a baseline run in the same process (`make bench`)."""

@@ -1,0 +1,209 @@
+"""Shared helpers of the benchmarks: a quiet offline environment, timing, random datasets and the results table.
+
+Nothing here measures anything by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+"""The repository root (bench/ lives in it)."""
+
+PROMPTS_FILE = REPO / "configs" / "tiny" / "prompts.txt"
+"""The tiny prompt list the tiny configs use."""
+
+
+def quiet_offline_env() -> None:
+    """No network, no W&B server, no progress bars (call before importing torch, lightning or diffusers)."""
+    for key, value in {
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "DIFFUSERS_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def silence_libraries() -> None:
+    """Hide the info messages and warnings Lightning, litdata, diffusers and transformers print on every run."""
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "litdata", "diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        pass
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def set_threads(threads: int) -> None:
+    """Use the same number of intra-op threads everywhere in this process."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def read_prompts(repeats: int) -> list[str]:
+    """The tiny prompts, each repeated ``repeats`` times in a row (as ``PromptDataModule(repeats=...)`` does)."""
+    from instaflow_pl.data import load_prompts
+
+    return load_prompts(PROMPTS_FILE, repeats=repeats)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """Run ``fn`` once; return (seconds, its result)."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def best_of_interleaved(
+    runs: dict[str, Callable[[], Any]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Time several callables ``repeats`` times each, interleaved (order rotated every round) to share the noise.
+
+    Args:
+        runs: Name -> callable.
+        repeats: Rounds.
+
+    Returns:
+        Name -> every measured time (seconds), and name -> the result of its last run.
+    """
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    results: dict[str, Any] = {}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, results[name] = timed(runs[name])
+            times[name].append(seconds)
+    return times, results
+
+
+def fmt_times(times: Sequence[float]) -> str:
+    """``best 1.234 s (all: 1.234, 1.301, 1.250)``."""
+    return f"best {min(times):.3f} s (all: {', '.join(f'{t:.3f}' for t in times)})"
+
+
+def tiny_manifest(count: int, latent_shape: Sequence[int], shard_size: int = 256, seed: int = 0):
+    """A manifest for a dataset of random triples written directly (no teacher involved)."""
+    from instaflow_pl.data import Manifest
+
+    return Manifest(
+        teacher="bench-random",
+        teacher_kind="sd",
+        teacher_fingerprint="0" * 64,
+        teacher_dtype="fp32",
+        solver="dpm++",
+        steps=8,
+        guidance=6.0,
+        seed=seed,
+        latent_shape=list(latent_shape),
+        x0_format="seed",
+        x1_dtype="fp16",
+        count=count,
+        shard_size=shard_size,
+        prompts_sha256="0" * 64,
+        prompts_source="bench",
+    )
+
+
+def write_random_dataset(root: Path, count: int, latent_shape: Sequence[int], shard_size: int = 256) -> Path:
+    """Write a finished triples dataset of ``count`` samples with random X1 through the project's ``PairStore``.
+
+    The streaming reader does not care where X1 came from, so random X1 measures it as well as teacher outputs.
+    X0 is stored as its seed (the default format), so reading regenerates it, as in a real run.
+    """
+    import torch
+
+    from instaflow_pl.conventions import sample_seed
+    from instaflow_pl.data import PairRecord, PairStore
+
+    prompts = read_prompts(1)
+    manifest = tiny_manifest(count, latent_shape, shard_size)
+    store = PairStore(root, manifest)
+    store.open()
+    generator = torch.Generator("cpu").manual_seed(1234)
+    for shard in range(manifest.num_shards):
+        indices = manifest.shard_range(shard)
+        x1 = torch.randn((len(indices), *latent_shape), generator=generator)
+        records = [
+            PairRecord(index=i, seed=sample_seed(manifest.seed, i), prompt=prompts[i % len(prompts)], x1=x1[row])
+            for row, i in enumerate(indices)
+        ]
+        store.write_shard(shard, records)
+    store.finalize()
+    return root
+
+
+def dir_bytes(root: Path) -> int:
+    """Total size of the files under ``root``."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@dataclass
+class Row:
+    """One line of the results table.
+
+    Attributes:
+        benchmark: What was measured.
+        measured: The measured value, formatted.
+        baseline: The baseline value, formatted.
+        ratio: measured / baseline in the direction where bigger is better, unless the goal says otherwise.
+        goal_min: The ratio must be at least this (None: no lower bound).
+        goal_max: The ratio must be at most this (None: no upper bound).
+    """
+
+    benchmark: str
+    measured: str
+    baseline: str
+    ratio: float | None
+    goal_min: float | None = None
+    goal_max: float | None = None
+
+    @property
+    def goal(self) -> str:
+        """The goal as text (``-`` for an informational row)."""
+        if self.goal_min is not None and self.goal_max is not None:
+            return f"{self.goal_min:g}x .. {self.goal_max:g}x"
+        if self.goal_min is not None:
+            return f">= {self.goal_min:g}x"
+        if self.goal_max is not None:
+            return f"<= {self.goal_max:g}x"
+        return "-"
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the goal is met (None for an informational row or a failed measurement)."""
+        if self.ratio is None or (self.goal_min is None and self.goal_max is None):
+            return None
+        low_ok = self.goal_min is None or self.ratio >= self.goal_min
+        high_ok = self.goal_max is None or self.ratio <= self.goal_max
+        return low_ok and high_ok
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as a markdown table: benchmark | measured | baseline | ratio | goal | met?."""
+    lines = ["| benchmark | measured | baseline | ratio | goal | met? |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
+        met = {True: "yes", False: "NO", None: "-"}[row.met]
+        lines.append(f"| {row.benchmark} | {row.measured} | {row.baseline} | {ratio} | {row.goal} | {met} |")
+    return "\n".join(lines)

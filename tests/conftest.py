@@ -1,0 +1,71 @@
+"""Shared fixtures: the tiny SD-format folder (built once per session), prompt files, CLI runners."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "a photo of a cat",
+    "a red car in the city",
+    "a painting of a horse by the river",
+    "a small bird sitting on a tree",
+    "a drawing of an old house",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    """The tiny Stable-Diffusion-format folder (random weights), built by the package's own builder."""
+    from instaflow_pl.tiny import build_tiny_sd
+
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_velocity(tiny_sd, tmp_path_factory) -> Path:
+    """A velocity (k-RF) folder: the tiny SD folder marked as a rectified flow."""
+    import shutil
+
+    from instaflow_pl.teachers import mark_velocity_folder
+
+    out = tmp_path_factory.mktemp("tiny") / "rf"
+    shutil.copytree(tiny_sd, out)
+    mark_velocity_folder(out, stage="test")
+    return out
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    """A text file with five prompts."""
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def pairs_args(teacher: Path, prompts: Path, out: Path, *extra: str) -> list[str]:
+    """CLI arguments of a small pair-generation run on the tiny config."""
+    return [
+        "predict",
+        "--config",
+        str(REPO / "configs/tiny/pairs.yaml"),
+        f"--model.init_args.teacher={teacher}",
+        f"--model.init_args.output_dir={out}",
+        f"--data.init_args.prompts={prompts}",
+        *extra,
+    ]
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``instaflow-pl`` in a fresh process."""
+    cmd = [sys.executable, "-m", "instaflow_pl.cli", *args]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)

@@ -1,0 +1,22 @@
+"""The fixed conventions of DESIGN.md, pinned."""
+
+from __future__ import annotations
+
+import torch
+
+from instaflow_pl.conventions import noise_for_indices, noise_from_seed, sample_seed, unet_timestep
+
+
+def test_noise_at_t0_is_unet_timestep_1000_and_data_at_t1_is_0():
+    assert unet_timestep(torch.tensor(0.0)).item() == 1000.0
+    assert unet_timestep(torch.tensor(1.0)).item() == 0.0
+    assert unet_timestep(torch.tensor(0.25)).item() == 750.0
+
+
+def test_seed_rule_is_seed_plus_index_on_a_cpu_generator():
+    expected = torch.randn((4, 8, 8), generator=torch.Generator("cpu").manual_seed(7 + 3))
+    assert sample_seed(7, 3) == 10
+    assert torch.equal(noise_from_seed(10, (4, 8, 8)), expected)
+    batch = noise_for_indices(7, [5, 3], (4, 8, 8))
+    assert torch.equal(batch[1], expected)
+    assert not torch.equal(batch[0], expected)
