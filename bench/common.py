@@ -153,6 +153,24 @@ def write_random_dataset(root: Path, count: int, latent_shape: Sequence[int], sh
     return root
 
 
+def read_dataset(path: Path) -> tuple[Any, Any, list[str]]:
+    """(x0, x1, prompts) of a generated dataset in sample order, read through ``TriplesDataModule``."""
+    import torch
+
+    from instaflow_pl.data import TriplesDataModule
+
+    dm = TriplesDataModule(str(path), batch_size=256, num_workers=0, shuffle=False)
+    dm.setup("fit")
+    x0s, x1s, indices, prompts = [], [], [], []
+    for batch in dm.train_dataloader():
+        x0s.append(batch.x0)
+        x1s.append(batch.x1)
+        indices.append(batch.index)
+        prompts.extend(batch.prompts)
+    order = torch.cat(indices).argsort()
+    return torch.cat(x0s)[order], torch.cat(x1s)[order], [prompts[i] for i in order.tolist()]
+
+
 def dir_bytes(root: Path) -> int:
     """Total size of the files under ``root``."""
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())

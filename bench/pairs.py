@@ -29,6 +29,7 @@ from bench.common import (
     Row,
     best_of_interleaved,
     fmt_times,
+    read_dataset,
     read_prompts,
     timed,
 )
@@ -64,21 +65,6 @@ def _batches(count: int, batch_size: int) -> list[range]:
 def _max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """``max |a - b| / max |b|`` (b is the reference)."""
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
-
-
-def _read_x1(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0, x1) of a generated dataset, in sample order."""
-    from instaflow_pl.data import TriplesDataModule
-
-    dm = TriplesDataModule(str(path), batch_size=64, num_workers=0, shuffle=False)
-    dm.setup("fit")
-    x0s, x1s, idx = [], [], []
-    for batch in dm.train_dataloader():
-        x0s.append(batch.x0)
-        x1s.append(batch.x1)
-        idx.append(batch.index)
-    order = torch.cat(idx).argsort()
-    return torch.cat(x0s)[order], torch.cat(x1s)[order]
 
 
 def _unet_forward_seconds(unet, batch: int, latent_shape: tuple[int, ...], embed, calls: int = 30) -> float:
@@ -195,10 +181,10 @@ def run(workdir: Path, cfg: PairsConfig = PairsConfig()) -> list[Row]:
 
     reference = results["pipeline"]
     err_teacher = _max_rel_err(results["teacher"], reference)
-    stored_x0, stored_x1 = _read_x1(results["trainer"])
+    stored_x0, stored_x1, _ = read_dataset(results["trainer"])
     err_stored = _max_rel_err(stored_x1, reference)
     err_x0 = _max_rel_err(stored_x0, noise_for_indices(cfg.seed, range(count), latent_shape))
-    _, cli_x1 = _read_x1(cli_out)
+    _, cli_x1, _ = read_dataset(cli_out)
     err_cli = _max_rel_err(cli_x1, reference)
 
     nfe = int(teacher.solver.nfe)

@@ -67,6 +67,33 @@ def collate_triples(items: list[dict[str, Any]]) -> TripleBatch:
     )
 
 
+def _resumable_loader_class():
+    from litdata import StreamingDataLoader
+
+    class ResumableStreamingDataLoader(StreamingDataLoader):
+        """litdata's loader, fixed for Lightning's resume.
+
+        After ``load_state_dict`` litdata resumes the interrupted epoch and clears its ``restore`` flag only when that
+        pass is iterated to exhaustion. Lightning stops a pass once it has taken ``len(loader)`` batches, so the flag
+        stayed set and the next epoch began by replaying the previous epoch's last batch. A pass that starts while
+        ``restore`` is still set from an earlier pass is now a fresh epoch.
+        """
+
+        _restored_pending = False
+
+        def load_state_dict(self, obj: dict[str, Any]) -> None:
+            super().load_state_dict(obj)
+            self._restored_pending = self.restore
+
+        def __iter__(self):
+            if self.restore and not self._restored_pending:
+                self.restore = False
+            self._restored_pending = False
+            return super().__iter__()
+
+    return ResumableStreamingDataLoader
+
+
 def _is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
@@ -191,9 +218,7 @@ class TriplesDataModule(L.LightningDataModule):
             self._train = self._dataset(self.shuffle)
 
     def _loader(self, dataset):
-        from litdata import StreamingDataLoader
-
-        return StreamingDataLoader(
+        return _resumable_loader_class()(
             dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_triples
         )
 

@@ -1,0 +1,142 @@
+"""The triples DataModule: typed batches, X0 from seeds, splits, clear errors, exact resume from a checkpoint."""
+
+from __future__ import annotations
+
+
+import lightning as L
+import pytest
+import torch
+from conftest import write_dataset
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from instaflow_pl.conventions import noise_from_seed
+from instaflow_pl.data import TripleBatch, TriplesDataModule
+from instaflow_pl.errors import UserError
+
+
+def all_batches(data: TriplesDataModule) -> list[TripleBatch]:
+    return list(data.train_dataloader())
+
+
+def test_batches_are_typed_and_x0_is_regenerated_from_the_seed(tmp_path):
+    root = write_dataset(tmp_path / "d", count=20, shard_size=8)
+    data = TriplesDataModule(str(root), batch_size=6, shuffle=False)
+    data.setup("fit")
+    batches = all_batches(data)
+    assert all(isinstance(b, TripleBatch) for b in batches)
+    assert [len(b) for b in batches] == [6, 6, 6, 2]
+    first = batches[0]
+    assert first.index.tolist() == list(range(6)) and first.prompts[2] == "prompt 2"
+    assert first.x0.dtype == torch.float32 and first.x1.dtype == torch.float32
+    assert torch.equal(first.x0[4], noise_from_seed(4, (4, 8, 8)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shuffled_stream_covers_every_sample_once(tmp_path, num_workers):
+    root = write_dataset(tmp_path / "d", count=40, shard_size=8)
+    data = TriplesDataModule(str(root), batch_size=4, shuffle=True, seed=3, num_workers=num_workers)
+    data.setup("fit")
+    seen = torch.cat([b.index for b in all_batches(data)]).tolist()
+    assert sorted(seen) == list(range(40))
+    assert seen != list(range(40))
+
+
+def test_val_split_is_disjoint(tmp_path):
+    root = write_dataset(tmp_path / "d", count=40, shard_size=8)
+    data = TriplesDataModule(str(root), batch_size=4, shuffle=False, val_fraction=0.25)
+    data.setup("fit")
+    train = torch.cat([b.index for b in data.train_dataloader()]).tolist()
+    val = torch.cat([b.index for b in data.val_dataloader()]).tolist()
+    assert len(train) == 30 and len(val) == 10
+    assert not set(train) & set(val) and set(train) | set(val) == set(range(40))
+
+
+def test_truncated_shard_is_named(tmp_path):
+    root = write_dataset(tmp_path / "d", count=20, shard_size=8)
+    shard = root / "shard-000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"shard .*shard-000001.bin is corrupt"):
+        TriplesDataModule(str(root)).setup("fit")
+
+
+def test_missing_shard_is_named(tmp_path):
+    root = write_dataset(tmp_path / "d", count=20, shard_size=8)
+    (root / "shard-000002.bin").unlink()
+    with pytest.raises(UserError, match=r"shard .*shard-000002.bin is missing"):
+        TriplesDataModule(str(root)).setup("fit")
+
+
+def test_missing_manifest_and_unfinished_dataset(tmp_path):
+    root = write_dataset(tmp_path / "d", count=8, shard_size=8)
+    (root / "index.json").unlink()
+    with pytest.raises(UserError, match="has no index.json: generation has not finished"):
+        TriplesDataModule(str(root)).setup("fit")
+    (root / "manifest.json").unlink()
+    with pytest.raises(UserError, match="manifest.json not found"):
+        TriplesDataModule(str(root)).setup("fit")
+
+
+def test_wrong_latent_shape_is_refused(tmp_path):
+    root = write_dataset(tmp_path / "d", count=8, shard_size=8)
+    with pytest.raises(UserError, match=r"latent shape \[4, 8, 8\], but the model expects \[4, 64, 64\]"):
+        TriplesDataModule(str(root), expected_latent_shape=[4, 64, 64]).setup("fit")
+
+
+def test_bad_options_are_user_errors():
+    with pytest.raises(UserError, match="batch_size must be >= 1"):
+        TriplesDataModule("x", batch_size=0)
+    with pytest.raises(UserError, match="val_fraction"):
+        TriplesDataModule("x", val_fraction=1.5)
+
+
+class Killed(Exception):
+    """Stands in for a kill: the run stops without saving anything."""
+
+
+class Recorder(L.LightningModule):
+    """Fits a scalar to the batches and records the sample indices it is given, step by step."""
+
+    def __init__(self, crash_at: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[list[int]] = []
+        self.crash_at = crash_at
+
+    def training_step(self, batch: TripleBatch, batch_idx: int):
+        if self.crash_at is not None and self.global_step == self.crash_at:
+            raise Killed
+        self.seen.append(batch.index.tolist())
+        return ((batch.x1 - self.weight) ** 2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+RECORDERS: list[Recorder] = []
+
+
+def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None):
+    module = Recorder(crash_at)
+    RECORDERS.append(module)
+    data = TriplesDataModule(str(root), batch_size=4, shuffle=True, seed=5)
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, save_last=True)
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[checkpoint],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module
+
+
+def test_resume_from_a_checkpoint_continues_at_the_exact_sample(tmp_path):
+    root = write_dataset(tmp_path / "d", count=40, shard_size=8)  # 10 batches per epoch
+    full = fit(root, tmp_path / "full", max_steps=14)
+    with pytest.raises(Killed):
+        fit(root, tmp_path / "run", max_steps=14, crash_at=7)  # last checkpoint at step 6
+    interrupted = RECORDERS[-1]
+    assert len(interrupted.seen) == 7
+    resumed = fit(root, tmp_path / "run", max_steps=14, ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+    assert interrupted.seen[:6] + resumed.seen == full.seen
+    assert torch.equal(resumed.weight, full.weight)
+    state = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    assert "combined_loader" in state["state_dict"], "the stream position must be in the checkpoint"
