@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmarks: a quiet offline environment, timing, random datasets and the results table.
+"""Shared helpers of the benchmarks: quiet offline environment, timing, random datasets, the results table.
 
 Nothing here measures anything by itself.
 """
@@ -36,9 +36,18 @@ def quiet_offline_env() -> None:
 
 
 def silence_libraries() -> None:
-    """Hide the info messages and warnings Lightning, litdata, diffusers and transformers print on every run."""
+    """Hide the info messages and warnings that Lightning, litdata, diffusers and transformers print."""
+    import lightning  # noqa: F401 - Lightning sets its loggers' levels on import; override them afterwards
+
     warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "litdata", "diffusers", "transformers"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "litdata",
+        "diffusers",
+        "transformers",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         from diffusers.utils import logging as diffusers_logging
@@ -61,7 +70,7 @@ def set_threads(threads: int) -> None:
 
 
 def read_prompts(repeats: int) -> list[str]:
-    """The tiny prompts, each repeated ``repeats`` times in a row (as ``PromptDataModule(repeats=...)`` does)."""
+    """The tiny prompts, each repeated ``repeats`` times in a row (as the PromptDataModule does)."""
     from instaflow_pl.data import load_prompts
 
     return load_prompts(PROMPTS_FILE, repeats=repeats)
@@ -76,24 +85,25 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def best_of_interleaved(
     runs: dict[str, Callable[[], Any]], repeats: int
-) -> tuple[dict[str, list[float]], dict[str, Any]]:
-    """Time several callables ``repeats`` times each, interleaved (order rotated every round) to share the noise.
+) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Time callables ``repeats`` times each, interleaved (order rotated each round) so they share the noise.
 
     Args:
         runs: Name -> callable.
         repeats: Rounds.
 
     Returns:
-        Name -> every measured time (seconds), and name -> the result of its last run.
+        Name -> every measured time (seconds), and name -> every result, in round order.
     """
     names = list(runs)
     times: dict[str, list[float]] = {name: [] for name in names}
-    results: dict[str, Any] = {}
+    results: dict[str, list[Any]] = {name: [] for name in names}
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds, results[name] = timed(runs[name])
+            seconds, result = timed(runs[name])
             times[name].append(seconds)
+            results[name].append(result)
     return times, results
 
 
@@ -126,9 +136,9 @@ def tiny_manifest(count: int, latent_shape: Sequence[int], shard_size: int = 256
 
 
 def write_random_dataset(root: Path, count: int, latent_shape: Sequence[int], shard_size: int = 256) -> Path:
-    """Write a finished triples dataset of ``count`` samples with random X1 through the project's ``PairStore``.
+    """Write a finished dataset of ``count`` triples with random X1 through the project's ``PairStore``.
 
-    The streaming reader does not care where X1 came from, so random X1 measures it as well as teacher outputs.
+    The streaming reader does not care where X1 came from, so random X1 measures it as well as real X1.
     X0 is stored as its seed (the default format), so reading regenerates it, as in a real run.
     """
     import torch
@@ -145,7 +155,9 @@ def write_random_dataset(root: Path, count: int, latent_shape: Sequence[int], sh
         indices = manifest.shard_range(shard)
         x1 = torch.randn((len(indices), *latent_shape), generator=generator)
         records = [
-            PairRecord(index=i, seed=sample_seed(manifest.seed, i), prompt=prompts[i % len(prompts)], x1=x1[row])
+            PairRecord(
+                index=i, seed=sample_seed(manifest.seed, i), prompt=prompts[i % len(prompts)], x1=x1[row]
+            )
             for row, i in enumerate(indices)
         ]
         store.write_shard(shard, records)

@@ -1,10 +1,11 @@
 """Memory of the streaming reader: peak RSS must stay flat when the dataset grows 10x, and so must its speed.
 
-Writes a 1x and a 10x triples dataset (SD-sized latents 4x64x64, X1 fp16, X0 as seeds) and streams each one, whole
-and shuffled, through ``TriplesDataModule(num_workers=0)`` in a fresh child process, so each peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``, reset after imports and setup) belongs to one stream. Reports peak RSS at 1x and 10x and their ratio (a reader that
-held the data would grow by the dataset's size), the growth of the resident set while streaming, and samples/s over
-the first and the last 10% of the batches of the 10x stream.
+Writes a 1x and a 10x triples dataset (SD-sized latents 4x64x64, X1 fp16, X0 as seeds) and streams each one,
+whole and shuffled, through ``TriplesDataModule(num_workers=0)`` in a fresh child process, so each peak RSS
+(the process's high-water mark ``VmHWM``, reset after imports and setup) belongs to one stream. Reports peak
+RSS at 1x and 10x and their ratio (a reader that held the data would grow by the dataset's size), the growth
+of the resident set while streaming, and samples/s over the first and the last 10% of the batches of the 10x
+stream.
 
 Run one child by hand with ``python -m bench.memory --child DATASET_DIR``.
 """
@@ -53,7 +54,19 @@ def _current_rss() -> int:
 
 
 def _peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
+    """Peak resident set size of this process so far, in bytes.
+
+    Read from ``VmHWM`` in ``/proc/self/status``: ``getrusage(RUSAGE_SELF).ru_maxrss`` also counts the
+    parent's RSS at fork time (Linux carries it over ``exec``), so a child of a 1 GB benchmark process would
+    report 1 GB. ``ru_maxrss`` is the fallback where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -106,7 +119,10 @@ def child(path: Path, batch_size: int, threads: int) -> dict[str, object]:
 
 
 def _run_child(path: Path, batch_size: int, threads: int, timeout_s: float) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(
         [sys.executable, "-m", "bench.memory", "--child", str(path), "--batch-size", str(batch_size)]
         + ["--threads", str(threads)],
@@ -135,7 +151,9 @@ def run(workdir: Path, threads: int, cfg: MemoryConfig = MemoryConfig()) -> list
         sizes[label] = dir_bytes(root)
         results[label] = _run_child(root, cfg.batch_size, threads, cfg.timeout_s)
         if results[label]["samples"] != count:
-            raise RuntimeError(f"the {label} stream read {results[label]['samples']} samples, expected {count}")
+            raise RuntimeError(
+                f"the {label} stream read {results[label]['samples']} samples, expected {count}"
+            )
 
     big = results["10x"]
     tenth = max(1, len(big["durations"]) // 10)
@@ -152,7 +170,8 @@ def run(workdir: Path, threads: int, cfg: MemoryConfig = MemoryConfig()) -> list
         print(
             f"   {label:>3}: {res['samples']:6d} samples, {sizes[label] / MiB:7.1f} MiB on disk; "
             f"RSS before streaming {res['rss_before'] / MiB:7.1f} MiB, peak {res['peak_rss'] / MiB:7.1f} MiB "
-            f"(imports' peak {res['peak_before'] / MiB:.1f}{'' if res['peak_reset'] else ', not reset'}), growth while streaming {growth / MiB:6.1f} MiB; "
+            f"(imports' peak {res['peak_before'] / MiB:.1f}{'' if res['peak_reset'] else ', not reset'}), "
+            f"growth while streaming {growth / MiB:6.1f} MiB; "
             f"{_rate(res['batch_sizes'], res['durations']):.0f} samples/s"
         )
     print(
@@ -188,7 +207,7 @@ def run(workdir: Path, threads: int, cfg: MemoryConfig = MemoryConfig()) -> list
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``--child DIR``: stream one dataset and print a JSON line; without it, run the whole memory benchmark."""
+    """``--child DIR``: stream one dataset, print a JSON line; without it: run the whole memory benchmark."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", type=Path, help="stream this dataset folder and print one JSON line")
     parser.add_argument("--batch-size", type=int, default=MemoryConfig.batch_size)

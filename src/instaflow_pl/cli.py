@@ -38,14 +38,17 @@ def user_error_in(error: BaseException) -> UserError | None:
     return None
 
 
-def cli_main(args: Sequence[str] | None = None) -> InstaFlowCLI:
+def cli_main(args: Sequence[str] | None = None, run: bool = True) -> InstaFlowCLI:
     """Run a LightningCLI subcommand in-process (``args`` as on the command line, without the program name).
+
+    With ``run=False`` the config is parsed and every object instantiated, but nothing runs (``args`` then has no
+    subcommand).
 
     Raises:
         UserError: a problem with the user's config or files, unwrapped from the CLI's own exceptions.
     """
     try:
-        return _run_cli(args)
+        return _run_cli(args, run)
     except Exception as err:
         user_error = user_error_in(err)
         if user_error is None:
@@ -53,7 +56,7 @@ def cli_main(args: Sequence[str] | None = None) -> InstaFlowCLI:
         raise user_error from None
 
 
-def _run_cli(args: Sequence[str] | None) -> InstaFlowCLI:
+def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
     import lightning as L
 
     if args is not None:
@@ -75,6 +78,7 @@ def _run_cli(args: Sequence[str] | None) -> InstaFlowCLI:
         # Pair generation records its settings in the dataset's manifest.json; a config.yaml there would be noise.
         save_config_callback=None if predicting else SaveConfigCallback,
         auto_configure_optimizers=False,
+        run=run,
     )
 
 

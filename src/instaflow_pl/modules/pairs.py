@@ -139,7 +139,13 @@ class PairGenerator(L.LightningModule):
         pending = [] if self.store.is_complete() else self.store.pending_shards()
         self._ranges = [manifest.shard_range(k) for k in pending if k % world == rank]
         done = manifest.num_shards - len(pending)
-        if not pending:
+        if not pending and not self.store.is_complete():
+            # Killed after the last shard but before the index: only the index is left to write.
+            if self.trainer.is_global_zero:
+                self.store.finalize()
+            self.trainer.strategy.barrier()
+            rank_zero_info(f"{self.store.root}: all shards were written; wrote the index")
+        elif not pending:
             rank_zero_info(f"{self.store.root} is complete ({manifest.count} samples); nothing to do")
         elif done:
             rank_zero_info(f"resuming {self.store.root}: {done}/{manifest.num_shards} shards already written")

@@ -1,0 +1,125 @@
+"""Run every benchmark and print a table of ratios against baselines run in the same process (``make bench``).
+
+1. ``bench.pairs``: pair generation samples/s against diffusers' ``StableDiffusionPipeline`` (same latents),
+   NFE, time per batch against the UNet floor.
+2. ``bench.streaming``: streaming read samples/s against an in-memory safetensors read and a tiny training
+   step.
+3. ``bench.memory``: peak RSS and speed of the streaming reader when the dataset grows 10x.
+
+Absolute times on a shared 2-core machine mean little; the ratios compare paths timed in the same process,
+interleaved, best of several rounds. Everything runs offline in a temporary folder that is removed afterwards.
+
+Usage::
+
+    .venv/bin/python bench/run.py [--threads 1] [--only pairs streaming memory] [--strict] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench  # noqa: E402,F401 - sets the offline, quiet environment before torch is imported
+from bench.common import Row, markdown_table, set_threads, silence_libraries  # noqa: E402
+
+BENCHMARKS = ("pairs", "streaming", "memory")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="instaflow-pl benchmarks (ratios against in-process baselines)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every benchmark (default 1: with 2 threads, any concurrent job on a "
+        "2-core machine makes OpenMP spin and one batch can take 100x longer)",
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="benchmarks to run"
+    )
+    parser.add_argument("--strict", action="store_true", help="exit with status 1 when a goal is missed")
+    parser.add_argument(
+        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)"
+    )
+    return parser.parse_args(argv)
+
+
+def _guarded(name: str, fn: Callable[[], list[Row]], threads: int) -> list[Row]:
+    """Run one benchmark; a crash becomes a failed row (and a traceback) instead of ending the run.
+
+    Also checks that nothing changed the number of torch threads behind the benchmark's back (restores it).
+    """
+    import torch
+
+    start = time.perf_counter()
+    try:
+        rows = fn()
+    except Exception:  # noqa: BLE001 - report and go on with the other benchmarks
+        traceback.print_exc()
+        rows = [Row(f"{name}: FAILED (see traceback above)", "-", "-", None, goal_min=1.0)]
+    if torch.get_num_threads() != threads:
+        print(f"   warning: torch threads became {torch.get_num_threads()} during {name}; reset to {threads}")
+        set_threads(threads)
+    print(f"   ({name} took {time.perf_counter() - start:.1f} s)\n", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected benchmarks; print the details, the table and the wall time; return the exit status."""
+    args = _parse(argv)
+    wall_start = time.perf_counter()
+    import torch
+
+    silence_libraries()
+    set_threads(args.threads)
+    load = os.getloadavg()
+    print(
+        f"# instaflow-pl benchmarks: torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at start, Python {platform.python_version()}\n",
+        flush=True,
+    )
+
+    def work(workdir: Path) -> list[Row]:
+        from bench import memory, pairs, streaming
+        from instaflow_pl.tiny import build_tiny_sd
+
+        folder = build_tiny_sd(workdir / "tiny-sd")
+        rows: list[Row] = []
+        if "pairs" in args.only:
+            rows += _guarded("pairs", lambda: pairs.run(workdir / "pairs", folder), args.threads)
+        if "streaming" in args.only:
+            rows += _guarded("streaming", lambda: streaming.run(workdir / "streaming", folder), args.threads)
+        if "memory" in args.only:
+            rows += _guarded("memory", lambda: memory.run(workdir / "memory", args.threads), args.threads)
+        return rows
+
+    if args.keep is not None:
+        args.keep.mkdir(parents=True, exist_ok=True)
+        rows = work(args.keep)
+    else:
+        with tempfile.TemporaryDirectory(prefix="instaflow-bench-") as tmp:
+            rows = work(Path(tmp))
+
+    print(markdown_table(rows))
+    missed = [row.benchmark for row in rows if row.met is False]
+    load = os.getloadavg()
+    print(
+        f"\nwall time {time.perf_counter() - wall_start:.1f} s; load average {load[0]:.2f} at the end; "
+        f"goals missed: {len(missed)}"
+    )
+    return 1 if (args.strict and missed) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
