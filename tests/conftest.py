@@ -79,16 +79,29 @@ def write_dataset(root: Path, count: int = 40, shard_size: int = 8, shape=(4, 8,
 
     prompts = [f"prompt {i}" for i in range(count)]
     manifest = Manifest(
-        teacher="random", teacher_kind="sd", teacher_fingerprint="0" * 64, teacher_dtype="fp32", solver="none",
-        steps=0, guidance=1.0, seed=seed, latent_shape=list(shape), x0_format="seed", x1_dtype="fp16",
-        count=count, shard_size=shard_size, prompts_sha256=prompts_digest(prompts),
+        teacher="random",
+        teacher_kind="sd",
+        teacher_fingerprint="0" * 64,
+        teacher_dtype="fp32",
+        solver="none",
+        steps=0,
+        guidance=1.0,
+        seed=seed,
+        latent_shape=list(shape),
+        x0_format="seed",
+        x1_dtype="fp16",
+        count=count,
+        shard_size=shard_size,
+        prompts_sha256=prompts_digest(prompts),
     )
     store = PairStore(root, manifest)
     store.open()
     generator = torch.Generator().manual_seed(1234)
     for shard in range(manifest.num_shards):
-        records = [PairRecord(i, seed + i, prompts[i], torch.randn(shape, generator=generator))
-                   for i in manifest.shard_range(shard)]
+        records = [
+            PairRecord(i, seed + i, prompts[i], torch.randn(shape, generator=generator))
+            for i in manifest.shard_range(shard)
+        ]
         store.write_shard(shard, records)
     store.finalize()
     return root

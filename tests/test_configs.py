@@ -23,16 +23,29 @@ def test_tiny_pairs_config_runs_as_written(tiny_sd, tmp_path):
     config = yaml.safe_load((REPO / "configs/tiny/pairs.yaml").read_text())
     prompts = REPO / config["data"]["init_args"]["prompts"]
     out = tmp_path / "pairs"
-    cli_main(["predict", "--config", str(REPO / "configs/tiny/pairs.yaml"),
-              f"--model.init_args.teacher={tiny_sd}", f"--model.init_args.output_dir={out}",
-              f"--data.init_args.prompts={prompts}"])
+    cli_main(
+        [
+            "predict",
+            "--config",
+            str(REPO / "configs/tiny/pairs.yaml"),
+            f"--model.init_args.teacher={tiny_sd}",
+            f"--model.init_args.output_dir={out}",
+            f"--data.init_args.prompts={prompts}",
+        ]
+    )
     assert (out / "index.json").is_file()
 
 
 def test_sd15_pairs_config_instantiates_on_the_tiny_folder(tiny_sd, tmp_path):
     cli = cli_main(
-        ["--config", str(REPO / "configs/sd15/pairs.yaml"), f"--model.init_args.teacher={tiny_sd}",
-         f"--model.init_args.output_dir={tmp_path / 'out'}", "--trainer.accelerator=cpu", "--trainer.devices=1"],
+        [
+            "--config",
+            str(REPO / "configs/sd15/pairs.yaml"),
+            f"--model.init_args.teacher={tiny_sd}",
+            f"--model.init_args.output_dir={tmp_path / 'out'}",
+            "--trainer.accelerator=cpu",
+            "--trainer.devices=1",
+        ],
         run=False,
     )
     model = cli.model

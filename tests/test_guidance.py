@@ -23,8 +23,10 @@ class Recorder(nn.Module):
 
 
 def make_cond(batch=3):
-    return TextCondition(torch.arange(batch, dtype=torch.float32).view(batch, 1, 1).expand(batch, 2, 2) + 1.0,
-                         null=torch.zeros(1, 2, 2))
+    return TextCondition(
+        torch.arange(batch, dtype=torch.float32).view(batch, 1, 1).expand(batch, 2, 2) + 1.0,
+        null=torch.zeros(1, 2, 2),
+    )
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.5, 1.0])

@@ -114,9 +114,13 @@ def test_unknown_solver_and_bad_shape_are_user_errors(tiny_sd, prompts_file, tmp
 def test_x0_as_tensor_and_x1_dtypes(tiny_velocity, prompts_file, tmp_path, x1_dtype, torch_dtype):
     out = tmp_path / "pairs"
     generate(
-        tiny_velocity, prompts_file, out,
-        "--model.init_args.solver=heun", "--model.init_args.steps=2",
-        "--model.init_args.x0_format=tensor", f"--model.init_args.x1_dtype={x1_dtype}",
+        tiny_velocity,
+        prompts_file,
+        out,
+        "--model.init_args.solver=heun",
+        "--model.init_args.steps=2",
+        "--model.init_args.x0_format=tensor",
+        f"--model.init_args.x1_dtype={x1_dtype}",
     )
     records = read_all(out)
     assert records[3]["x1"].dtype == torch_dtype

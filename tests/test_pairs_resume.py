@@ -15,7 +15,11 @@ from instaflow_pl.data.store import CRASH_ENV
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--data.init_args.repeats=8", "--data.init_args.batch_size=4", "--model.init_args.shard_size=8"]  # 5 shards
+SMALL = [
+    "--data.init_args.repeats=8",
+    "--data.init_args.batch_size=4",
+    "--model.init_args.shard_size=8",
+]  # 5 shards
 
 
 def dataset_files(root) -> dict[str, bytes]:
@@ -32,8 +36,10 @@ def test_kill_9_at_any_point_then_rerun_gives_the_uninterrupted_bytes(tiny_sd, p
 
     # 1. A kill from outside, at whatever moment the first shard has just been committed.
     process = subprocess.Popen(
-        [sys.executable, "-m", "instaflow_pl.cli", *args], cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "instaflow_pl.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
     while not list((out / ".progress").glob("shard-*.json")) and process.poll() is None and time.time() < deadline:

@@ -32,8 +32,14 @@ def test_parquet_with_column(tmp_path):
 
 def test_coco_captions(tmp_path):
     path = tmp_path / "captions_val2017.json"
-    path.write_text(json.dumps({"images": [], "annotations": [{"image_id": 1, "caption": " A cat. "},
-                                                              {"image_id": 2, "caption": "A dog."}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": [],
+                "annotations": [{"image_id": 1, "caption": " A cat. "}, {"image_id": 2, "caption": "A dog."}],
+            }
+        )
+    )
     assert load_prompts(path) == ["A cat.", "A dog."]
 
 

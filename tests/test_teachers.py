@@ -48,8 +48,10 @@ def test_sd_teacher_matches_stable_diffusion_pipeline(tiny_sd, pipe, solver, sch
 def test_sd_teacher_counts_one_evaluation_per_step_and_returns_trajectory(tiny_sd):
     teacher = load_teacher(tiny_sd, solver="ddim", steps=5)
     solution = teacher.solver.solve(
-        teacher.model, noise_for_indices(0, [0], teacher.latent_shape),
-        teacher.encoder.condition(["a cat"], with_null=False), return_trajectory=True,
+        teacher.model,
+        noise_for_indices(0, [0], teacher.latent_shape),
+        teacher.encoder.condition(["a cat"], with_null=False),
+        return_trajectory=True,
     )
     assert solution.nfe == 5 == teacher.solver.nfe
     assert solution.states.shape[0] == 6
@@ -112,7 +114,9 @@ def test_folder_that_is_not_diffusers_format(tmp_path):
         load_teacher(tmp_path)
 
 
-@pytest.mark.parametrize("solver, message", [("rk5", "does not fit a Stable Diffusion teacher"), ("euler", "choose one of dpm")])
+@pytest.mark.parametrize(
+    "solver, message", [("rk5", "does not fit a Stable Diffusion teacher"), ("euler", "choose one of dpm")]
+)
 def test_unknown_or_wrong_solver(tiny_sd, solver, message):
     with pytest.raises(UserError, match=message):
         load_teacher(tiny_sd, solver=solver)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import lightning as L
 import pytest
 import torch
@@ -121,8 +120,12 @@ def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None):
     data = TriplesDataModule(str(root), batch_size=4, shuffle=True, seed=5)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, save_last=True)
     trainer = L.Trainer(
-        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[checkpoint],
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoint],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module

@@ -84,7 +84,8 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
 
 def _tiny_main(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
-        prog="instaflow-pl tiny", description="Write a tiny Stable-Diffusion-format folder with random weights."
+        prog="instaflow-pl tiny",
+        description="Write a tiny Stable-Diffusion-format folder with random weights.",
     )
     parser.add_argument("out", nargs="?", default="outputs/tiny/sd", help="folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")

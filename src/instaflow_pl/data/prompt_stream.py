@@ -26,7 +26,9 @@ class _PromptWork(IterableDataset):
     def __init__(self, prompts: Sequence[str], ranges: Sequence[range], batch_size: int):
         self.prompts = prompts
         self.batches = [
-            range(start, min(start + batch_size, r.stop)) for r in ranges for start in range(r.start, r.stop, batch_size)
+            range(start, min(start + batch_size, r.stop))
+            for r in ranges
+            for start in range(r.start, r.stop, batch_size)
         ]
 
     def __iter__(self) -> Iterator[PromptBatch]:

@@ -133,7 +133,9 @@ class PairStore:
             if not path.exists():
                 _atomic_write_text(path, self.manifest.to_json())
         except OSError as err:
-            raise UserError(f"cannot write to output folder {self.root} ({err.strerror}); choose a writable one") from None
+            raise UserError(
+                f"cannot write to output folder {self.root} ({err.strerror}); choose a writable one"
+            ) from None
 
     def is_complete(self) -> bool:
         """Whether every shard is committed and the index is written."""
