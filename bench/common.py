@@ -155,9 +155,7 @@ def write_random_dataset(root: Path, count: int, latent_shape: Sequence[int], sh
         indices = manifest.shard_range(shard)
         x1 = torch.randn((len(indices), *latent_shape), generator=generator)
         records = [
-            PairRecord(
-                index=i, seed=sample_seed(manifest.seed, i), prompt=prompts[i % len(prompts)], x1=x1[row]
-            )
+            PairRecord(index=i, seed=sample_seed(manifest.seed, i), prompt=prompts[i % len(prompts)], x1=x1[row])
             for row, i in enumerate(indices)
         ]
         store.write_shard(shard, records)

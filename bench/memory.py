@@ -151,9 +151,7 @@ def run(workdir: Path, threads: int, cfg: MemoryConfig = MemoryConfig()) -> list
         sizes[label] = dir_bytes(root)
         results[label] = _run_child(root, cfg.batch_size, threads, cfg.timeout_s)
         if results[label]["samples"] != count:
-            raise RuntimeError(
-                f"the {label} stream read {results[label]['samples']} samples, expected {count}"
-            )
+            raise RuntimeError(f"the {label} stream read {results[label]['samples']} samples, expected {count}")
 
     big = results["10x"]
     tenth = max(1, len(big["durations"]) // 10)

@@ -218,10 +218,7 @@ def run(workdir: Path, folder: Path | None = None, cfg: PairsConfig = PairsConfi
             f"   {label:<40} {rate[name]:8.1f} samples/s  {per_batch[name] * 1e3:7.2f} ms/batch  "
             f"{per_batch[name] / floor_per_batch:5.2f}x floor   {fmt_times(times[name])}"
         )
-    print(
-        f"   {'cli_main predict (incl. parse + load)':<40} {cli_rate:8.1f} samples/s  "
-        f"total {cli_seconds:.3f} s"
-    )
+    print(f"   {'cli_main predict (incl. parse + load)':<40} {cli_rate:8.1f} samples/s  total {cli_seconds:.3f} s")
     print(
         f"   NFE per sample {nfe} (UNet batch {unet_batch} per evaluation, "
         f"{'with' if guided else 'no'} CFG); "

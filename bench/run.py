@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -35,9 +36,7 @@ BENCHMARKS = ("pairs", "streaming", "memory")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description="instaflow-pl benchmarks (ratios against in-process baselines)"
-    )
+    parser = argparse.ArgumentParser(description="instaflow-pl benchmarks (ratios against in-process baselines)")
     parser.add_argument(
         "--threads",
         type=int,
@@ -45,13 +44,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="torch intra-op threads for every benchmark (default 1: with 2 threads, any concurrent job on a "
         "2-core machine makes OpenMP spin and one batch can take 100x longer)",
     )
-    parser.add_argument(
-        "--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="benchmarks to run"
-    )
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=list(BENCHMARKS), help="benchmarks to run")
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when a goal is missed")
-    parser.add_argument(
-        "--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)"
-    )
+    parser.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: a temp dir)")
     return parser.parse_args(argv)
 
 
@@ -78,6 +73,8 @@ def _guarded(name: str, fn: Callable[[], list[Row]], threads: int) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     """Run the selected benchmarks; print the details, the table and the wall time; return the exit status."""
     args = _parse(argv)
+    # SIGTERM (e.g. `timeout`) ends the run through SystemExit, so the temporary folder is still removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     wall_start = time.perf_counter()
     import torch
 
@@ -89,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at start, Python {platform.python_version()}\n",
         flush=True,
     )
+    if load[0] > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"warning: the machine is busy (load {load[0]:.2f} on {os.cpu_count()} CPUs): absolute numbers mean "
+            "little; the ratios still compare paths timed under the same load, interleaved\n",
+            flush=True,
+        )
 
     def work(workdir: Path) -> list[Row]:
         from bench import memory, pairs, streaming

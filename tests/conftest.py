@@ -8,10 +8,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread per process: tiny tensors gain nothing from more, and on a 2-core machine a busy neighbour
+# makes OpenMP threads spin (seen here: 50x slower steps). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
     "a photo of a cat",
@@ -72,36 +77,7 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> sub
 
 
 def write_dataset(root: Path, count: int = 40, shard_size: int = 8, shape=(4, 8, 8), seed: int = 0) -> Path:
-    """A triples dataset written straight through the store (random X1), for DataModule tests."""
-    import torch
+    """A finished triples dataset with random X1 (written through the package's store)."""
+    from instaflow_pl.data.synthetic import write_random_triples
 
-    from instaflow_pl.data import Manifest, PairRecord, PairStore, prompts_digest
-
-    prompts = [f"prompt {i}" for i in range(count)]
-    manifest = Manifest(
-        teacher="random",
-        teacher_kind="sd",
-        teacher_fingerprint="0" * 64,
-        teacher_dtype="fp32",
-        solver="none",
-        steps=0,
-        guidance=1.0,
-        seed=seed,
-        latent_shape=list(shape),
-        x0_format="seed",
-        x1_dtype="fp16",
-        count=count,
-        shard_size=shard_size,
-        prompts_sha256=prompts_digest(prompts),
-    )
-    store = PairStore(root, manifest)
-    store.open()
-    generator = torch.Generator().manual_seed(1234)
-    for shard in range(manifest.num_shards):
-        records = [
-            PairRecord(i, seed + i, prompts[i], torch.randn(shape, generator=generator))
-            for i in manifest.shard_range(shard)
-        ]
-        store.write_shard(shard, records)
-    store.finalize()
-    return root
+    return write_random_triples(root, count, shard_size, shape, seed)

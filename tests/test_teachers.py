@@ -137,3 +137,34 @@ def test_text_condition_shapes(tiny_sd):
     assert cond.embeds.shape == (3, 77, 32)
     assert cond.null.shape == (1, 77, 32)
     assert torch.equal(cond.unconditional().embeds[2], cond.null[0])
+
+
+def test_v_prediction_teacher_matches_pipeline(tiny_sd, tmp_path):
+    """A v-prediction teacher (like SD 2.x) is solved through its scheduler's own prediction type."""
+    import shutil
+
+    folder = tmp_path / "sd-v"
+    shutil.copytree(tiny_sd, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config["prediction_type"] = "v_prediction"
+    config_path.write_text(json.dumps(config))
+    teacher = load_teacher(folder, solver="ddim", steps=4)
+    x0 = noise_for_indices(3, [0, 1], teacher.latent_shape)
+    ours = teacher.sample(x0.clone(), PARITY_PROMPTS, guidance=3.0).x
+    pipeline = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    reference = pipeline(
+        PARITY_PROMPTS,
+        latents=x0.clone(),
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        output_type="latent",
+        height=16,
+        width=16,
+    ).images
+    assert ((ours - reference).norm() / reference.norm()).item() < 1e-5
+    eps_teacher = load_teacher(tiny_sd, solver="ddim", steps=4)
+    assert not torch.allclose(eps_teacher.sample(x0.clone(), PARITY_PROMPTS, guidance=3.0).x, ours)

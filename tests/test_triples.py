@@ -114,10 +114,10 @@ class Recorder(L.LightningModule):
 RECORDERS: list[Recorder] = []
 
 
-def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None):
+def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None, num_workers=0):
     module = Recorder(crash_at)
     RECORDERS.append(module)
-    data = TriplesDataModule(str(root), batch_size=4, shuffle=True, seed=5)
+    data = TriplesDataModule(str(root), batch_size=4, shuffle=True, seed=5, num_workers=num_workers)
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, save_last=True)
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -131,14 +131,17 @@ def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None):
     return module
 
 
-def test_resume_from_a_checkpoint_continues_at_the_exact_sample(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_a_checkpoint_continues_at_the_exact_sample(tmp_path, num_workers):
+    """Killed mid-epoch, resumed from the last checkpoint: the same samples in the same order, across epochs."""
     root = write_dataset(tmp_path / "d", count=40, shard_size=8)  # 10 batches per epoch
-    full = fit(root, tmp_path / "full", max_steps=14)
+    full = fit(root, tmp_path / "full", max_steps=24, num_workers=num_workers)
     with pytest.raises(Killed):
-        fit(root, tmp_path / "run", max_steps=14, crash_at=7)  # last checkpoint at step 6
+        fit(root, tmp_path / "run", max_steps=24, crash_at=7, num_workers=num_workers)  # last checkpoint: step 6
     interrupted = RECORDERS[-1]
     assert len(interrupted.seen) == 7
-    resumed = fit(root, tmp_path / "run", max_steps=14, ckpt_path=str(tmp_path / "run" / "last.ckpt"))
+    last = str(tmp_path / "run" / "last.ckpt")
+    resumed = fit(root, tmp_path / "run", max_steps=24, ckpt_path=last, num_workers=num_workers)
     assert interrupted.seen[:6] + resumed.seen == full.seen
     assert torch.equal(resumed.weight, full.weight)
     state = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
