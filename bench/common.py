@@ -112,57 +112,6 @@ def fmt_times(times: Sequence[float]) -> str:
     return f"best {min(times):.3f} s (all: {', '.join(f'{t:.3f}' for t in times)})"
 
 
-def tiny_manifest(count: int, latent_shape: Sequence[int], shard_size: int = 256, seed: int = 0):
-    """A manifest for a dataset of random triples written directly (no teacher involved)."""
-    from instaflow_pl.data import Manifest
-
-    return Manifest(
-        teacher="bench-random",
-        teacher_kind="sd",
-        teacher_fingerprint="0" * 64,
-        teacher_dtype="fp32",
-        solver="dpm++",
-        steps=8,
-        guidance=6.0,
-        seed=seed,
-        latent_shape=list(latent_shape),
-        x0_format="seed",
-        x1_dtype="fp16",
-        count=count,
-        shard_size=shard_size,
-        prompts_sha256="0" * 64,
-        prompts_source="bench",
-    )
-
-
-def write_random_dataset(root: Path, count: int, latent_shape: Sequence[int], shard_size: int = 256) -> Path:
-    """Write a finished dataset of ``count`` triples with random X1 through the project's ``PairStore``.
-
-    The streaming reader does not care where X1 came from, so random X1 measures it as well as real X1.
-    X0 is stored as its seed (the default format), so reading regenerates it, as in a real run.
-    """
-    import torch
-
-    from instaflow_pl.conventions import sample_seed
-    from instaflow_pl.data import PairRecord, PairStore
-
-    prompts = read_prompts(1)
-    manifest = tiny_manifest(count, latent_shape, shard_size)
-    store = PairStore(root, manifest)
-    store.open()
-    generator = torch.Generator("cpu").manual_seed(1234)
-    for shard in range(manifest.num_shards):
-        indices = manifest.shard_range(shard)
-        x1 = torch.randn((len(indices), *latent_shape), generator=generator)
-        records = [
-            PairRecord(index=i, seed=sample_seed(manifest.seed, i), prompt=prompts[i % len(prompts)], x1=x1[row])
-            for row, i in enumerate(indices)
-        ]
-        store.write_shard(shard, records)
-    store.finalize()
-    return root
-
-
 def read_dataset(path: Path) -> tuple[Any, Any, list[str]]:
     """(x0, x1, prompts) of a generated dataset in sample order, read through ``TriplesDataModule``."""
     import torch

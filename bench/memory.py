@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import REPO, Row, dir_bytes, write_random_dataset
+from bench.common import REPO, Row, dir_bytes
 
 MiB = 2**20
 
@@ -144,10 +144,12 @@ def _rate(sizes: list[int], durations: list[float]) -> float:
 
 def run(workdir: Path, threads: int, cfg: MemoryConfig = MemoryConfig()) -> list[Row]:
     """Run the memory benchmark in ``workdir``; print details; return the table rows."""
+    from instaflow_pl.data.synthetic import write_random_triples
+
     results: dict[str, dict] = {}
     sizes: dict[str, int] = {}
     for label, count in (("1x", cfg.base_count), ("10x", 10 * cfg.base_count)):
-        root = write_random_dataset(workdir / f"triples-{label}", count, cfg.latent_shape, cfg.shard_size)
+        root = write_random_triples(workdir / f"triples-{label}", count, cfg.shard_size, cfg.latent_shape)
         sizes[label] = dir_bytes(root)
         results[label] = _run_child(root, cfg.batch_size, threads, cfg.timeout_s)
         if results[label]["samples"] != count:

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average {load[0]:.2f} at start, Python {platform.python_version()}\n",
         flush=True,
     )
-    if load[0] > 0.5 * (os.cpu_count() or 1):
+    if load[0] > (os.cpu_count() or 1):
         print(
             f"warning: the machine is busy (load {load[0]:.2f} on {os.cpu_count()} CPUs): absolute numbers mean "
             "little; the ratios still compare paths timed under the same load, interleaved\n",

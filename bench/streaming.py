@@ -12,8 +12,8 @@ Measures samples/s of
   reflow loss ``|| (X1 - X0) - v(X_t, t) ||^2``, backward and an AdamW step, on batches of the same size.
 
 Streaming / training is the headroom of the reader over what training consumes (goal >= 20x): the reader must
-never be the bottleneck. The dataset is written directly with ``PairStore`` using random X1 (the reader does
-not care where X1 came from).
+never be the bottleneck. The dataset is written directly with ``PairStore`` (``instaflow_pl.data.synthetic``)
+using random X1 (the reader does not care where X1 came from).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import Row, best_of_interleaved, fmt_times, read_dataset, timed, write_random_dataset
+from bench.common import Row, best_of_interleaved, fmt_times, read_dataset, timed
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,9 @@ def run(workdir: Path, folder: Path | None = None, cfg: StreamingConfig = Stream
 
     if folder is None:
         folder = build_tiny_sd(workdir / "tiny-sd-streaming")
-    data = write_random_dataset(workdir / "triples", cfg.count, cfg.latent_shape, cfg.shard_size)
+    from instaflow_pl.data.synthetic import write_random_triples
+
+    data = write_random_triples(workdir / "triples", cfg.count, cfg.shard_size, cfg.latent_shape)
     blob, prompts = _in_memory_file(data)
 
     _stream_epoch(data, cfg.batch_size, 0)  # warm-up: page cache, lazy imports

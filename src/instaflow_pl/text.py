@@ -36,11 +36,15 @@ class PromptEncoder(nn.Module):
         """Number of tokens every prompt is padded or truncated to."""
         return int(self.tokenizer.model_max_length)
 
-    def _warn_if_truncated(self, prompts: Sequence[str]) -> None:
+    def _warn_if_truncated(self, prompts: Sequence[str], attention_mask: torch.Tensor) -> None:
         if self._warned_truncation:
             return
-        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False)["input_ids"]]
-        too_long = [p for p, n in zip(prompts, lengths, strict=True) if n > self.max_length]
+        # Only a row that fills every position can have been cut; re-tokenize just those, untruncated.
+        full = [p for p, mask in zip(prompts, attention_mask[:, -1].tolist(), strict=True) if mask]
+        if not full:
+            return
+        lengths = [len(ids) for ids in self.tokenizer(full, truncation=False)["input_ids"]]
+        too_long = [p for p, n in zip(full, lengths, strict=True) if n > self.max_length]
         if too_long:
             self._warned_truncation = True
             rank_zero_warn(
@@ -52,12 +56,12 @@ class PromptEncoder(nn.Module):
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """Embeddings of shape (B, max_length, D) on the text encoder's device and dtype."""
         prompts = list(prompts)
-        self._warn_if_truncated(prompts)
-        ids = self.tokenizer(
+        tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
-        ).input_ids
+        )
+        self._warn_if_truncated(prompts, tokens.attention_mask)
         device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(ids.to(device))[0]
+        return self.text_encoder(tokens.input_ids.to(device))[0]
 
     def condition(self, prompts: Sequence[str], with_null: bool = True) -> TextCondition:
         """Conditioning for a batch; ``with_null`` adds the null-prompt embedding needed for guidance."""

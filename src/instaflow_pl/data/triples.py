@@ -191,6 +191,9 @@ class TriplesDataModule(L.LightningDataModule):
             seed=self.seed,
             drop_last=self.drop_last if shuffle else False,
             transform=TripleDecoder(self.manifest),
+            # litdata's "auto" batch decoding re-decodes many neighbours per item read when shuffling (measured:
+            # 28 decodes per sample); one decode per sample is 3-8x faster and gives the same order and data.
+            batch_decode=False,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -47,7 +47,8 @@ class SchedulerODE:
     """Runs a diffusers scheduler from noise to data, the way diffusers' text-to-image pipelines do.
 
     Args:
-        scheduler: A configured diffusers scheduler; it is copied for each solve (schedulers hold state).
+        scheduler: A configured diffusers scheduler. It holds state between steps, so one SchedulerODE runs one solve
+            at a time (``set_timesteps`` at the start of each solve resets it, as in diffusers' pipelines).
         steps: Number of inference steps.
     """
 
@@ -60,7 +61,7 @@ class SchedulerODE:
     @property
     def nfe(self) -> int:
         """Model evaluations one solve costs."""
-        sched = copy.deepcopy(self.scheduler)
+        sched = copy.deepcopy(self.scheduler)  # leave the solver's own scheduler untouched
         sched.set_timesteps(self.steps)
         return len(sched.timesteps)
 
@@ -85,7 +86,7 @@ class SchedulerODE:
         Returns:
             The end point, the number of model evaluations and, on request, the trajectory.
         """
-        sched = copy.deepcopy(self.scheduler)
+        sched = self.scheduler
         sched.set_timesteps(self.steps, device=x0.device)
         num_train = float(sched.config.num_train_timesteps)
         x = x0 * sched.init_noise_sigma

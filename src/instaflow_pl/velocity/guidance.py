@@ -32,6 +32,7 @@ class ClassifierFreeGuidance(nn.Module):
             raise UserError(f"guidance must be >= 0 (1 or less means no guidance), got {scale}")
         self.model = model
         self.scale = float(scale)
+        self._paired: tuple[Any, Any] | None = None  # (cond, its uncond+cond batch), reused across solver steps
 
     @property
     def active(self) -> bool:
@@ -42,6 +43,8 @@ class ClassifierFreeGuidance(nn.Module):
         """Evaluate the guided model."""
         if not self.active:
             return self.model(x, t, cond)
-        both = self.model(torch.cat([x, x]), _double(t), cond.unconditional().concat(cond))
+        if self._paired is None or self._paired[0] is not cond:
+            self._paired = (cond, cond.unconditional().concat(cond))
+        both = self.model(torch.cat([x, x]), _double(t), self._paired[1])
         uncond, conditional = both.chunk(2)
         return uncond + self.scale * (conditional - uncond)

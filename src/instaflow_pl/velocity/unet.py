@@ -26,7 +26,7 @@ class UNetPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """Evaluate the UNet at diffusers ``timestep`` (scalar or per sample)."""
-        dtype = self.unet.dtype
+        dtype = next(self.unet.parameters()).dtype  # (ModelMixin.dtype walks every module)
         out = self.unet(x.to(dtype), timestep, encoder_hidden_states=cond.embeds.to(dtype), return_dict=False)[0]
         return out.float()
 
