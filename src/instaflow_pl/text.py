@@ -31,6 +31,19 @@ class PromptEncoder(nn.Module):
         self._warned_truncation = False
         self._null: torch.Tensor | None = None
 
+    @classmethod
+    def from_folder(cls, folder: str, dtype: torch.dtype = torch.float32) -> PromptEncoder:
+        """Load ``tokenizer/`` and ``text_encoder/`` from a diffusers-format folder."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from instaflow_pl.teachers.folder import resolve_model_folder
+
+        hf_logging.disable_progress_bar()
+        root = resolve_model_folder(folder)
+        tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
+        return cls(tokenizer, CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=dtype))
+
     @property
     def max_length(self) -> int:
         """Number of tokens every prompt is padded or truncated to."""

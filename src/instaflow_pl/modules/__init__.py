@@ -1,5 +1,8 @@
-"""LightningModules: pair generation (reflow and distillation modules arrive with the modules issue)."""
+"""LightningModules: pair generation, reflow and distillation."""
 
+from instaflow_pl.modules.base import FlowModule, StepOutput
+from instaflow_pl.modules.distill import DistillModule
 from instaflow_pl.modules.pairs import GeneratedBatch, PairGenerator, PairWriter
+from instaflow_pl.modules.reflow import ReflowModule
 
-__all__ = ["GeneratedBatch", "PairGenerator", "PairWriter"]
+__all__ = ["DistillModule", "FlowModule", "GeneratedBatch", "PairGenerator", "PairWriter", "ReflowModule", "StepOutput"]

@@ -2,6 +2,6 @@
 
 from instaflow_pl.velocity.condition import TextCondition
 from instaflow_pl.velocity.guidance import ClassifierFreeGuidance
-from instaflow_pl.velocity.unet import UNetPredictor, UNetVelocity
+from instaflow_pl.velocity.unet import PretrainedUNetVelocity, UNetPredictor, UNetVelocity
 
-__all__ = ["ClassifierFreeGuidance", "TextCondition", "UNetPredictor", "UNetVelocity"]
+__all__ = ["ClassifierFreeGuidance", "PretrainedUNetVelocity", "TextCondition", "UNetPredictor", "UNetVelocity"]

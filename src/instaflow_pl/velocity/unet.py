@@ -44,3 +44,22 @@ class UNetVelocity(UNetPredictor):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """Evaluate the velocity at flow time ``t`` (scalar or per sample)."""
         return super().forward(x, unet_timestep(t), cond)
+
+
+class PretrainedUNetVelocity(UNetVelocity):
+    """A UNet velocity initialised from a diffusers-format folder (an SD teacher or an exported k-RF).
+
+    Args:
+        folder: Model folder holding ``unet/``.
+        subfolder: Subfolder of the UNet.
+        gradient_checkpointing: Trade compute for memory (for SD-size UNets).
+    """
+
+    def __init__(self, folder: str, subfolder: str = "unet", gradient_checkpointing: bool = False):
+        from instaflow_pl.teachers.folder import resolve_model_folder
+
+        unet = UNet2DConditionModel.from_pretrained(resolve_model_folder(folder), subfolder=subfolder)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        super().__init__(unet)
+        self.folder = str(folder)

@@ -1,0 +1,228 @@
+"""The base of ReflowModule and DistillModule: velocity model, frozen text encoder, EMA, optimisation, validation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from instaflow_pl.data.triples import TripleBatch
+from instaflow_pl.errors import UserError
+from instaflow_pl.metrics import straightness
+from instaflow_pl.solver import LatentODE
+from instaflow_pl.text import NULL_PROMPT, PromptEncoder
+from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity, TextCondition, UNetVelocity
+
+CHECKPOINT_KEY = "instaflow_pl"
+"""Key of the project's own record in every checkpoint (module kind, format version, UNet config)."""
+CHECKPOINT_FORMAT = 1
+_FROZEN_PREFIXES = ("encoder.", "distance.")
+
+
+@dataclass
+class StepOutput:
+    """What a module's loss computation returns.
+
+    Attributes:
+        loss: The scalar to minimise.
+        per_sample: The loss of each sample, (B,).
+        t: The time each sample was trained at, (B,), when the loss depends on t.
+        terms: Extra scalars to log (e.g. the parts of a weighted distance).
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    t: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] | None = None
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+
+
+class FlowModule(L.LightningModule):
+    """Shared machinery of the training modules (not used on its own).
+
+    Args:
+        base_model: Diffusers-format folder of the model being trained from (an SD teacher or a k-RF): its
+            tokenizer and text encoder encode the prompts, and its UNet initialises the velocity by default.
+        velocity: The velocity network ``v(x, t, cond)``; null: a UNet velocity initialised from ``base_model``.
+            Any ``nn.Module`` honouring the contract works.
+        optimizer: Optimizer factory (AdamW, lr 1e-5 by default).
+        lr_scheduler: Optional scheduler factory; when null, ``warmup_steps`` and ``lr_schedule`` apply.
+        warmup_steps: Linear learning-rate warmup.
+        lr_schedule: ``constant`` or ``cosine`` (to zero at the trainer's last step) after warmup.
+        ema_decay: Decay of the exponential moving average of the weights (0: no EMA). Validation and export use the
+            EMA weights.
+        prompt_dropout: Probability of training on the null prompt "" instead, so guidance keeps working.
+        freeze: Parameter name prefixes of the velocity to keep frozen (e.g. ``unet.down_blocks.0``).
+        gradient_checkpointing: Enable the UNet's gradient checkpointing (SD-size UNets on small GPUs).
+        val_steps: Euler step counts of the validation samples (``val/mse@N`` for each).
+        val_guidance: Classifier-free guidance of the validation samples (<= 1: none).
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        velocity: nn.Module | None = None,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        ema_decay: float = 0.999,
+        prompt_dropout: float = 0.1,
+        freeze: Sequence[str] = (),
+        gradient_checkpointing: bool = False,
+        val_steps: Sequence[int] = (1, 2, 4, 25),
+        val_guidance: float = 1.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["velocity", "optimizer", "lr_scheduler"])
+        if not 0.0 <= ema_decay < 1.0:
+            raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if not 0.0 <= prompt_dropout <= 1.0:
+            raise UserError(f"prompt_dropout must be in [0, 1], got {prompt_dropout}")
+        if not val_steps or min(val_steps) < 1:
+            raise UserError(f"val_steps must be step counts >= 1, got {list(val_steps)}")
+        if val_guidance < 0:
+            raise UserError(f"val_guidance must be >= 0 (1 or less means no guidance), got {val_guidance}")
+        if lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        self.velocity = velocity if velocity is not None else PretrainedUNetVelocity(base_model)
+        if gradient_checkpointing and isinstance(self.velocity, UNetVelocity):
+            self.velocity.unet.enable_gradient_checkpointing()
+        for name, param in self.velocity.named_parameters():
+            if any(name.startswith(prefix) for prefix in freeze):
+                param.requires_grad_(False)
+        self.encoder = PromptEncoder.from_folder(base_model)
+        self.ema = (
+            AveragedModel(self.velocity, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay > 0
+            else None
+        )
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.val_steps = sorted(set(int(n) for n in val_steps))
+
+    # ---- what each module defines ----------------------------------------------------------------------------
+
+    def compute_loss(self, batch: TripleBatch, cond: TextCondition) -> StepOutput:
+        """The module's loss on a batch (ReflowModule: velocity matching; DistillModule: one-step distance)."""
+        raise NotImplementedError
+
+    # ---- shared pieces ---------------------------------------------------------------------------------------
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The weights validation, sampling and export use: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.velocity
+
+    def condition(self, prompts: Sequence[str], dropout: float = 0.0, with_null: bool = False) -> TextCondition:
+        """Encode prompts; each is replaced by the null prompt with probability ``dropout``."""
+        prompts = list(prompts)
+        if dropout > 0:
+            drop = (torch.rand(len(prompts)) < dropout).tolist()
+            prompts = [NULL_PROMPT if d else p for p, d in zip(prompts, drop, strict=True)]
+        return self.encoder.condition(prompts, with_null=with_null)
+
+    def sample(
+        self, x0: torch.Tensor, prompts: Sequence[str], steps: int, guidance: float = 1.0, trajectory: bool = False
+    ):
+        """Euler sampling with the sampling model (EMA) through the LatentODE."""
+        field = ClassifierFreeGuidance(self.sampling_model, guidance)
+        cond = self.condition(prompts, with_null=field.active)
+        return LatentODE("euler", steps).solve(field, x0, cond, return_trajectory=trajectory)
+
+    def training_step(self, batch: TripleBatch, batch_idx: int) -> torch.Tensor:
+        """One optimisation step: the module's loss, logged as ``train/loss``."""
+        cond = self.condition(batch.prompts, dropout=self.hparams.prompt_dropout)
+        out = self.compute_loss(batch, cond)
+        size = len(batch)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
+        for name, value in (out.terms or {}).items():
+            self.log(f"train/{name}", value, batch_size=size)
+        return out.loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Update the EMA after each optimiser step."""
+        if self.ema is not None:
+            self.ema.update_parameters(self.velocity)
+
+    @torch.no_grad()
+    def validation_step(self, batch: TripleBatch, batch_idx: int) -> None:
+        """Sample the validation noises with 1, 2, 4 ... N Euler steps; log ``val/mse@n`` and ``val/straightness``."""
+        guidance = self.hparams.val_guidance
+        size = len(batch)
+        for steps in self.val_steps:
+            longest = steps == self.val_steps[-1]
+            solution = self.sample(batch.x0, batch.prompts, steps, guidance, trajectory=longest)
+            mse = (solution.x.float() - batch.x1.float()).pow(2).mean()
+            self.log(f"val/mse@{steps}", mse, sync_dist=True, batch_size=size)
+            if longest:
+                self.log("val/straightness", straightness(solution).mean(), sync_dist=True, batch_size=size)
+
+    def configure_optimizers(self):
+        """The optimizer over trainable velocity parameters, with the configured schedule."""
+        params = [p for p in self.velocity.parameters() if p.requires_grad]
+        if not params:
+            raise UserError("every velocity parameter is frozen; loosen the freeze option")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is not None:
+            return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        warmup, schedule = self.hparams.warmup_steps, self.hparams.lr_schedule
+        if warmup <= 0 and schedule == "constant":
+            return optimizer
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if schedule == "cosine":
+                progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the module kind and UNet config; leave out frozen parts that come from ``base_model``."""
+        record: dict[str, Any] = {"module": type(self).__name__, "format_version": CHECKPOINT_FORMAT}
+        if isinstance(self.velocity, UNetVelocity):
+            record["unet_config"] = dict(self.velocity.unet.config)
+        checkpoint[CHECKPOINT_KEY] = record
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(_FROZEN_PREFIXES)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse another module kind's checkpoint; restore the frozen parts from this module."""
+        check_checkpoint_kind(checkpoint, type(self).__name__)
+        state = checkpoint["state_dict"]
+        for key, value in self.state_dict().items():
+            if key.startswith(_FROZEN_PREFIXES):
+                state.setdefault(key, value)
+
+
+def check_checkpoint_kind(checkpoint: dict[str, Any], expected: str | None = None, source: str = "checkpoint") -> str:
+    """The module kind that wrote ``checkpoint``; a clear error if it is not ours or not ``expected``."""
+    record = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(record, dict) or "module" not in record:
+        raise UserError(f"{source} was not written by an instaflow-pl training module (no {CHECKPOINT_KEY!r} record)")
+    if expected is not None and record["module"] != expected:
+        raise UserError(
+            f"{source} was written by {record['module']}, not {expected}; resume it with "
+            f"{record['module']} (model.class_path) or export it and start a new {expected} run from the export"
+        )
+    return record["module"]

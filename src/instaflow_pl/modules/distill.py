@@ -1,0 +1,90 @@
+"""DistillModule: a one-step (or k-step) student ``X1_hat = X0 + v(X0, 0 | T)`` matched to the teacher's X1."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from instaflow_pl.data.triples import TripleBatch
+from instaflow_pl.errors import UserError
+from instaflow_pl.modules.base import FlowModule, StepOutput, _default_optimizer
+from instaflow_pl.modules.losses import Distance, LPIPSDistance
+from instaflow_pl.solver import LatentODE
+from instaflow_pl.velocity import TextCondition
+
+
+class DistillModule(FlowModule):
+    """Distils a k-rectified flow's (X0, X1) pairs into a student that needs ``student_steps`` Euler steps (1).
+
+    The student is ``X1_hat = ODE_euler[v](X0 | T)`` on a fixed grid of ``student_steps`` steps through the
+    LatentODE; with one step that is ``X0 + v(X0, t=0 | T)`` (UNet timestep 1000). It is initialised from the k-RF.
+
+    Args:
+        base_model: See :class:`~instaflow_pl.modules.base.FlowModule` (the k-RF folder).
+        velocity: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        distance: Weights of the distances summed into the loss: ``l2``, ``huber`` (pseudo-Huber) and ``lpips``
+            (on VAE-decoded images, the paper's choice), e.g. ``{"l2": 1.0}`` or ``{"lpips": 1.0, "l2": 0.1}``.
+        huber_c: The pseudo-Huber constant c.
+        lpips_net: LPIPS backbone, ``vgg`` or ``alex``.
+        lpips_pretrained: Use the backbone's ImageNet weights from ``$TORCH_HOME/hub/checkpoints`` (false: random
+            weights, for tests only).
+        student_steps: Euler steps of the student (1 = InstaFlow's one-step generator).
+        optimizer: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        lr_scheduler: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        warmup_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        lr_schedule: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        ema_decay: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        prompt_dropout: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        freeze: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        gradient_checkpointing: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        val_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        val_guidance: See :class:`~instaflow_pl.modules.base.FlowModule`.
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        velocity: nn.Module | None = None,
+        distance: dict[str, float] | None = None,
+        huber_c: float = 0.001,
+        lpips_net: str = "vgg",
+        lpips_pretrained: bool = True,
+        student_steps: int = 1,
+        optimizer: OptimizerCallable = _default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        ema_decay: float = 0.999,
+        prompt_dropout: float = 0.0,
+        freeze: Sequence[str] = (),
+        gradient_checkpointing: bool = False,
+        val_steps: Sequence[int] = (1, 2, 4),
+        val_guidance: float = 1.0,
+    ):
+        if student_steps < 1:
+            raise UserError(f"student_steps must be >= 1, got {student_steps}")
+        super().__init__(
+            base_model, velocity, optimizer, lr_scheduler, warmup_steps, lr_schedule, ema_decay, prompt_dropout,
+            freeze, gradient_checkpointing, val_steps, val_guidance,
+        )  # fmt: skip
+        weights = dict(distance or {"l2": 1.0})
+        lpips = None
+        if "lpips" in weights:
+            from diffusers import AutoencoderKL
+
+            from instaflow_pl.teachers.folder import resolve_model_folder
+
+            vae = AutoencoderKL.from_pretrained(resolve_model_folder(base_model), subfolder="vae")
+            lpips = LPIPSDistance(vae, lpips_net, lpips_pretrained)
+        self.distance = Distance(weights, huber_c, lpips)
+        self.student = LatentODE("euler", student_steps)
+
+    def compute_loss(self, batch: TripleBatch, cond: TextCondition) -> StepOutput:
+        """Distance between the student's output and the teacher's X1."""
+        prediction = self.student.solve(self.velocity, batch.x0, cond, enable_grad=True).x
+        terms = self.distance(prediction, batch.x1)
+        total = terms.pop("total")
+        logged = {f"distance_{name}": value.mean().detach() for name, value in terms.items()}
+        return StepOutput(total.mean(), total.detach(), None, logged)
