@@ -6,16 +6,19 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, write_dataset
 
 from instaflow_pl.cli import cli_main
-from instaflow_pl.modules import PairGenerator
+from instaflow_pl.modules import DistillModule, PairGenerator, ReflowModule
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 def test_every_config_is_covered_here():
-    covered = {"tiny/pairs.yaml", "sd15/pairs.yaml"}
+    covered = {
+        "tiny/pairs.yaml", "tiny/pairs_2rf.yaml", "tiny/reflow.yaml", "tiny/distill.yaml",
+        "sd15/pairs.yaml", "sd15/pairs_distill.yaml", "sd15/reflow.yaml", "sd15/distill.yaml",
+    }  # fmt: skip
     assert {str(p.relative_to(REPO / "configs")) for p in CONFIGS} == covered, "add new configs to these tests"
 
 
@@ -58,3 +61,45 @@ def test_sd15_pairs_config_instantiates_on_the_tiny_folder(tiny_sd, tmp_path):
 def test_config_is_valid_yaml_with_class_paths(path):
     config = yaml.safe_load(path.read_text())
     assert config["model"]["class_path"].startswith("instaflow_pl.")
+
+
+def test_tiny_pairs_2rf_config_runs_on_a_velocity_teacher(tiny_velocity, tmp_path):
+    out = tmp_path / "pairs"
+    cli_main(["predict", "--config", str(REPO / "configs/tiny/pairs_2rf.yaml"),
+              f"--model.init_args.teacher={tiny_velocity}", f"--model.init_args.output_dir={out}",
+              f"--data.init_args.prompts={REPO / 'configs/tiny/prompts.txt'}"])  # fmt: skip
+    assert (out / "index.json").is_file()
+
+
+@pytest.mark.parametrize("stage, module_class", [("reflow", ReflowModule), ("distill", DistillModule)])
+def test_tiny_training_configs_fit_a_few_steps(tiny_sd, tiny_velocity, tmp_path, stage, module_class):
+    base = tiny_sd if stage == "reflow" else tiny_velocity
+    data = write_dataset(tmp_path / "pairs", count=32, shard_size=16)
+    cli = cli_main(["fit", "--config", str(REPO / f"configs/tiny/{stage}.yaml"),
+                    f"--model.init_args.base_model={base}", f"--data.init_args.path={data}",
+                    f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.max_steps=4",
+                    "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert isinstance(cli.model, module_class)
+    assert cli.trainer.global_step == 4
+    assert "val/mse@1" in cli.trainer.callback_metrics and "train/loss" in cli.trainer.callback_metrics
+    assert list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "name, module_class", [("reflow", ReflowModule), ("distill", DistillModule), ("pairs_distill", PairGenerator)]
+)
+def test_sd15_configs_instantiate_on_the_tiny_folder(tiny_sd, tiny_velocity, tmp_path, name, module_class):
+    key = "teacher" if module_class is PairGenerator else "base_model"
+    folder = tiny_sd if name == "reflow" else tiny_velocity
+    extra = [f"--model.init_args.output_dir={tmp_path / 'out'}"] if module_class is PairGenerator else []
+    cli = cli_main(
+        ["--config", str(REPO / f"configs/sd15/{name}.yaml"), f"--model.init_args.{key}={folder}",
+         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
+         "--trainer.precision=32-true", *extra],
+        run=False,
+    )  # fmt: skip
+    assert isinstance(cli.model, module_class)
+    config = yaml.safe_load((REPO / f"configs/sd15/{name}.yaml").read_text())
+    if module_class is not PairGenerator:
+        assert cli.datamodule.expected_latent_shape == [4, 64, 64]
+        assert cli.model.hparams.ema_decay == config["model"]["init_args"]["ema_decay"]

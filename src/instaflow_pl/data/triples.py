@@ -67,6 +67,15 @@ def collate_triples(items: list[dict[str, Any]]) -> TripleBatch:
     )
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars turned into Python numbers, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value.item() if hasattr(value, "item") and type(value).__module__ == "numpy" else value
+
+
 def _resumable_loader_class():
     from litdata import StreamingDataLoader
 
@@ -84,6 +93,10 @@ def _resumable_loader_class():
         def load_state_dict(self, obj: dict[str, Any]) -> None:
             super().load_state_dict(obj)
             self._restored_pending = self.restore
+
+        def state_dict(self) -> dict[str, Any]:
+            # litdata's state holds numpy integers; plain ints keep checkpoints loadable with weights_only=True.
+            return _plain(super().state_dict())
 
         def __iter__(self):
             if self.restore and not self._restored_pending:

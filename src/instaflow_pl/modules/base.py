@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,12 @@ class FlowModule(L.LightningModule):
 
     # ---- shared pieces ---------------------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Check that the triples fit the velocity's UNet before any step runs."""
+        manifest = getattr(self.trainer.datamodule, "manifest", None) if self.trainer else None
+        if manifest is not None and isinstance(self.velocity, UNetVelocity):
+            check_latent_shape(self.velocity.unet, manifest.latent_shape, source=str(self.trainer.datamodule.path))
+
     @property
     def sampling_model(self) -> nn.Module:
         """The weights validation, sampling and export use: the EMA when there is one."""
@@ -200,7 +207,7 @@ class FlowModule(L.LightningModule):
         """Record the module kind and UNet config; leave out frozen parts that come from ``base_model``."""
         record: dict[str, Any] = {"module": type(self).__name__, "format_version": CHECKPOINT_FORMAT}
         if isinstance(self.velocity, UNetVelocity):
-            record["unet_config"] = dict(self.velocity.unet.config)
+            record["unet_config"] = json.loads(self.velocity.unet.to_json_string())  # plain types: weights_only loads
         checkpoint[CHECKPOINT_KEY] = record
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(_FROZEN_PREFIXES)]:
@@ -213,6 +220,18 @@ class FlowModule(L.LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith(_FROZEN_PREFIXES):
                 state.setdefault(key, value)
+
+
+def check_latent_shape(unet: nn.Module, shape: Sequence[int], source: str = "the triples") -> None:
+    """A clear error when latents of ``shape`` (C, H, W) cannot go through ``unet``."""
+    config = unet.config
+    factor = 2 ** (len(config.down_block_types) - 1)
+    channels = config.in_channels
+    if len(shape) != 3 or shape[0] != channels or shape[1] % factor or shape[2] % factor:
+        raise UserError(
+            f"latents in {source} have shape {list(shape)}, but the model's UNet takes [{channels}, H, W] with H and W "
+            f"multiples of {factor}; generate pairs with the student's latent shape or pick a matching base_model"
+        )
 
 
 def check_checkpoint_kind(checkpoint: dict[str, Any], expected: str | None = None, source: str = "checkpoint") -> str:

@@ -57,10 +57,17 @@ class LPIPSDistance(nn.Module):
         self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
         self.lpips.requires_grad_(False).eval()
 
+    MIN_SIZE = 64
+    """Images smaller than this are upsampled first: the LPIPS backbones downsample too far for tiny images."""
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from scaled latents."""
+        """Images in [-1, 1] from scaled latents (at least ``MIN_SIZE`` pixels high and wide)."""
         scale = getattr(self.vae.config, "scaling_factor", 1.0)
-        return self.vae.decode(latents / scale).sample.clamp(-1, 1)
+        images = self.vae.decode(latents / scale).sample.clamp(-1, 1)
+        if min(images.shape[-2:]) < self.MIN_SIZE:
+            factor = -(-self.MIN_SIZE // min(images.shape[-2:]))
+            images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="bilinear")
+        return images
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """LPIPS per sample, shape (B,)."""
