@@ -5,10 +5,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CONFIG ?=
+CONFIG :=
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all lint format bench tiny pairs clean
+.PHONY: help install test lint format bench tiny pairs reflow distill export sample clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +39,30 @@ tiny: $(STAMP) ## Write the tiny Stable-Diffusion-format folder the tiny configs
 
 pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/pairs.yaml by default
 	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),configs/tiny/pairs.yaml)
+
+reflow: $(STAMP) ## Reflow (k-RF -> (k+1)-RF): CONFIG=configs/tiny/reflow.yaml by default (needs make pairs)
+	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),configs/tiny/reflow.yaml)
+
+distill: $(STAMP) ## One-step distillation: CONFIG=configs/tiny/distill.yaml by default (needs pairs from the 2-RF)
+	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),configs/tiny/distill.yaml)
+
+# export / sample: MODEL is the exported model folder (written by export, read by sample); FORCE=1 replaces outputs.
+CKPT := outputs/tiny/reflow/checkpoints
+MODEL := outputs/tiny/2rf
+PROMPT := a photo of a cat
+STEPS := 1
+GUIDANCE := 0
+SEED := 0
+N := 4
+OUT := outputs/tiny/samples.png
+FORCE :=
+
+export: $(STAMP) ## Export a checkpoint (or newest in a folder) to a model folder: CKPT=outputs/tiny/reflow/checkpoints MODEL=outputs/tiny/2rf [FORCE=1]
+	$(BIN)/instaflow-pl export --ckpt "$(CKPT)" --out "$(MODEL)" $(if $(FORCE),--force)
+
+sample: $(STAMP) ## Image grid from a model folder: MODEL=outputs/tiny/2rf PROMPT=... STEPS=1 GUIDANCE=0 SEED=0 N=4 OUT=outputs/tiny/samples.png [FORCE=1]
+	$(BIN)/instaflow-pl sample --model "$(MODEL)" --prompt "$(PROMPT)" --steps $(STEPS) --guidance $(GUIDANCE) \
+		--seed $(SEED) --n $(N) --out "$(OUT)" $(if $(FORCE),--force)
 
 clean: ## Remove outputs/ (generated data) -- asks first
 	@read -p "delete outputs/ (generated datasets and models)? [y/N] " ok && [ "$$ok" = y ] && rm -rf outputs/ || echo kept

@@ -5,13 +5,15 @@
 2. ``bench.streaming``: streaming read samples/s against an in-memory safetensors read and a tiny training
    step.
 3. ``bench.memory``: peak RSS and speed of the streaming reader when the dataset grows 10x.
+4. ``bench.training``: ReflowModule ``Trainer.fit`` samples/s against a plain PyTorch loop doing the same steps;
+   one-step student sampling latency against the 25-step guided teacher.
 
 Absolute times on a shared 2-core machine mean little; the ratios compare paths timed in the same process,
 interleaved, best of several rounds. Everything runs offline in a temporary folder that is removed afterwards.
 
 Usage::
 
-    .venv/bin/python bench/run.py [--threads 1] [--only pairs streaming memory] [--strict] [--keep DIR]
+    .venv/bin/python bench/run.py [--threads 1] [--only pairs streaming memory training] [--strict] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench  # noqa: E402,F401 - sets the offline, quiet environment before torch is imported
 from bench.common import Row, markdown_table, set_threads, silence_libraries  # noqa: E402
 
-BENCHMARKS = ("pairs", "streaming", "memory")
+BENCHMARKS = ("pairs", "streaming", "memory", "training")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def work(workdir: Path) -> list[Row]:
-        from bench import memory, pairs, streaming
+        from bench import memory, pairs, streaming, training
         from instaflow_pl.tiny import build_tiny_sd
 
         folder = build_tiny_sd(workdir / "tiny-sd")
@@ -105,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += _guarded("streaming", lambda: streaming.run(workdir / "streaming", folder), args.threads)
         if "memory" in args.only:
             rows += _guarded("memory", lambda: memory.run(workdir / "memory", args.threads), args.threads)
+        if "training" in args.only:
+            rows += _guarded("training", lambda: training.run(workdir / "training", folder), args.threads)
         return rows
 
     if args.keep is not None:

@@ -94,7 +94,7 @@ def test_reflow_learns_the_straight_field_and_logs_losses_by_t(tiny_sd, tmp_path
         str(tiny_sd), velocity=ConstantVelocity(), ema_decay=0.5, val_steps=[1, 4],
         optimizer=lambda p: torch.optim.Adam(p, lr=0.05),
     )  # fmt: skip
-    fit = trainer(tmp_path, 150)
+    fit = trainer(tmp_path, 150, log_every_n_steps=1)
     fit.fit(module, datamodule=data)
     assert torch.allclose(module.velocity.c, shift, atol=0.05)
     assert {"train/loss_t0.00-0.25", "train/loss_t0.75-1.00"} <= set(fit.logged_metrics)
@@ -198,3 +198,21 @@ def test_bad_module_options(tiny_sd, kwargs, message):
 def test_zero_student_steps_is_refused(tiny_velocity):
     with pytest.raises(UserError, match="student_steps must be >= 1"):
         DistillModule(str(tiny_velocity), student_steps=0)
+
+
+def test_ema_follows_the_decay_formula():
+    from instaflow_pl.modules.ema import EMA
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    ema.update(model)  # the first update copies
+    assert torch.equal(ema.module[0].weight, model[0].weight)
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(model)
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 3), 0.9 * 1.0 + 0.1 * 3.0))
+    assert ema.module[1].num_batches_tracked.item() == 7 and ema.n_averaged.item() == 2
+    assert not any(p.requires_grad for p in ema.parameters())

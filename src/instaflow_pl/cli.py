@@ -1,7 +1,9 @@
 """The ``instaflow-pl`` command: LightningCLI subcommands (fit, validate, test, predict) plus project tools.
 
 ``instaflow-pl pairs ...`` is ``instaflow-pl predict ...`` (pair generation); ``instaflow-pl tiny DIR`` writes the
-tiny Stable-Diffusion-format folder the tiny configs use.
+tiny Stable-Diffusion-format folder the tiny configs use; ``instaflow-pl export --ckpt CKPT --out DIR`` turns a
+training checkpoint into a diffusers-format velocity folder and ``instaflow-pl sample --model DIR ...`` draws an
+image grid from one.
 """
 
 from __future__ import annotations
@@ -51,9 +53,32 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> InstaFlowCL
         return _run_cli(args, run)
     except Exception as err:
         user_error = user_error_in(err)
+        if user_error is None and "SaveConfigCallback expected" in str(err):
+            user_error = UserError(
+                f"{str(err).split(' expected ')[1].split(' to NOT exist')[0]} is left from an earlier run; start the "
+                "new run in another trainer.default_root_dir (or with a versioned logger), or resume with --ckpt_path"
+            )
         if user_error is None:
             raise
         raise user_error from None
+
+
+def _check_ckpt_path(argv: Sequence[str]) -> None:
+    """A missing checkpoint file is one clear line, not Lightning's traceback."""
+    from pathlib import Path
+
+    for i, arg in enumerate(argv):
+        if arg.startswith("--ckpt_path="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--ckpt_path" and i + 1 < len(argv):
+            value = argv[i + 1]
+        else:
+            continue
+        if value not in ("last", "best", "hpc", "registry", "null", "None") and "://" not in value:
+            if not Path(value).expanduser().is_file():
+                raise UserError(
+                    f"checkpoint not found: {value!r} (give a .ckpt file, or 'last' to resume the last one)"
+                )
 
 
 def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
@@ -68,6 +93,9 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
         sys.argv[1] = ALIASES[sys.argv[1]]
     argv = sys.argv[1:] if args is None else args
     predicting = bool(argv) and argv[0] == "predict"
+    # A resumed run rewrites its own config.yaml; a new run never replaces an earlier run's.
+    resuming = any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
+    _check_ckpt_path(argv)
     return InstaFlowCLI(
         L.LightningModule,
         L.LightningDataModule,
@@ -77,6 +105,7 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
         parser_kwargs={"parser_mode": "omegaconf"},
         # Pair generation records its settings in the dataset's manifest.json; a config.yaml there would be noise.
         save_config_callback=None if predicting else SaveConfigCallback,
+        save_config_kwargs={"overwrite": resuming},
         auto_configure_optimizers=False,
         run=run,
     )
@@ -101,13 +130,28 @@ def _tiny_main(args: Sequence[str]) -> None:
     print(f"wrote {build_tiny_sd(opts.out, seed=opts.seed)}")
 
 
+def _export_main(args: Sequence[str]) -> None:
+    from instaflow_pl.export import export_main
+
+    export_main(args)
+
+
+def _sample_main(args: Sequence[str]) -> None:
+    from instaflow_pl.sampling_cli import sample_main
+
+    sample_main(args)
+
+
+TOOLS = {"tiny": _tiny_main, "export": _export_main, "sample": _sample_main}
+"""Project commands that are not LightningCLI subcommands."""
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``instaflow-pl`` console script."""
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        if argv is None and len(sys.argv) > 1 and sys.argv[1] == "tiny":
-            _tiny_main(sys.argv[2:])
-        elif argv is not None and argv and argv[0] == "tiny":
-            _tiny_main(list(argv[1:]))
+        if args and args[0] in TOOLS:
+            TOOLS[args[0]](args[1:])
         else:
             cli_main(argv)
     except UserError as err:

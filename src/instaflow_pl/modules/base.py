@@ -12,11 +12,11 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 from instaflow_pl.metrics import straightness
+from instaflow_pl.modules.ema import EMA
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.text import NULL_PROMPT, PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity, TextCondition, UNetVelocity
@@ -103,13 +103,7 @@ class FlowModule(L.LightningModule):
             if any(name.startswith(prefix) for prefix in freeze):
                 param.requires_grad_(False)
         self.encoder = PromptEncoder.from_folder(base_model)
-        self.ema = (
-            AveragedModel(self.velocity, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-            if ema_decay > 0
-            else None
-        )
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        self.ema = EMA(self.velocity, ema_decay) if ema_decay > 0 else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.val_steps = sorted(set(int(n) for n in val_steps))
@@ -155,14 +149,16 @@ class FlowModule(L.LightningModule):
         out = self.compute_loss(batch, cond)
         size = len(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
-        for name, value in (out.terms or {}).items():
-            self.log(f"train/{name}", value, batch_size=size)
+        # Each self.log costs ~0.25 ms in Lightning 2.6: the diagnostics go out only on the logger's steps.
+        if out.terms and (self._trainer is None or self.global_step % self.trainer.log_every_n_steps == 0):
+            for name, value in out.terms.items():
+                self.log(f"train/{name}", value, batch_size=size)
         return out.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Update the EMA after each optimiser step."""
         if self.ema is not None:
-            self.ema.update_parameters(self.velocity)
+            self.ema.update(self.velocity)
 
     @torch.no_grad()
     def validation_step(self, batch: TripleBatch, batch_idx: int) -> None:

@@ -35,7 +35,9 @@ def resolve_model_folder(source: str | Path) -> Path:
         return path
     if path.exists():
         raise UserError(f"{path} is a file; a model is a diffusers-format folder")
-    if isinstance(source, str) and _HUB_ID.match(source) and not source.startswith((".", "~")):
+    owner = Path(str(source).split("/")[0])
+    looks_local = str(source).startswith((".", "~", "/")) or owner.is_dir()  # e.g. outputs/2rf before it exists
+    if isinstance(source, str) and _HUB_ID.match(source) and not looks_local:
         return _download(source)
     raise UserError(f"model folder not found: {path} (build the tiny one with `make tiny`, or give a real SD folder)")
 
@@ -43,7 +45,8 @@ def resolve_model_folder(source: str | Path) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["model_index.json", "*.json", "*.txt", "unet/*.safetensors", "text_encoder/*.safetensors"]
+    patterns = ["*.json", "*.txt", "*/*.json", "*/*.txt", "unet/*.safetensors", "text_encoder/*.safetensors"]
+    patterns += ["vae/*.safetensors"]
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line

@@ -1,0 +1,503 @@
+"""Export a training checkpoint as a diffusers-format model folder (the student, or the next round's teacher).
+
+``instaflow-pl export --ckpt CKPT --out DIR`` writes::
+
+    DIR/model_index.json        names InstaFlowPipeline and its components
+    DIR/unet/                   the velocity UNet (EMA weights when the run kept an EMA), safetensors
+    DIR/vae/ text_encoder/ tokenizer/   copied from the checkpoint's base model
+    DIR/scheduler/              a FlowMatchEulerDiscreteScheduler config (informational, see below)
+    DIR/instaflow.json          marks DIR as a velocity (k-RF) model: module kind, base model, steps, stages
+    DIR/README.md               a short model card
+
+The folder loads with ``InstaFlowPipeline.from_pretrained(DIR)``, with stock
+``UNet2DConditionModel.from_pretrained(DIR, subfolder="unet")``, and with ``load_teacher(DIR)`` (so an export is the
+teacher of the next pair-generation round and the ``base_model`` of the next training stage).
+
+Sampling always uses the project's LatentODE (Euler): t = 0 is noise, t = 1 is data, the UNet is called at timestep
+``(1 - t) * 1000`` and returns the velocity ``data - noise``. That is the opposite sign of diffusers' flow-matching
+schedulers (whose model output points to the noise), so the scheduler config only records the timestep range; a stock
+scheduler must not be used to step this UNet.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: nothing in them is executed. Lightning checkpoints of
+the training modules hold a few harmless non-tensor objects (numpy scalars in the data loader's state, paths in the
+UNet config), which are allowed explicitly; anything else is refused unless the user trusts the file
+(``trust_checkpoint=True``, ``--trust-checkpoint``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instaflow_pl.errors import UserError
+
+EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
+"""Module kinds whose checkpoints export, and the stage each one is."""
+
+COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+"""The subfolders of an exported model."""
+
+EXPORT_FILES = ("model_index.json", "instaflow.json", "README.md")
+"""The top-level files an export writes (with :data:`COMPONENTS`, everything it owns in its folder)."""
+
+PIPELINE_CLASS = "InstaFlowPipeline"
+_COPIED = ("vae", "text_encoder", "tokenizer")
+_DEFAULT_CLASSES = {
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+}
+_SCHEDULER_CLASS = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+# ---- reading checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_safe_globals() -> list[Any]:
+    """Non-tensor types found in the training modules' Lightning checkpoints; constructing them runs no user code."""
+    import numpy as np
+
+    allowed: list[Any] = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
+    allowed += [np._core.multiarray.scalar, np.dtype]
+    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return allowed
+
+
+def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU without executing anything in it.
+
+    Args:
+        path: The ``.ckpt`` file.
+        trust_checkpoint: Load with full pickle (``weights_only=False``), which can run arbitrary code from the
+            file; only for checkpoints from a trusted source that hold objects the safe loader refuses.
+
+    Raises:
+        UserError: the file is missing, is not a checkpoint, or holds objects the safe loader refuses.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        if trust_checkpoint:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        else:
+            with torch.serialization.safe_globals(checkpoint_safe_globals()):
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = _unsafe_globals(path)
+        raise UserError(
+            f"{path} holds objects that are not plain data ({', '.join(unsafe) or 'unknown globals'}), so it was not "
+            "loaded: loading them would run code from the file; pass --trust-checkpoint only if you trust its source"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - a damaged or foreign file becomes one line
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path} is not a Lightning checkpoint (it holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        allowed = {f"{g.__module__}.{g.__qualname__}" for g in checkpoint_safe_globals()}
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+    except Exception:  # noqa: BLE001 - only used to word the error
+        return []
+
+
+def find_checkpoint(source: str | Path) -> Path:
+    """``source`` itself, or the newest ``*.ckpt`` in it when it is a folder (e.g. a run's ``checkpoints/``).
+
+    Raises:
+        UserError: nothing there, or a folder without checkpoints.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
+        if not found:
+            raise UserError(f"no *.ckpt checkpoint in {path}; train first or pass a checkpoint file")
+        return found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+# ---- what the checkpoint says -------------------------------------------------------------------------------------
+
+
+def checkpoint_module(checkpoint: dict[str, Any], source: str) -> str:
+    """The exportable module kind that wrote ``checkpoint`` (``ReflowModule`` or ``DistillModule``).
+
+    Raises:
+        UserError: not written by the project's training modules, or by a module whose checkpoints do not export.
+    """
+    from instaflow_pl.modules.base import check_checkpoint_kind
+
+    kind = check_checkpoint_kind(checkpoint, source=source)
+    if kind not in EXPORTABLE_MODULES:
+        raise UserError(
+            f"{source} was written by {kind}, which has no model to export; export a checkpoint of "
+            f"{' or '.join(EXPORTABLE_MODULES)}"
+        )
+    return kind
+
+
+def unet_state(checkpoint: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """The UNet weights to export (EMA when present, else the raw weights) and whether they are the EMA's.
+
+    Raises:
+        UserError: the checkpoint holds no UNet weights.
+    """
+    state = checkpoint.get("state_dict", {})
+    for prefix, is_ema in (("ema.module.unet.", True), ("velocity.unet.", False)):
+        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        if weights:
+            return weights, is_ema
+    raise UserError(f"{source} holds no UNet weights (no velocity.unet.* keys); was its velocity a diffusers UNet?")
+
+
+def build_unet(checkpoint: dict[str, Any], source: str):
+    """The checkpoint's velocity UNet as a diffusers ``UNet2DConditionModel`` with the exported weights.
+
+    Returns:
+        ``(unet, is_ema)``.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from instaflow_pl.modules.base import CHECKPOINT_KEY
+
+    config = checkpoint[CHECKPOINT_KEY].get("unet_config")
+    if not isinstance(config, dict):
+        raise UserError(
+            f"{source} has no UNet config: its velocity is not a diffusers UNet, and export writes diffusers folders"
+        )
+    weights, is_ema = unet_state(checkpoint, source)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    unet = UNet2DConditionModel.from_config(config)
+    try:
+        unet.load_state_dict(weights, strict=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{source}: the UNet weights do not fit its recorded UNet config ({first})") from None
+    dtype = next(iter(weights.values())).dtype
+    return (unet if dtype == torch.float32 else unet.to(dtype)), is_ema
+
+
+def data_path(checkpoint: dict[str, Any]) -> str | None:
+    """The training data's path, when the checkpoint records it (DataModule hyperparameters or the stream state)."""
+    hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    if isinstance(hparams, dict) and isinstance(hparams.get("path"), str):
+        return hparams["path"]
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+    for loader in loaders if isinstance(loaders, list) else []:
+        dataset = loader.get("dataset") if isinstance(loader, dict) else None
+        if isinstance(dataset, dict):
+            path = dataset.get("input_dir_url") or dataset.get("input_dir_path")
+            if isinstance(path, str):
+                return path
+    return None
+
+
+def recorded_metrics(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """Monitored scores the checkpoint's callbacks kept (``ModelCheckpoint``'s best score, early stopping's)."""
+    metrics: dict[str, float] = {}
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict) or not isinstance(state.get("monitor"), str):
+            continue
+        for key in ("best_model_score", "best_score"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, int | float) and math.isfinite(value):
+                metrics[f"{state['monitor']} (best)"] = float(value)
+                break
+    return metrics
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+# ---- writing the folder -------------------------------------------------------------------------------------------
+
+
+def _is_previous_export(root: Path) -> bool:
+    marker = _read_json(root / "instaflow.json")
+    return marker.get("kind") == "velocity" and "exported_from" in marker
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse a target that holds anything but a previous export, and a previous export unless ``force``.
+
+    Raises:
+        UserError: ``out`` is a file, holds other files, or holds a previous export and ``force`` is false.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"export target {out} is a file; choose a new folder")
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return
+    foreign = sorted(entries - set(COMPONENTS) - set(EXPORT_FILES))
+    if foreign or not _is_previous_export(out):
+        shown = ", ".join(foreign[:3] or sorted(entries)[:3])
+        raise UserError(
+            f"export target {out} is not empty and is not an earlier export (it holds {shown}); "
+            "choose a new folder: export never overwrites other files"
+        )
+    if not force:
+        raise UserError(f"{out} already holds an exported model; pass --force to replace it, or choose a new folder")
+
+
+def _copy_component(base: Path, name: str, dest: Path) -> None:
+    source = base / name
+    if not source.is_dir():
+        raise UserError(f"base model {base} has no {name}/ subfolder; export needs its vae, text_encoder, tokenizer")
+    if name != "tokenizer" and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in source.iterdir()):
+        raise UserError(f"base model {base} has no weights in {name}/; download the full model folder first")
+    shutil.copytree(source, dest / name)  # follows symlinks (hub caches): the export stands alone
+
+
+def _model_index(base: Path) -> dict[str, Any]:
+    import diffusers
+
+    base_index = _read_json(base / "model_index.json")
+    index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
+    for name in _COPIED:
+        entry = base_index.get(name)
+        valid = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+        index[name] = entry if valid else _DEFAULT_CLASSES[name]
+    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    index["scheduler"] = _SCHEDULER_CLASS
+    return dict(sorted(index.items()))
+
+
+def _stages(base_info: dict[str, Any], stage: str) -> list[str]:
+    earlier = base_info.get("stages")
+    return [*(s for s in earlier if isinstance(s, str)), stage] if isinstance(earlier, list) else [stage]
+
+
+def export_info(checkpoint: dict[str, Any], ckpt_path: Path, base: Path, is_ema: bool) -> dict[str, Any]:
+    """What ``instaflow.json`` records about an export (besides ``kind`` and ``format_version``)."""
+    from instaflow_pl.modules.base import CHECKPOINT_KEY
+    from instaflow_pl.teachers import model_kind
+
+    module = checkpoint[CHECKPOINT_KEY]["module"]
+    hparams = checkpoint.get("hyper_parameters") or {}
+    stage = EXPORTABLE_MODULES[module]
+    info: dict[str, Any] = {
+        "module": module,
+        "stage": stage,
+        "stages": _stages(_read_json(base / "instaflow.json"), stage),
+        "base_model": str(hparams.get("base_model")),
+        "base_kind": model_kind(base),
+        "training_steps": int(checkpoint.get("global_step", 0)),
+        "epoch": int(checkpoint.get("epoch", 0)),
+        "weights": "ema" if is_ema else "raw",
+        "ema_decay": hparams.get("ema_decay"),
+        "val_guidance": hparams.get("val_guidance"),
+        "data": data_path(checkpoint),
+        "metrics": recorded_metrics(checkpoint),
+        "exported_from": str(ckpt_path.resolve()),
+        "sampler": "LatentODE euler; t=0 noise, t=1 data; UNet timestep (1 - t) * 1000; output = velocity",
+    }
+    if module == "DistillModule":
+        info["student_steps"] = int(hparams.get("student_steps", 1))
+    return info
+
+
+def _pairs_summary(data: str | None) -> str | None:
+    if not data or "://" in data:
+        return None
+    manifest = _read_json(Path(data).expanduser() / "manifest.json")
+    if not manifest:
+        return None
+    keys = ("teacher", "solver", "steps", "guidance", "count")
+    return ", ".join(f"{k} {manifest[k]}" for k in keys if k in manifest) or None
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """A short README.md for an exported folder."""
+    stages = " -> ".join(info["stages"])
+    steps = info.get("student_steps")
+    metrics = info["metrics"]
+    metric_lines = [f"- `{name}`: {value:.6g}" for name, value in sorted(metrics.items())] or ["- not recorded"]
+    data = info["data"] or "not recorded"
+    pairs = _pairs_summary(info["data"])
+    lines = [
+        "# InstaFlow velocity model",
+        "",
+        f"Exported by `instaflow-pl export` from `{info['exported_from']}`.",
+        "",
+        f"- base model: `{info['base_model']}` ({info['base_kind']})",
+        f"- stage(s): {stages} (this checkpoint: {info['module']})",
+        f"- training steps: {info['training_steps']} (epoch {info['epoch']})",
+        f"- weights: {'EMA (decay ' + str(info['ema_decay']) + ')' if info['weights'] == 'ema' else 'raw (no EMA)'}",
+        f"- guidance used in validation: {info['val_guidance']} (1 or less: none)",
+        f"- training data: `{data}`" + (f" (pairs: {pairs})" if pairs else ""),
+    ]
+    if steps is not None:
+        lines.append(f"- student steps: {steps} (sample with `--steps {steps}`)")
+    lines += [
+        "",
+        "## Metrics",
+        "",
+        *metric_lines,
+        "",
+        "## Use",
+        "",
+        "```bash",
+        f"instaflow-pl sample --model DIR --prompt 'a photo of a cat' --steps {steps or 1} --out grid.png",
+        "```",
+        "",
+        "```python",
+        "from instaflow_pl.pipeline import InstaFlowPipeline",
+        "",
+        "pipe = InstaFlowPipeline.from_pretrained(DIR)",
+        f"image = pipe('a photo of a cat', num_inference_steps={steps or 1}).images[0]",
+        "```",
+        "",
+        "Sampling uses the project's Euler LatentODE: t = 0 is noise, t = 1 is data, the UNet is called at timestep",
+        "`(1 - t) * 1000` and returns the velocity (data - noise). The scheduler config only records the timestep",
+        "range; diffusers' flow-matching schedulers use the opposite velocity sign and must not step this UNet.",
+        "This folder is also a velocity teacher (`load_teacher(DIR)`) and a `base_model` for the next stage.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: Path, source: str) -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from instaflow_pl.teachers import mark_velocity_folder
+
+    unet, is_ema = build_unet(checkpoint, source)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    for name in _COPIED:
+        _copy_component(base, name, tmp)
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(base), indent=2) + "\n")
+    info = export_info(checkpoint, ckpt_path, base, is_ema)
+    mark_velocity_folder(tmp, **info)
+    (tmp / "README.md").write_text(model_card(info))
+    return info
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out`` (empty, absent, or a previous export checked by :func:`check_target`)."""
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            old = out.with_name(f".{out.name}.old-{tmp.name}")
+            out.rename(old)
+        else:
+            out.rmdir()
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, force: bool = False, trust_checkpoint: bool = False
+) -> dict[str, Any]:
+    """Export a ReflowModule / DistillModule checkpoint to a diffusers-format velocity folder.
+
+    The folder is written next to ``out`` first and moved into place when complete, so an interrupted export leaves
+    nothing half-written.
+
+    Args:
+        ckpt: A Lightning checkpoint, or a folder of them (its newest ``*.ckpt`` is used).
+        out: The folder to write: new, empty, or (with ``force``) an earlier export, which is replaced. A folder
+            holding anything else is refused: export never overwrites other files.
+        force: Replace an earlier export in ``out``.
+        trust_checkpoint: Allow arbitrary pickled objects in the checkpoint (runs code from the file).
+
+    Returns:
+        What was recorded in ``instaflow.json``, plus ``out`` and ``checkpoint``.
+
+    Raises:
+        UserError: a missing or foreign checkpoint, a missing base model, or a target that may not be written.
+    """
+    from instaflow_pl.teachers import resolve_model_folder
+
+    ckpt_path = find_checkpoint(ckpt)
+    out = Path(out).expanduser()
+    check_target(out, force)
+    checkpoint = load_checkpoint(ckpt_path, trust_checkpoint)
+    source = str(ckpt_path)
+    checkpoint_module(checkpoint, source)
+    base_model = (checkpoint.get("hyper_parameters") or {}).get("base_model")
+    if not isinstance(base_model, str | Path):
+        raise UserError(f"{source} does not record its base_model, whose vae, text encoder and tokenizer export needs")
+    try:
+        base = resolve_model_folder(base_model)
+    except UserError as err:
+        raise UserError(f"{source}: its base model (for vae, text encoder, tokenizer) is unavailable: {err}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
+    try:
+        info = _write_folder(tmp, checkpoint, ckpt_path, base, source)
+        _replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return {**info, "out": str(out), "checkpoint": source}
+
+
+def export_main(args: Iterable[str]) -> None:
+    """``instaflow-pl export``: parse the arguments, export, print where the model went."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="instaflow-pl export",
+        description=(
+            "Export a ReflowModule or DistillModule checkpoint as a diffusers-format folder: the UNet (EMA weights "
+            "when the run kept an EMA), the base model's VAE, text encoder and tokenizer, a scheduler config, "
+            "model_index.json (InstaFlowPipeline), instaflow.json (a velocity model: usable as the next round's "
+            "teacher or base_model) and a README.md model card."
+        ),
+    )
+    parser.add_argument(
+        "--ckpt",
+        required=True,
+        help="Lightning checkpoint (.ckpt) of a ReflowModule or DistillModule run, or a folder of checkpoints "
+        "(e.g. outputs/tiny/reflow/checkpoints), whose newest .ckpt is used",
+    )
+    parser.add_argument(
+        "--out", required=True, help="folder to write: new or empty (or an earlier export, with --force)"
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an earlier export in --out; a folder holding any other files is never overwritten",
+    )
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load checkpoints holding arbitrary pickled objects (this runs code from the file: only for files "
+        "from a trusted source); by default only tensors and plain data are read",
+    )
+    opts = parser.parse_args(list(args))
+    info = export_checkpoint(opts.ckpt, opts.out, force=opts.force, trust_checkpoint=opts.trust_checkpoint)
+    print(
+        f"exported {info['checkpoint']} ({info['module']}, {info['training_steps']} steps, {info['weights']} weights) "
+        f"to {info['out']}"
+    )

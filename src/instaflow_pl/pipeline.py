@@ -1,0 +1,140 @@
+"""InstaFlowPipeline: a diffusers pipeline that samples an exported velocity model in 1..N Euler steps.
+
+It is a thin shell around the project's own pieces (PromptEncoder, UNetVelocity, ClassifierFreeGuidance, LatentODE),
+so its latents equal ``FlowModule.sample`` and ``load_teacher(DIR).sample`` for the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from instaflow_pl.errors import UserError
+from instaflow_pl.solver import LatentODE
+from instaflow_pl.text import PromptEncoder
+from instaflow_pl.velocity import ClassifierFreeGuidance, UNetVelocity
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+"""What ``InstaFlowPipeline.__call__`` can return."""
+
+
+class InstaFlowPipeline(DiffusionPipeline):
+    """Text-to-image sampling of a rectified flow (k-RF or distilled InstaFlow student) with the Euler LatentODE.
+
+    Load an export with ``InstaFlowPipeline.from_pretrained(DIR)``. Time runs from noise (t = 0) to data (t = 1); the
+    UNet is called at timestep ``(1 - t) * 1000`` and returns the velocity. The scheduler is kept only as a record
+    of the timestep range: stepping is the LatentODE's.
+
+    Args:
+        vae: Decodes the scaled latents to images.
+        text_encoder: CLIP text model (frozen).
+        tokenizer: CLIP tokenizer.
+        unet: The velocity UNet.
+        scheduler: Any diffusers scheduler (not used for stepping).
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents the UNet takes."""
+        return int(self.unet.config.in_channels)
+
+    @property
+    def default_size(self) -> int:
+        """Image height and width by default: the UNet's sample size times the VAE's scale factor."""
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """The (C, H, W) latent shape of images of ``height`` x ``width`` (defaults: :attr:`default_size`)."""
+        height = self.default_size if height is None else int(height)
+        width = self.default_size if width is None else int(width)
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
+        if height <= 0 or width <= 0 or height % multiple or width % multiple:
+            raise UserError(f"height and width must be positive multiples of {multiple}, got {height} x {width}")
+        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+
+    def sample_latents(
+        self, x0: torch.Tensor, prompts: Sequence[str], num_inference_steps: int = 1, guidance_scale: float = 0.0
+    ) -> torch.Tensor:
+        """Solve the flow from noise ``x0`` for ``prompts``: Euler LatentODE with classifier-free guidance.
+
+        ``guidance_scale <= 1`` evaluates the conditional branch only (no guidance), as in diffusers.
+        """
+        field = ClassifierFreeGuidance(UNetVelocity(self.unet), guidance_scale)
+        encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        cond = encoder.condition(list(prompts), with_null=field.active)
+        return LatentODE("euler", num_inference_steps).solve(field, x0, cond).x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode scaled latents to images in [-1, 1] with the VAE (latents are divided by its scaling factor)."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None) is not None:
+            latents = latents + config.shift_factor
+        vae_dtype = next(self.vae.parameters()).dtype
+        return self.vae.decode(latents.to(vae_dtype), return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt``.
+
+        Args:
+            prompt: One prompt or a list of prompts.
+            num_inference_steps: Euler steps from noise to data (1 for a distilled InstaFlow student).
+            guidance_scale: Classifier-free guidance ``w`` (>= 0); 1 or less means none (conditional branch only).
+            height: Image height in pixels (default: the UNet's sample size times the VAE's scale factor).
+            width: Image width in pixels (same default).
+            num_images_per_prompt: Images per prompt.
+            latents: The noise X0, shape (B, C, H, W) with B = prompts x images per prompt; drawn from
+                ``generator`` when absent. (The project's seed rule: ``instaflow_pl.conventions.noise_for_indices``.)
+            generator: Generator(s) of the noise when ``latents`` is absent.
+            output_type: ``pil``, ``np`` or ``pt`` (images in [0, 1]), or ``latent`` (the scaled latents X1).
+            return_dict: Return an ``ImagePipelineOutput`` (else a one-tuple).
+
+        Returns:
+            ``ImagePipelineOutput(images=...)`` or ``(images,)``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise UserError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        shape = (len(prompts), *self.latent_shape(height, width))
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise UserError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
+        x1 = self.sample_latents(latents.to(device), prompts, num_inference_steps, guidance_scale)
+        if output_type == "latent":
+            images = x1
+        else:
+            images = self.image_processor.postprocess(self.decode(x1), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -1,0 +1,327 @@
+"""Export of training checkpoints, InstaFlowPipeline parity with the project's sampler, and the sample command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPTS, write_dataset
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from instaflow_pl.cli import main
+from instaflow_pl.conventions import noise_for_indices
+from instaflow_pl.export import checkpoint_safe_globals, export_checkpoint
+from instaflow_pl.modules import DistillModule, ReflowModule
+from instaflow_pl.pipeline import InstaFlowPipeline
+from instaflow_pl.sampling_cli import build_parser
+from instaflow_pl.teachers import load_teacher
+
+PARITY_PROMPTS = PROMPTS[:2]
+TOLERANCE = 1e-5
+
+
+def train(module: L.LightningModule, data: Path, root: Path, **trainer_args) -> L.Trainer:
+    """Three CPU steps on the triples in ``data``; checkpoints land in ``root/checkpoints``."""
+    from instaflow_pl.data import TriplesDataModule
+
+    trainer = L.Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **trainer_args,
+    )
+    trainer.fit(module, TriplesDataModule(str(data), batch_size=4, val_fraction=0.25))
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("export") / "pairs", count=16, shard_size=8)
+
+
+@pytest.fixture(scope="module")
+def reflow_run(tiny_sd, data, tmp_path_factory) -> tuple[ReflowModule, Path]:
+    """A ReflowModule trained 3 steps with an EMA, and the folder its ModelCheckpoint wrote to."""
+    root = tmp_path_factory.mktemp("reflow")
+    module = ReflowModule(base_model=str(tiny_sd), ema_decay=0.9, val_steps=[1])
+    train(module, data, root)
+    return module.eval(), root / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def exported(reflow_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "2rf"
+    export_checkpoint(reflow_run[1], out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(exported) -> InstaFlowPipeline:
+    pipeline = InstaFlowPipeline.from_pretrained(exported)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def loaded_module(reflow_run) -> ReflowModule:
+    """The module loaded back from the checkpoint that was exported."""
+    (ckpt,) = reflow_run[1].glob("*.ckpt")
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        return ReflowModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
+
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``instaflow-pl`` in-process: exit code, stdout, stderr."""
+    code = 0
+    try:
+        main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> None:
+    code, _, err = result
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("instaflow-pl: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# ---- the exported folder ------------------------------------------------------------------------------------------
+
+
+def test_export_writes_a_diffusers_velocity_folder(exported, reflow_run, tiny_sd):
+    index = json.loads((exported / "model_index.json").read_text())
+    assert index["_class_name"] == "InstaFlowPipeline"
+    assert {k for k in index if not k.startswith("_")} == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert (exported / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    for part in ("vae", "text_encoder", "tokenizer"):
+        assert sorted(p.name for p in (exported / part).iterdir()) == sorted(p.name for p in (tiny_sd / part).iterdir())
+    info = json.loads((exported / "instaflow.json").read_text())
+    assert info["kind"] == "velocity" and info["module"] == "ReflowModule" and info["stages"] == ["reflow"]
+    assert info["base_model"] == str(tiny_sd) and info["training_steps"] == 3 and info["weights"] == "ema"
+    card = (exported / "README.md").read_text()
+    for fact in (str(tiny_sd), "reflow", "training steps: 3", "guidance", "pairs", "Metrics", "not recorded"):
+        assert fact in card, fact
+    assert not [p for p in exported.parent.iterdir() if p.name.startswith(".")], "no temporary folder may remain"
+
+
+def test_exported_unet_is_the_ema_unet_and_loads_with_stock_diffusers(exported, reflow_run):
+    module = reflow_run[0]
+    unet = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
+    ema, raw = module.ema.module.unet.state_dict(), module.velocity.unet.state_dict()
+    state = unet.state_dict()
+    assert state.keys() == ema.keys()
+    assert all(torch.equal(state[k], ema[k]) for k in state)
+    assert not all(torch.equal(state[k], raw[k]) for k in state), "EMA and raw weights must differ after 3 steps"
+
+
+def test_export_without_ema_exports_the_raw_weights(tiny_sd, data, tmp_path, capsys):
+    module = ReflowModule(base_model=str(tiny_sd), ema_decay=0.0, val_steps=[1])
+    train(module, data, tmp_path / "run", enable_checkpointing=False)
+    ckpt = tmp_path / "raw.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    code, out, err = run_main(["export", "--ckpt", ckpt, "--out", tmp_path / "model"], capsys)
+    assert code == 0, err
+    assert f"to {tmp_path / 'model'}" in out and "raw weights" in out
+    state = UNet2DConditionModel.from_pretrained(tmp_path / "model", subfolder="unet").state_dict()
+    raw = module.velocity.unet.state_dict()
+    assert all(torch.equal(state[k], raw[k]) for k in raw)
+    assert json.loads((tmp_path / "model" / "instaflow.json").read_text())["weights"] == "raw"
+
+
+def test_distill_from_an_export_records_both_stages_and_metrics(exported, data, tmp_path, capsys):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = DistillModule(base_model=str(exported), distance={"l2": 1.0}, ema_decay=0.9, val_steps=[1])
+    watch = ModelCheckpoint(dirpath=tmp_path / "ckpts", monitor="train/loss", every_n_train_steps=1)
+    train(module, data, tmp_path / "run", callbacks=[watch])
+    ckpt = tmp_path / "distill.ckpt"
+    module.trainer.save_checkpoint(ckpt)
+    code, _, err = run_main(["export", "--ckpt", ckpt, "--out", tmp_path / "student"], capsys)
+    assert code == 0, err
+    info = json.loads((tmp_path / "student" / "instaflow.json").read_text())
+    assert info["module"] == "DistillModule" and info["stages"] == ["reflow", "distill"]
+    assert info["student_steps"] == 1 and info["base_kind"] == "velocity"
+    card = (tmp_path / "student" / "README.md").read_text()
+    best = float(watch.best_model_score)
+    assert "reflow -> distill" in card and "train/loss (best)" in card and f"{best:.6g}" in card
+
+
+# ---- InstaFlowPipeline --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_pipeline_equals_the_module_sampler(pipe, loaded_module, reflow_run, steps, guidance):
+    x0 = noise_for_indices(0, range(len(PARITY_PROMPTS)), pipe.latent_shape())
+    ours = pipe(PARITY_PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=x0, output_type="latent")
+    for module in (loaded_module, reflow_run[0]):
+        reference = module.sample(x0.clone(), PARITY_PROMPTS, steps, guidance).x
+        diff = (ours.images - reference).abs().max().item()
+        assert diff <= TOLERANCE, diff
+    unguided = loaded_module.sample(x0.clone(), PARITY_PROMPTS, steps, 0.0 if guidance else 3.0).x
+    assert (ours.images - unguided).abs().max().item() > 1e-3, "guidance must change the samples"
+
+
+def test_pipeline_decodes_with_the_vae(pipe, loaded_module):
+    x0 = noise_for_indices(3, range(2), pipe.latent_shape())
+    images = pipe(PARITY_PROMPTS, num_inference_steps=2, latents=x0, output_type="pt").images
+    latents = loaded_module.sample(x0.clone(), PARITY_PROMPTS, 2, 0.0).x
+    with torch.no_grad():
+        decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    assert torch.allclose(images, (decoded / 2 + 0.5).clamp(0, 1), atol=1e-5)
+    assert images.shape == (2, 3, 16, 16)
+    pil = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images
+    again = pipe("a photo of a cat", generator=torch.Generator().manual_seed(0)).images
+    assert pil[0].size == (16, 16) and np.array_equal(np.asarray(pil[0]), np.asarray(again[0]))
+    assert pipe("a cat", output_type="np", num_images_per_prompt=3).images.shape == (3, 16, 16, 3)
+
+
+def test_velocity_teacher_from_the_export_equals_the_pipeline(exported, pipe):
+    x0 = noise_for_indices(7, range(2), pipe.latent_shape())
+    for steps, guidance in ((1, 0.0), (4, 3.0)):
+        teacher = load_teacher(exported, steps=steps)
+        assert teacher.kind == "velocity"
+        kwargs = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "latent"}
+        ours = pipe(PARITY_PROMPTS, latents=x0, **kwargs).images
+        reference = teacher.sample(x0.clone(), PARITY_PROMPTS, guidance=guidance).x
+        assert (ours - reference).abs().max().item() <= TOLERANCE
+
+
+# ---- export errors ------------------------------------------------------------------------------------------------
+
+
+class _Opens:
+    """A pickle that would create a file when loaded with full pickle."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_export_errors_are_one_line(reflow_run, tmp_path, capsys):
+    (ckpt,) = reflow_run[1].glob("*.ckpt")
+    out = tmp_path / "out"
+    missing = run_main(["export", "--ckpt", tmp_path / "nope.ckpt", "--out", out], capsys)
+    assert_one_line_error(missing, "checkpoint not found", "nope.ckpt")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_main(["export", "--ckpt", tmp_path / "empty", "--out", out], capsys), "no *.ckpt")
+
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "global_step": 1}, foreign)
+    result = run_main(["export", "--ckpt", foreign, "--out", out], capsys)
+    assert_one_line_error(result, "not written by an instaflow-pl training module")
+
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["instaflow_pl"]["module"] = "PairGenerator"
+    other = tmp_path / "other.ckpt"
+    torch.save(checkpoint, other)
+    assert_one_line_error(run_main(["export", "--ckpt", other, "--out", out], capsys), "written by PairGenerator")
+
+    checkpoint["instaflow_pl"]["module"] = "ReflowModule"
+    checkpoint["hyper_parameters"]["base_model"] = str(tmp_path / "moved-sd")
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+    assert_one_line_error(run_main(["export", "--ckpt", moved, "--out", out], capsys), "base model", "moved-sd")
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"instaflow_pl": {"module": "ReflowModule"}, "payload": _Opens(marker)}, evil)
+    result = run_main(["export", "--ckpt", evil, "--out", out], capsys)
+    assert_one_line_error(result, "not plain data", "--trust-checkpoint")
+    assert not marker.exists(), "nothing in a checkpoint may run by default"
+    trusted = run_main(["export", "--ckpt", evil, "--out", out, "--trust-checkpoint"], capsys)
+    assert_one_line_error(trusted, "does not record its base_model")
+    assert marker.exists(), "--trust-checkpoint loads with full pickle"
+    assert not out.exists()
+
+
+def test_export_never_overwrites_other_files(reflow_run, exported, tmp_path, capsys):
+    ckpt = reflow_run[1]
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    assert_one_line_error(run_main(["export", "--ckpt", ckpt, "--out", user, "--force"], capsys), "not empty")
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"] and (user / "notes.txt").read_text() == "keep me"
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("keep me")
+    assert_one_line_error(run_main(["export", "--ckpt", ckpt, "--out", a_file], capsys), "is a file")
+    assert a_file.read_text() == "keep me"
+
+    previous = tmp_path / "previous"
+    shutil.copytree(exported, previous)
+    assert_one_line_error(run_main(["export", "--ckpt", ckpt, "--out", previous], capsys), "--force")
+    (previous / "README.md").write_text("stale")
+    code, _, err = run_main(["export", "--ckpt", ckpt, "--out", previous, "--force"], capsys)
+    assert code == 0, err
+    assert (previous / "README.md").read_text() == (exported / "README.md").read_text()
+    (previous / "extra.txt").write_text("mine")
+    result = run_main(["export", "--ckpt", ckpt, "--out", previous, "--force"], capsys)
+    assert_one_line_error(result, "extra.txt")
+    assert (previous / "extra.txt").read_text() == "mine"
+
+
+# ---- instaflow-pl sample ------------------------------------------------------------------------------------------
+
+
+def test_sample_writes_a_grid_with_the_seed_rule(exported, pipe, tmp_path, capsys):
+    out = tmp_path / "grids" / "cat.png"
+    args = ["sample", "--model", exported, "--prompt", "a photo of a cat", "--n", "3", "--seed", "5", "--out", out]
+    code, stdout, err = run_main([*args, "--steps", "2", "--guidance", "3"], capsys)
+    assert code == 0, err
+    assert f"wrote {out}" in stdout
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (32, 32, 3)  # 3 images of 16 x 16 in a 2 x 2 grid
+    x0 = noise_for_indices(5, range(3), pipe.latent_shape())
+    expected = pipe(["a photo of a cat"] * 3, num_inference_steps=2, guidance_scale=3.0, latents=x0).images
+    for i, image in enumerate(expected):
+        row, col = divmod(i, 2)
+        assert np.array_equal(grid[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16], np.asarray(image)), i
+
+    before = out.read_bytes()
+    assert_one_line_error(run_main([*args, "--seed", "6"], capsys), "already exists", "--force")
+    assert out.read_bytes() == before
+    code, _, err = run_main([*args, "--seed", "6", "--force"], capsys)
+    assert code == 0, err
+    assert out.read_bytes() != before
+
+
+def test_sample_errors_are_one_line(exported, tiny_sd, tmp_path, capsys):
+    def sample(model, *extra):
+        return run_main(["sample", "--model", model, "--prompt", "a cat", "--out", tmp_path / "g.png", *extra], capsys)
+
+    assert_one_line_error(sample(tmp_path / "no-model"), "model folder not found", "no-model")
+    assert_one_line_error(sample(tiny_sd), "not a velocity model")
+    assert_one_line_error(sample(exported, "--steps", "0"), "--steps must be >= 1")
+    assert_one_line_error(sample(exported, "--guidance", "-1"), "--guidance must be >= 0")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_help_explains_every_option(capsys):
+    code, text, _ = run_main(["sample", "--help"], capsys)
+    assert code == 0
+    for action in build_parser()._actions:
+        assert action.help, action.dest
+        assert action.option_strings[0] in text
+    for word in ("seed + i", "Euler", "1 or less means none", "--force"):
+        assert word in " ".join(text.split()), word
+    code, text, _ = run_main(["export", "--help"], capsys)
+    assert code == 0
+    for option in ("--ckpt", "--out", "--force", "--trust-checkpoint", "EMA"):
+        assert option in text, option
