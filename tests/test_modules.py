@@ -216,3 +216,54 @@ def test_ema_follows_the_decay_formula():
     assert torch.allclose(ema.module[0].weight, torch.full((2, 3), 0.9 * 1.0 + 0.1 * 3.0))
     assert ema.module[1].num_batches_tracked.item() == 7 and ema.n_averaged.item() == 2
     assert not any(p.requires_grad for p in ema.parameters())
+
+
+def write_image_folder(folder, count=12, size=16):
+    """PNG images with a metadata.jsonl, the Hugging Face imagefolder layout."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(count):
+        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def test_one_rectified_flow_from_images_with_fresh_noise(tiny_sd, tmp_path):
+    """Images + prompts, no pairs: X0 is fresh noise each step, X1 the VAE latents; validation uses fixed noises."""
+    from instaflow_pl.data import ImagePromptDataModule
+
+    folder = write_image_folder(tmp_path / "images")
+    data = ImagePromptDataModule(str(folder), resolution=16, batch_size=4, val_fraction=0.25)
+    module = ReflowModule(str(tiny_sd), encode_images=True, ema_decay=0.0, val_steps=[1, 2])
+    data.setup("fit")
+    batch = module.to_latents(next(iter(data.train_dataloader())))
+    assert batch.x0 is None and batch.x1.shape == (4, 4, 8, 8)
+    torch.manual_seed(0)
+    first = module.compute_loss(batch, module.condition(batch.prompts)).loss
+    torch.manual_seed(1)
+    second = module.compute_loss(batch, module.condition(batch.prompts)).loss
+    assert first != second  # fresh noise (and t) each call
+    fit = trainer(tmp_path, 3, limit_val_batches=1)
+    fit.fit(module, datamodule=data)
+    assert "val/mse@1" in fit.callback_metrics and torch.isfinite(fit.callback_metrics["val/mse@1"])
+    fit.save_checkpoint(tmp_path / "rf1.ckpt")
+    saved = torch.load(tmp_path / "rf1.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith(("vae.", "encoder.")) for k in saved), "frozen parts come from base_model"
+
+
+def test_image_folder_errors(tmp_path):
+    from instaflow_pl.data import ImagePromptDataModule
+
+    with pytest.raises(UserError, match="metadata.jsonl not found"):
+        ImagePromptDataModule(str(tmp_path)).setup("fit")
+    folder = write_image_folder(tmp_path / "images", count=2)
+    (folder / "1.png").unlink()
+    with pytest.raises(UserError, match=r"image .*1.png .* not found"):
+        ImagePromptDataModule(str(folder)).setup("fit")

@@ -21,19 +21,19 @@ class TripleBatch:
     """A batch of training triples.
 
     Attributes:
-        x0: Noise, (B, C, H, W), float32.
+        x0: Noise, (B, C, H, W), float32; None for data without pairs (a 1-RF draws fresh noise).
         x1: The teacher's output for that noise and prompt, (B, C, H, W), float32.
         prompts: The B prompts.
         index: Sample indices in the dataset, (B,).
     """
 
-    x0: torch.Tensor
+    x0: torch.Tensor | None
     x1: torch.Tensor
     prompts: list[str]
     index: torch.Tensor
 
     def __len__(self) -> int:
-        return self.x0.shape[0]
+        return self.x1.shape[0]
 
 
 class TripleDecoder:

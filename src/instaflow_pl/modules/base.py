@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 from instaflow_pl.metrics import straightness
@@ -24,7 +25,9 @@ from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity
 CHECKPOINT_KEY = "instaflow_pl"
 """Key of the project's own record in every checkpoint (module kind, format version, UNet config)."""
 CHECKPOINT_FORMAT = 1
-_FROZEN_PREFIXES = ("encoder.", "distance.")
+_FROZEN_PREFIXES = ("encoder.", "distance.", "vae.")
+VAL_NOISE_SEED = 1_000_000_007
+"""Validation noises for data without pairs: sample i uses the seed rule with this base seed."""
 
 
 @dataclass
@@ -114,6 +117,10 @@ class FlowModule(L.LightningModule):
         """The module's loss on a batch (ReflowModule: velocity matching; DistillModule: one-step distance)."""
         raise NotImplementedError
 
+    def to_latents(self, batch: TripleBatch) -> TripleBatch:
+        """The batch with X1 in the model's latent space (ReflowModule may encode images here)."""
+        return batch
+
     # ---- shared pieces ---------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
@@ -145,6 +152,7 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch: TripleBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step: the module's loss, logged as ``train/loss``."""
+        batch = self.to_latents(batch)
         cond = self.condition(batch.prompts, dropout=self.hparams.prompt_dropout)
         out = self.compute_loss(batch, cond)
         size = len(batch)
@@ -164,10 +172,14 @@ class FlowModule(L.LightningModule):
     def validation_step(self, batch: TripleBatch, batch_idx: int) -> None:
         """Sample the validation noises with 1, 2, 4 ... N Euler steps; log ``val/mse@n`` and ``val/straightness``."""
         guidance = self.hparams.val_guidance
+        batch = self.to_latents(batch)
         size = len(batch)
+        x0 = batch.x0
+        if x0 is None:  # data without pairs: fixed noises by the seed rule
+            x0 = noise_for_indices(VAL_NOISE_SEED, batch.index.tolist(), batch.x1.shape[1:]).to(batch.x1)
         for steps in self.val_steps:
             longest = steps == self.val_steps[-1]
-            solution = self.sample(batch.x0, batch.prompts, steps, guidance, trajectory=longest)
+            solution = self.sample(x0, batch.prompts, steps, guidance, trajectory=longest)
             mse = (solution.x.float() - batch.x1.float()).pow(2).mean()
             self.log(f"val/mse@{steps}", mse, sync_dist=True, batch_size=size)
             if longest:

@@ -36,6 +36,8 @@ class ReflowModule(FlowModule):
         t_sharpness: Sharpness ``a`` of ``u_shaped`` (density proportional to ``cosh(a (t - 1/2))``).
         loss_bins: Number of equal t-bins whose loss is logged (``train/loss_t0.00-0.25`` ...): where the flow
             is still curved.
+        encode_images: Batches hold images in [-1, 1] (an ImagePromptDataModule): encode them with the base
+            model's VAE to scaled latents, ``latent_dist.sample() * scaling_factor``.
         optimizer: See :class:`~instaflow_pl.modules.base.FlowModule`.
         lr_scheduler: See :class:`~instaflow_pl.modules.base.FlowModule`.
         warmup_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
@@ -57,6 +59,7 @@ class ReflowModule(FlowModule):
         t_scale: float = 1.0,
         t_sharpness: float = 4.0,
         loss_bins: int = 4,
+        encode_images: bool = False,
         optimizer: OptimizerCallable = _default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
@@ -76,6 +79,25 @@ class ReflowModule(FlowModule):
             base_model, velocity, optimizer, lr_scheduler, warmup_steps, lr_schedule, ema_decay, prompt_dropout,
             freeze, gradient_checkpointing, val_steps, val_guidance,
         )  # fmt: skip
+        self.vae = None
+        if encode_images:
+            from diffusers import AutoencoderKL
+
+            from instaflow_pl.teachers.folder import resolve_model_folder
+
+            root = resolve_model_folder(base_model)
+            if not (root / "vae").is_dir():
+                raise UserError(f"encode_images needs a VAE, but {root} has no vae/ subfolder")
+            self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae").requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def to_latents(self, batch: TripleBatch) -> TripleBatch:
+        """Encode image batches with the VAE when ``encode_images`` is on."""
+        if self.vae is None:
+            return batch
+        scale = getattr(self.vae.config, "scaling_factor", 1.0)
+        latents = self.vae.encode(batch.x1.to(self.vae.dtype)).latent_dist.sample() * scale
+        return TripleBatch(batch.x0, latents.float(), batch.prompts, batch.index)
 
     def draw_t(self, batch: int) -> torch.Tensor:
         """Training times for a batch from the configured distribution."""
