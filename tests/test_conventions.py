@@ -20,3 +20,19 @@ def test_seed_rule_is_seed_plus_index_on_a_cpu_generator():
     batch = noise_for_indices(7, [5, 3], (4, 8, 8))
     assert torch.equal(batch[1], expected)
     assert not torch.equal(batch[0], expected)
+
+
+def test_latents_are_the_vaes_scaled_latents(tiny_sd):
+    from diffusers import AutoencoderKL
+
+    from instaflow_pl.conventions import images_to_latents, latents_to_images
+
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae")
+    vae.config.scaling_factor = 0.18215  # SD 1.5's
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    torch.manual_seed(3)
+    ours = images_to_latents(vae, images)
+    torch.manual_seed(3)
+    expected = vae.encode(images).latent_dist.sample() * 0.18215
+    assert torch.allclose(ours, expected)
+    assert torch.allclose(latents_to_images(vae, ours), vae.decode(expected / 0.18215).sample, atol=1e-6)

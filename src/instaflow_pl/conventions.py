@@ -40,3 +40,19 @@ def noise_for_indices(
 ) -> torch.Tensor:
     """Stack the noises of several samples: row ``k`` is the noise of sample ``indices[k]``."""
     return torch.stack([noise_from_seed(sample_seed(seed, i), shape, dtype) for i in indices])
+
+
+def images_to_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] to the VAE's scaled latents: ``(latent_dist.sample() - shift) * scaling_factor``."""
+    config = vae.config
+    latents = vae.encode(images.to(vae.dtype)).latent_dist.sample()
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return (latents - shift) * getattr(config, "scaling_factor", 1.0)
+
+
+def latents_to_images(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents back to images (about [-1, 1]): the inverse of :func:`images_to_latents`."""
+    config = vae.config
+    shift = getattr(config, "shift_factor", None) or 0.0
+    unscaled = latents / getattr(config, "scaling_factor", 1.0) + shift
+    return vae.decode(unscaled.to(vae.dtype), return_dict=False)[0]

@@ -14,6 +14,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from instaflow_pl.conventions import latents_to_images
 from instaflow_pl.errors import UserError
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.text import PromptEncoder
@@ -79,13 +80,8 @@ class InstaFlowPipeline(DiffusionPipeline):
         return LatentODE("euler", num_inference_steps).solve(field, x0, cond).x
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents to images in [-1, 1] with the VAE (latents are divided by its scaling factor)."""
-        config = self.vae.config
-        latents = latents / config.scaling_factor
-        if getattr(config, "shift_factor", None) is not None:
-            latents = latents + config.shift_factor
-        vae_dtype = next(self.vae.parameters()).dtype
-        return self.vae.decode(latents.to(vae_dtype), return_dict=False)[0]
+        """Decode scaled latents to images in [-1, 1] with the VAE (the project's latent convention)."""
+        return latents_to_images(self.vae, latents)
 
     @torch.no_grad()
     def __call__(

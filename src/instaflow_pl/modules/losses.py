@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from instaflow_pl.conventions import latents_to_images
 from instaflow_pl.errors import UserError
 
 LPIPS_BACKBONE_FILES = {"vgg": "vgg16-397923af.pth", "alex": "alexnet-owt-7be5be79.pth"}
@@ -62,8 +63,7 @@ class LPIPSDistance(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from scaled latents (at least ``MIN_SIZE`` pixels high and wide)."""
-        scale = getattr(self.vae.config, "scaling_factor", 1.0)
-        images = self.vae.decode(latents / scale).sample.clamp(-1, 1)
+        images = latents_to_images(self.vae, latents).clamp(-1, 1)
         if min(images.shape[-2:]) < self.MIN_SIZE:
             factor = -(-self.MIN_SIZE // min(images.shape[-2:]))
             images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="bilinear")

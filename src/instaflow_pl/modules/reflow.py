@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from instaflow_pl.conventions import images_to_latents
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 from instaflow_pl.modules.base import FlowModule, StepOutput, _default_optimizer
@@ -95,8 +96,7 @@ class ReflowModule(FlowModule):
         """Encode image batches with the VAE when ``encode_images`` is on."""
         if self.vae is None:
             return batch
-        scale = getattr(self.vae.config, "scaling_factor", 1.0)
-        latents = self.vae.encode(batch.x1.to(self.vae.dtype)).latent_dist.sample() * scale
+        latents = images_to_latents(self.vae, batch.x1)
         return TripleBatch(batch.x0, latents.float(), batch.prompts, batch.index)
 
     def draw_t(self, batch: int) -> torch.Tensor:
