@@ -102,4 +102,6 @@ def test_sd15_configs_instantiate_on_the_tiny_folder(tiny_sd, tiny_velocity, tmp
     config = yaml.safe_load((REPO / f"configs/sd15/{name}.yaml").read_text())
     if module_class is not PairGenerator:
         assert cli.datamodule.expected_latent_shape == [4, 64, 64]
+        root = config["trainer"]["default_root_dir"]
+        assert cli.trainer.checkpoint_callback.dirpath.endswith(f"{root}/checkpoints"), "interpolation resolved"
         assert cli.model.hparams.ema_decay == config["model"]["init_args"]["ema_decay"]
