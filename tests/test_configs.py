@@ -105,3 +105,12 @@ def test_sd15_configs_instantiate_on_the_tiny_folder(tiny_sd, tiny_velocity, tmp
         root = config["trainer"]["default_root_dir"]
         assert cli.trainer.checkpoint_callback.dirpath.endswith(f"{root}/checkpoints"), "interpolation resolved"
         assert cli.model.hparams.ema_decay == config["model"]["init_args"]["ema_decay"]
+
+
+def test_module_help_lists_the_shared_options(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(REPO / "configs/tiny/distill.yaml"), "--model.help", "DistillModule"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ("--model.student_steps", "--model.distance", "--model.ema_decay", "--model.warmup_steps"):
+        assert option in text, option
+    assert "default: 0.0" in text.split("--model.prompt_dropout")[-1][:300], "DistillModule's own default"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, random_split
 
+from instaflow_pl.data.prompts import read_jsonl
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 
@@ -24,13 +24,7 @@ def read_metadata(folder: Path, image_column: str, prompt_column: str) -> list[t
             f"{path} not found: an image folder needs {METADATA_FILE} with {image_column} and {prompt_column}"
         )
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"line {number} of {path} is not valid JSON; fix or remove it") from None
+    for number, row in read_jsonl(path):
         if image_column not in row or prompt_column not in row:
             raise UserError(f"line {number} of {path} needs the fields {image_column!r} and {prompt_column!r}")
         image = folder / row[image_column]

@@ -40,8 +40,9 @@ def _missing_column(path: Path, column: str, available: list[str]) -> UserError:
     return UserError(f"prompt file {path} has no column {column!r}; set column to one of {sorted(available)}")
 
 
-def _from_jsonl(path: Path, column: str) -> list[str]:
-    prompts = []
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a UTF-8 JSONL file; a bad line is a clear error."""
+    rows = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -49,8 +50,17 @@ def _from_jsonl(path: Path, column: str) -> list[str]:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"line {number} of {path} is not valid JSON; fix or remove it") from None
-        if not isinstance(row, dict) or column not in row:
-            raise _missing_column(path, column, list(row) if isinstance(row, dict) else [])
+        if not isinstance(row, dict):
+            raise UserError(f"line {number} of {path} is not a JSON object")
+        rows.append((number, row))
+    return rows
+
+
+def _from_jsonl(path: Path, column: str) -> list[str]:
+    prompts = []
+    for _, row in read_jsonl(path):
+        if column not in row:
+            raise _missing_column(path, column, list(row))
         prompts.append(str(row[column]))
     return prompts
 

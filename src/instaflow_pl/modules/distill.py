@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
-from instaflow_pl.modules.base import FlowModule, StepOutput, _default_optimizer
+from instaflow_pl.modules.base import FlowModule, StepOutput
 from instaflow_pl.modules.losses import Distance, LPIPSDistance
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.velocity import TextCondition
@@ -22,8 +21,7 @@ class DistillModule(FlowModule):
     LatentODE; with one step that is ``X0 + v(X0, t=0 | T)`` (UNet timestep 1000). It is initialised from the k-RF.
 
     Args:
-        base_model: See :class:`~instaflow_pl.modules.base.FlowModule` (the k-RF folder).
-        velocity: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        base_model: Diffusers-format folder of the k-RF the student starts from (see FlowModule).
         distance: Weights of the distances summed into the loss: ``l2``, ``huber`` (pseudo-Huber) and ``lpips``
             (on VAE-decoded images, the paper's choice), e.g. ``{"l2": 1.0}`` or ``{"lpips": 1.0, "l2": 0.1}``.
         huber_c: The pseudo-Huber constant c.
@@ -31,16 +29,10 @@ class DistillModule(FlowModule):
         lpips_pretrained: Use the backbone's ImageNet weights from ``$TORCH_HOME/hub/checkpoints`` (false: random
             weights, for tests only).
         student_steps: Euler steps of the student (1 = InstaFlow's one-step generator).
-        optimizer: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        lr_scheduler: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        warmup_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        lr_schedule: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        ema_decay: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        prompt_dropout: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        freeze: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        gradient_checkpointing: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        val_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        val_guidance: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        prompt_dropout: Probability of the null prompt (0: the student learns the guided teacher's outputs).
+        val_steps: Euler step counts of the validation samples.
+        velocity: The velocity network (default: the UNet of ``base_model``).
+        **kwargs: The shared training options of FlowModule (optimizer, schedule, EMA, freezing, validation).
     """
 
     def __init__(
@@ -52,23 +44,13 @@ class DistillModule(FlowModule):
         lpips_net: str = "vgg",
         lpips_pretrained: bool = True,
         student_steps: int = 1,
-        optimizer: OptimizerCallable = _default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        ema_decay: float = 0.999,
         prompt_dropout: float = 0.0,
-        freeze: Sequence[str] = (),
-        gradient_checkpointing: bool = False,
         val_steps: Sequence[int] = (1, 2, 4),
-        val_guidance: float = 1.0,
+        **kwargs,
     ):
         if student_steps < 1:
             raise UserError(f"student_steps must be >= 1, got {student_steps}")
-        super().__init__(
-            base_model, velocity, optimizer, lr_scheduler, warmup_steps, lr_schedule, ema_decay, prompt_dropout,
-            freeze, gradient_checkpointing, val_steps, val_guidance,
-        )  # fmt: skip
+        super().__init__(base_model, velocity, prompt_dropout=prompt_dropout, val_steps=val_steps, **kwargs)
         weights = dict(distance or {"l2": 1.0})
         lpips = None
         if "lpips" in weights:

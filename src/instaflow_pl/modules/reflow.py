@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from instaflow_pl.conventions import images_to_latents
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
-from instaflow_pl.modules.base import FlowModule, StepOutput, _default_optimizer
+from instaflow_pl.modules.base import FlowModule, StepOutput
 from instaflow_pl.modules.timesampling import T_DISTRIBUTIONS, sample_t
 from instaflow_pl.velocity import TextCondition
 
@@ -29,8 +26,7 @@ class ReflowModule(FlowModule):
     independent coupling of a 1-rectified flow trained from data, with the same loss.
 
     Args:
-        base_model: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        velocity: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        base_model: Diffusers-format folder the model is trained from (see FlowModule).
         t_distribution: ``uniform`` (the paper), ``logit_normal`` or ``u_shaped`` (2-rectified flow++).
         t_loc: Mean under the logit for ``logit_normal``.
         t_scale: Its standard deviation.
@@ -39,16 +35,8 @@ class ReflowModule(FlowModule):
             is still curved.
         encode_images: Batches hold images in [-1, 1] (an ImagePromptDataModule): encode them with the base
             model's VAE to scaled latents, ``latent_dist.sample() * scaling_factor``.
-        optimizer: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        lr_scheduler: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        warmup_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        lr_schedule: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        ema_decay: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        prompt_dropout: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        freeze: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        gradient_checkpointing: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        val_steps: See :class:`~instaflow_pl.modules.base.FlowModule`.
-        val_guidance: See :class:`~instaflow_pl.modules.base.FlowModule`.
+        velocity: The velocity network (default: the UNet of ``base_model``).
+        **kwargs: The shared training options of FlowModule (optimizer, schedule, EMA, freezing, validation).
     """
 
     def __init__(
@@ -61,25 +49,13 @@ class ReflowModule(FlowModule):
         t_sharpness: float = 4.0,
         loss_bins: int = 4,
         encode_images: bool = False,
-        optimizer: OptimizerCallable = _default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        warmup_steps: int = 0,
-        lr_schedule: str = "constant",
-        ema_decay: float = 0.999,
-        prompt_dropout: float = 0.1,
-        freeze: Sequence[str] = (),
-        gradient_checkpointing: bool = False,
-        val_steps: Sequence[int] = (1, 2, 4, 25),
-        val_guidance: float = 1.0,
+        **kwargs,
     ):
         if t_distribution not in T_DISTRIBUTIONS:
             raise UserError(f"unknown t distribution {t_distribution!r}: choose one of {', '.join(T_DISTRIBUTIONS)}")
         if loss_bins < 1:
             raise UserError(f"loss_bins must be >= 1, got {loss_bins}")
-        super().__init__(
-            base_model, velocity, optimizer, lr_scheduler, warmup_steps, lr_schedule, ema_decay, prompt_dropout,
-            freeze, gradient_checkpointing, val_steps, val_guidance,
-        )  # fmt: skip
+        super().__init__(base_model, velocity, **kwargs)
         self.vae = None
         if encode_images:
             from diffusers import AutoencoderKL
