@@ -110,6 +110,7 @@ class FlowModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.val_steps = sorted(set(int(n) for n in val_steps))
+        self.last_step: StepOutput | None = None
 
     # ---- what each module defines ----------------------------------------------------------------------------
 
@@ -155,6 +156,10 @@ class FlowModule(L.LightningModule):
         batch = self.to_latents(batch)
         cond = self.condition(batch.prompts, dropout=self.hparams.prompt_dropout)
         out = self.compute_loss(batch, cond)
+        # Kept (detached) for callbacks that look at each sample's loss, e.g. LossByT.
+        self.last_step = StepOutput(
+            out.loss.detach(), out.per_sample.detach(), None if out.t is None else out.t.detach()
+        )
         size = len(batch)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size)
         # Each self.log costs ~0.25 ms in Lightning 2.6: the diagnostics go out only on the logger's steps.

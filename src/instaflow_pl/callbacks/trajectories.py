@@ -1,0 +1,130 @@
+"""Trajectory figure (like the InstaFlow paper's Fig. 6) and the straightness profile over t."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from instaflow_pl.callbacks.grid import latent_shape_of
+from instaflow_pl.callbacks.images import figure_to_pil, log_image
+from instaflow_pl.conventions import noise_for_indices
+from instaflow_pl.metrics import straightness
+from instaflow_pl.solver import ODESolution
+
+
+def straightness_gaps(solution: ODESolution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mid-interval times (K,) and the mean ``|(Z1 - Z0) - v_k|^2`` on each Euler interval (K,): where it bends."""
+    states, times = solution.states.float(), solution.times.float()
+    dt = times[1:] - times[:-1]
+    velocities = (states[1:] - states[:-1]) / dt.view(-1, *([1] * (states.dim() - 1)))
+    gaps = ((states[-1] - states[0]).unsqueeze(0) - velocities).pow(2).flatten(2).mean(dim=2)
+    return (times[1:] + times[:-1]) / 2, gaps.mean(dim=1)
+
+
+def project_2d(*trajectories: torch.Tensor) -> list[torch.Tensor]:
+    """Project trajectories (K+1, B, ...) onto the two principal directions of all their states together."""
+    flat = [t.float().flatten(2) for t in trajectories]
+    points = torch.cat([f.reshape(-1, f.shape[-1]) for f in flat])
+    mean = points.mean(dim=0)
+    _, _, v = torch.pca_lowrank(points - mean, q=2, center=False)
+    return [(f - mean) @ v[:, :2] for f in flat]
+
+
+class Trajectories(L.Callback):
+    """After validation: a few trajectories projected to 2-D (the teacher's too, when given) and S over t.
+
+    Args:
+        prompts: Prompts of the trajectories (one each).
+        steps: Euler steps of the model's trajectories.
+        guidance: Classifier-free guidance.
+        seed: Noise of trajectory i comes from ``seed + i``.
+        teacher: Optional teacher folder (SD or k-RF) whose trajectories are drawn beside the model's.
+        teacher_solver: The teacher's solver (``auto``: DPM-Solver++ for SD, Euler for a k-RF).
+        teacher_steps: The teacher's steps.
+        every_n_epochs: Draw after every n-th validation epoch.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str] = ("a photo of a cat", "a red car in the city", "a painting of a horse"),
+        steps: int = 25,
+        guidance: float = 1.0,
+        seed: int = 0,
+        teacher: str | None = None,
+        teacher_solver: str = "auto",
+        teacher_steps: int = 25,
+        every_n_epochs: int = 1,
+    ):
+        self.prompts = list(prompts)
+        self.steps = steps
+        self.guidance = guidance
+        self.seed = seed
+        self.teacher_source = teacher
+        self.teacher_solver = teacher_solver
+        self.teacher_steps = teacher_steps
+        self.every_n_epochs = every_n_epochs
+        self._teacher = None
+
+    def _teacher_solution(self, x0: torch.Tensor) -> ODESolution | None:
+        if self.teacher_source is None:
+            return None
+        if self._teacher is None:
+            from instaflow_pl.teachers import load_teacher
+
+            self._teacher = load_teacher(self.teacher_source, self.teacher_solver, self.teacher_steps)
+        return self._teacher.to(x0.device).sample(x0, self.prompts, self.guidance, return_trajectory=True)
+
+    @torch.no_grad()
+    def solutions(self, pl_module) -> dict[str, ODESolution]:
+        """The model's (and the teacher's) trajectories from the fixed noises."""
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            x0 = noise_for_indices(self.seed, range(len(self.prompts)), latent_shape_of(pl_module)).to(pl_module.device)
+            out = {"model": pl_module.sample(x0, self.prompts, self.steps, self.guidance, trajectory=True)}
+            teacher = self._teacher_solution(x0)
+            if teacher is not None:
+                out["teacher"] = teacher
+            return out
+        finally:
+            pl_module.train(was_training)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Draw and log the figure; log the straightness of each flow drawn."""
+        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs):
+            return
+        solutions = self.solutions(pl_module)
+        for name, solution in solutions.items():
+            value = straightness(solution).mean().item()
+            for logger in trainer.loggers:
+                logger.log_metrics({f"val/straightness_{name}": value}, step=trainer.global_step)
+        log_image(trainer, "val/trajectories", self.figure(solutions))
+
+    def figure(self, solutions: dict[str, ODESolution]):
+        """Two panels: trajectories in 2-D, and S over t."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(solutions)
+        projected = dict(zip(names, project_2d(*(s.states.cpu() for s in solutions.values())), strict=True))
+        figure, (paths, profile) = plt.subplots(1, 2, figsize=(9, 4), dpi=100)
+        for (name, points), color in zip(projected.items(), ("tab:blue", "tab:orange"), strict=False):
+            for b in range(points.shape[1]):
+                paths.plot(points[:, b, 0], points[:, b, 1], color=color, label=name if b == 0 else None)
+                paths.scatter(points[-1, b, 0], points[-1, b, 1], color=color, s=12)
+            mid, gaps = straightness_gaps(solutions[name])
+            profile.plot(
+                mid.cpu(), gaps.cpu(), color=color, label=f"{name}: S={straightness(solutions[name]).mean():.3g}"
+            )
+        paths.set(title="trajectories (2-D projection; dots: t = 1)")
+        paths.legend()
+        profile.set(xlabel="t (0 = noise, 1 = data)", ylabel="|(Z1 - Z0) - v|^2", title="straightness over t")
+        profile.legend()
+        figure.tight_layout()
+        return figure_to_pil(figure)
