@@ -8,7 +8,7 @@ from conftest import write_dataset
 from PIL import Image
 
 from instaflow_pl.callbacks import LossByT, SampleGrid, Trajectories
-from instaflow_pl.callbacks.trajectories import project_2d, straightness_gaps
+from instaflow_pl.callbacks.trajectories import gap_profile, project_2d
 from instaflow_pl.data import TriplesDataModule
 from instaflow_pl.modules import ReflowModule
 from instaflow_pl.solver import LatentODE
@@ -47,13 +47,61 @@ def test_loss_by_t_bins():
 def test_straightness_profile_and_projection():
     x0 = torch.randn(3, 4)
     straight = LatentODE("euler", 8).solve(lambda x, t, c: torch.ones_like(x), x0, return_trajectory=True)
-    mid, gaps = straightness_gaps(straight)
-    assert mid.shape == (8,) and torch.allclose(gaps, torch.zeros(8), atol=1e-10)
+    start, gaps = gap_profile(straight)
+    assert start.tolist() == [k / 8 for k in range(8)] and torch.allclose(gaps, torch.zeros(8), atol=1e-10)
 
     def curved(x, t, c):
         return torch.stack([-x[:, 1], x[:, 0]], dim=1).repeat(1, 2)[:, :4] * 3
 
-    _, bent = straightness_gaps(LatentODE("euler", 8).solve(curved, x0, return_trajectory=True))
+    _, bent = gap_profile(LatentODE("euler", 8).solve(curved, x0, return_trajectory=True))
     assert (bent > 0).all()
     a, b = project_2d(straight.states, straight.states + 1)
     assert a.shape == (9, 3, 2) and b.shape == (9, 3, 2)
+
+
+class CountingFeatures(torch.nn.Module):
+    """A fixed random conv feature net that counts its calls (to see the reference cache at work)."""
+
+    num_features = 16
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 3, stride=2)
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        return self.conv(images).mean(dim=(2, 3))
+
+
+def test_sample_quality_logs_fid_and_clip_at_each_step_count(tiny_sd, tmp_path):
+    from instaflow_pl.callbacks import SampleQuality
+    from instaflow_pl.tiny import build_tiny_clip
+
+    root = write_dataset(tmp_path / "d", count=48, shard_size=16)
+    features = CountingFeatures()
+    quality = SampleQuality(
+        steps=[1, 2], num_samples=12, batch_size=6, fid_features=features, cache_dir=str(tmp_path / "cache"),
+        clip_model=str(build_tiny_clip(tmp_path / "clip")),
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=4, val_check_interval=2, limit_val_batches=1, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[quality],
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    module = ReflowModule(str(tiny_sd), ema_decay=0.0, val_steps=[1])
+    data = TriplesDataModule(str(root), batch_size=8, val_fraction=0.25)
+    trainer.fit(module, datamodule=data)
+    metrics = trainer.callback_metrics
+    for key in ("val/fid@1", "val/fid@2", "val/clip@1", "val/clip@2"):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert 0 <= float(metrics["val/clip@1"]) <= 100
+    assert float(metrics["val/fid@1"]) > 0
+    assert len(list((tmp_path / "cache").glob("fid-reference-*.safetensors"))) == 1
+    calls = features.calls
+    trainer.validate(module, datamodule=data, verbose=False)
+    quality.on_validation_end(trainer, module)
+    # validate + one more evaluation, each one net call per step count; the reference is read from the cache.
+    assert features.calls - calls == 2 * 2
+    assert quality.seconds is not None and quality.seconds > 0

@@ -147,3 +147,54 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> P
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny CLIP model folder with random weights (model, tokenizer, image processor) to ``out_dir``.
+
+    It has the layout of a real CLIP folder (e.g. ``openai/clip-vit-base-patch32`` saved with ``save_pretrained``) and
+    loads through :class:`instaflow_pl.metrics.CLIPScore` like one, for tests and the tiny configs.
+
+    Args:
+        out_dir: Folder to create (must not hold anything else).
+        seed: Seed of the random weights, so two builds are identical.
+        image_size: Side of the square images the vision tower takes (a multiple of its patch size, 8).
+
+    Returns:
+        The folder's path.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
+        from instaflow_pl.errors import UserError
+
+        raise UserError(f"{out} exists and is not empty; choose a new folder for the tiny CLIP model")
+    vocab_size = write_tiny_tokenizer(out)
+    text_config = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 77,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+    vision_config = {
+        "image_size": image_size,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=16))
+    model.save_pretrained(out, safe_serialization=True)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor.save_pretrained(out)
+    return out

@@ -11,17 +11,14 @@ from lightning.pytorch.utilities import rank_zero_only
 from instaflow_pl.callbacks.grid import latent_shape_of
 from instaflow_pl.callbacks.images import figure_to_pil, log_image
 from instaflow_pl.conventions import noise_for_indices
-from instaflow_pl.metrics import straightness
+from instaflow_pl.metrics import straightness, straightness_gaps
 from instaflow_pl.solver import ODESolution
 
 
-def straightness_gaps(solution: ODESolution) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mid-interval times (K,) and the mean ``|(Z1 - Z0) - v_k|^2`` on each Euler interval (K,): where it bends."""
-    states, times = solution.states.float(), solution.times.float()
-    dt = times[1:] - times[:-1]
-    velocities = (states[1:] - states[:-1]) / dt.view(-1, *([1] * (states.dim() - 1)))
-    gaps = ((states[-1] - states[0]).unsqueeze(0) - velocities).pow(2).flatten(2).mean(dim=2)
-    return (times[1:] + times[:-1]) / 2, gaps.mean(dim=1)
+def gap_profile(solution: ODESolution) -> tuple[torch.Tensor, torch.Tensor]:
+    """Interval start times (K,) and the batch-mean straightness gap on each Euler interval (K,): where it bends."""
+    gaps, _ = straightness_gaps(solution)
+    return solution.times[:-1].float().cpu(), gaps.mean(dim=1).cpu()
 
 
 def project_2d(*trajectories: torch.Tensor) -> list[torch.Tensor]:
