@@ -8,7 +8,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from instaflow_pl.callbacks.grid import load_vae
@@ -17,7 +16,7 @@ from instaflow_pl.errors import UserError
 
 
 class SampleQuality(L.Callback):
-    """Logs ``val/fid@n`` and ``val/clip@n`` for each step count n after validation (rank zero).
+    """Logs ``val/fid@n`` and ``val/clip@n`` for each step count n at the end of validation (computed on rank zero).
 
     The evaluation set is the first ``num_samples`` validation triples: their prompts, and noises drawn by the seed
     rule from ``seed``. FID compares the decoded samples with a reference set, by default the decoded X1 of the same
@@ -143,10 +142,9 @@ class SampleQuality(L.Callback):
                 results[f"val/clip@{steps}"] = float(clip.compute())
         return results
 
-    @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Evaluate and log (the module's train/eval mode is restored)."""
-        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs):
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate on rank zero and log through the module, so the numbers reach the loggers and the printed table."""
+        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs) or not trainer.is_global_zero:
             return
         started = time.perf_counter()
         was_training = pl_module.training
@@ -155,8 +153,6 @@ class SampleQuality(L.Callback):
             results = self.evaluate(trainer, pl_module)
         finally:
             pl_module.train(was_training)
-        for logger in trainer.loggers:
-            logger.log_metrics(results, step=trainer.global_step)
         for key, value in results.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
+            pl_module.log(key, value, rank_zero_only=True)
         self.seconds = time.perf_counter() - started

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from instaflow_pl.callbacks.grid import latent_shape_of
 from instaflow_pl.callbacks.images import figure_to_pil, log_image
@@ -89,16 +88,13 @@ class Trajectories(L.Callback):
         finally:
             pl_module.train(was_training)
 
-    @rank_zero_only
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Draw and log the figure; log the straightness of each flow drawn."""
-        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs):
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """On rank zero: draw and log the figure, and log each drawn flow's straightness through the module."""
+        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs) or not trainer.is_global_zero:
             return
         solutions = self.solutions(pl_module)
         for name, solution in solutions.items():
-            value = straightness(solution).mean().item()
-            for logger in trainer.loggers:
-                logger.log_metrics({f"val/straightness_{name}": value}, step=trainer.global_step)
+            pl_module.log(f"val/straightness_{name}", straightness(solution).mean().item(), rank_zero_only=True)
         log_image(trainer, "val/trajectories", self.figure(solutions))
 
     def figure(self, solutions: dict[str, ODESolution]):
