@@ -329,3 +329,12 @@ def test_clip_score_missing_folder_is_one_clear_line(tmp_path):
         CLIPScore(missing)
     message = str(info.value)
     assert str(missing) in message and "save_pretrained" in message and "\n" not in message
+
+
+def test_random_features_are_fixed_by_their_seed():
+    from instaflow_pl.metrics import RandomFeatures
+
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    a, b, c = RandomFeatures(seed=0), RandomFeatures(seed=0), RandomFeatures(seed=1)
+    assert a(images).shape == (4, 64)
+    assert torch.equal(a(images), b(images)) and not torch.equal(a(images), c(images))

@@ -7,6 +7,7 @@ from instaflow_pl.metrics.fid import (
     FeatureNet,
     FIDReference,
     InceptionFeatures,
+    RandomFeatures,
     inception_features,
     reference_key,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "FeatureNet",
     "INCEPTION_WEIGHTS_FILE",
     "InceptionFeatures",
+    "RandomFeatures",
     "StraightnessMetric",
     "StraightnessProfile",
     "inception_features",

@@ -392,3 +392,31 @@ class FID(FrechetInceptionDistance):
         mean = self.fake_features_sum / count
         cov = (self.fake_features_cov_sum - count * torch.outer(mean, mean)) / (count - 1)
         return _compute_fid(self.reference_mean, self.reference_cov, mean, cov).float()
+
+
+class RandomFeatures(nn.Module):
+    """A fixed, seeded random conv network as an FID feature extractor, for tiny settings and smoke tests.
+
+    It checks the FID plumbing (sampling, decoding, reference cache, logging) where no trained feature network is
+    available; its numbers say little about image quality. Use InceptionV3 weights (``inception_features``) or a
+    classifier trained on the data (the digits demo) for real measurements.
+
+    Args:
+        channels: Image channels.
+        num_features: Feature size.
+        seed: Seed of the weights (part of the reference cache key through the weights).
+    """
+
+    def __init__(self, channels: int = 3, num_features: int = 64, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        conv = nn.Conv2d(channels, num_features, kernel_size=3, stride=2, padding=1)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) / (channels * 9) ** 0.5)
+            conv.bias.zero_()
+        self.conv = conv.requires_grad_(False)
+        self.num_features = num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, num_features)``: mean-pooled ReLU responses."""
+        return torch.relu(self.conv(images.float())).mean(dim=(2, 3))
