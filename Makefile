@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG :=
 export WANDB_MODE ?= offline
 
-.PHONY: help install test lint format bench tiny pairs reflow distill export sample clean
+.PHONY: help install test lint format bench tiny pairs reflow distill export sample sweep clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -34,8 +34,8 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process
 	$(BIN)/python bench/run.py
 
-tiny: $(STAMP) ## Write the tiny Stable-Diffusion-format folder the tiny configs use (outputs/tiny/sd)
-	$(BIN)/instaflow-pl tiny outputs/tiny/sd
+tiny: $(STAMP) ## Write the tiny SD-format folder the tiny configs use (outputs/tiny/sd) and a tiny CLIP (outputs/tiny/clip)
+	$(BIN)/instaflow-pl tiny outputs/tiny/sd --clip outputs/tiny/clip
 
 pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/pairs.yaml by default
 	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),configs/tiny/pairs.yaml)
@@ -63,6 +63,14 @@ export: $(STAMP) ## Export a checkpoint (or newest in a folder) to a model folde
 sample: $(STAMP) ## Image grid from a model folder: MODEL=outputs/tiny/2rf PROMPT=... STEPS=1 GUIDANCE=0 SEED=0 N=4 OUT=outputs/tiny/samples.png [FORCE=1]
 	$(BIN)/instaflow-pl sample --model "$(MODEL)" --prompt "$(PROMPT)" --steps $(STEPS) --guidance $(GUIDANCE) \
 		--seed $(SEED) --n $(N) --out "$(OUT)" $(if $(FORCE),--force)
+
+# sweep: a W&B-format sweep file. With WANDB_MODE=online (and `wandb login`): wandb sweep + wandb agent on the server;
+# otherwise (the default here) the trials run locally, each a fresh `instaflow-pl fit` in outputs/sweeps/NAME-TIME.
+SWEEP := configs/sweeps/reflow_lr_tdist.yaml
+TRIALS :=
+
+sweep: $(STAMP) ## Hyperparameter sweep: SWEEP=configs/sweeps/reflow_lr_tdist.yaml [TRIALS=N]; W&B agent if WANDB_MODE=online, else local trials
+	$(BIN)/instaflow-pl sweep $(if $(filter online,$(WANDB_MODE)),,--local) "$(SWEEP)" $(if $(TRIALS),--trials $(TRIALS))
 
 clean: ## Remove outputs/ (generated data) -- asks first
 	@read -p "delete outputs/ (generated datasets and models)? [y/N] " ok && [ "$$ok" = y ] && rm -rf outputs/ || echo kept

@@ -28,7 +28,8 @@ def fit(config: str, base, data, root, steps: int, lr: float):
         ["--config", str(REPO / f"configs/tiny/{config}.yaml"), f"--model.init_args.base_model={base}",
          f"--data.init_args.path={data}", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
          f"--model.init_args.optimizer.init_args.lr={lr}", "--trainer.enable_progress_bar=false",
-         "--trainer.enable_model_summary=false", "--trainer.val_check_interval=1000", "--trainer.limit_val_batches=2"],
+         "--trainer.enable_model_summary=false", "--trainer.val_check_interval=1000", "--trainer.limit_val_batches=2",
+         "--trainer.logger=false"],
         run=False,
     )  # fmt: skip
     before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]

@@ -3,7 +3,7 @@
 ``instaflow-pl pairs ...`` is ``instaflow-pl predict ...`` (pair generation); ``instaflow-pl tiny DIR`` writes the
 tiny Stable-Diffusion-format folder the tiny configs use; ``instaflow-pl export --ckpt CKPT --out DIR`` turns a
 training checkpoint into a diffusers-format velocity folder and ``instaflow-pl sample --model DIR ...`` draws an
-image grid from one.
+image grid from one; ``instaflow-pl sweep --local SWEEP.yaml`` runs a W&B-format sweep offline, trial by trial.
 """
 
 from __future__ import annotations
@@ -18,6 +18,20 @@ from instaflow_pl.errors import UserError
 
 ALIASES = {"pairs": "predict"}
 """Friendlier names for LightningCLI subcommands."""
+
+
+class LoggedConfigCallback(SaveConfigCallback):
+    """Saves ``config.yaml`` in the log folder, as LightningCLI does, and logs the same resolved config to every logger
+    (with W&B: the run's config, so a run records exactly how it was launched)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        """Log the config as nested hyperparameters (``model.init_args.optimizer.init_args.lr`` ...)."""
+        if trainer.loggers:
+            import yaml
+
+            config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+            for logger in trainer.loggers:
+                logger.log_hyperparams(config)
 
 
 class InstaFlowCLI(LightningCLI):
@@ -49,11 +63,14 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> InstaFlowCL
     Raises:
         UserError: a problem with the user's config or files, unwrapped from the CLI's own exceptions.
     """
+    earlier_wandb_run, failed = _wandb_run(), True
     try:
-        return _run_cli(args, run)
+        cli = _run_cli(args, run)
+        failed = False
+        return cli
     except Exception as err:
         user_error = user_error_in(err)
-        if user_error is None and "SaveConfigCallback expected" in str(err):
+        if user_error is None and "ConfigCallback expected" in str(err):
             user_error = UserError(
                 f"{str(err).split(' expected ')[1].split(' to NOT exist')[0]} is left from an earlier run; start the "
                 "new run in another trainer.default_root_dir (or with a versioned logger), or resume with --ckpt_path"
@@ -61,6 +78,23 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> InstaFlowCL
         if user_error is None:
             raise
         raise user_error from None
+    finally:
+        if run:
+            _finish_wandb_run(earlier_wandb_run, failed)
+
+
+def _wandb_run():
+    """The active W&B run of this process, if wandb was imported."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None)
+
+
+def _finish_wandb_run(earlier, failed: bool) -> None:
+    """Finish the W&B run a subcommand started (WandbLogger leaves it open), so its files are complete and the next
+    in-process run gets a run of its own."""
+    current = _wandb_run()
+    if current is not None and current is not earlier:
+        current.finish(exit_code=1 if failed else 0)
 
 
 def _check_ckpt_path(argv: Sequence[str]) -> None:
@@ -96,15 +130,21 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
     # A resumed run rewrites its own config.yaml; a new run never replaces an earlier run's.
     resuming = any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
     _check_ckpt_path(argv)
+    # omegaconf+ resolves ${...} interpolations after the command-line overrides, so --trainer.default_root_dir=DIR
+    # moves everything configured as ${trainer.default_root_dir}/... (checkpoints, the W&B run) along with it;
+    # interpolations written from the config's root keep working under a subcommand (fit.trainer...).
+    from jsonargparse import set_parsing_settings
+
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     return InstaFlowCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=args,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf+"},
         # Pair generation records its settings in the dataset's manifest.json; a config.yaml there would be noise.
-        save_config_callback=None if predicting else SaveConfigCallback,
+        save_config_callback=None if predicting else LoggedConfigCallback,
         save_config_kwargs={"overwrite": resuming},
         auto_configure_optimizers=False,
         run=run,
@@ -119,15 +159,21 @@ def _tiny_main(args: Sequence[str]) -> None:
     parser.add_argument("out", nargs="?", default="outputs/tiny/sd", help="folder to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
+    parser.add_argument("--clip", default=None, help="also write a tiny CLIP folder here (for val/clip@n)")
     opts = parser.parse_args(args)
     from pathlib import Path
 
-    from instaflow_pl.tiny import build_tiny_sd
+    from instaflow_pl.tiny import build_tiny_clip, build_tiny_sd
 
     if (Path(opts.out) / "model_index.json").exists() and not opts.force:
         print(f"{opts.out} already holds a model (use --force to rebuild)")
-        return
-    print(f"wrote {build_tiny_sd(opts.out, seed=opts.seed)}")
+    else:
+        print(f"wrote {build_tiny_sd(opts.out, seed=opts.seed)}")
+    if opts.clip is not None:
+        if (Path(opts.clip) / "config.json").exists() and not opts.force:
+            print(f"{opts.clip} already holds a CLIP model (use --force to rebuild)")
+        else:
+            print(f"wrote {build_tiny_clip(opts.clip, seed=opts.seed)}")
 
 
 def _export_main(args: Sequence[str]) -> None:
@@ -142,7 +188,13 @@ def _sample_main(args: Sequence[str]) -> None:
     sample_main(args)
 
 
-TOOLS = {"tiny": _tiny_main, "export": _export_main, "sample": _sample_main}
+def _sweep_main(args: Sequence[str]) -> None:
+    from instaflow_pl.sweep import sweep_main
+
+    sweep_main(args)
+
+
+TOOLS = {"tiny": _tiny_main, "export": _export_main, "sample": _sample_main, "sweep": _sweep_main}
 """Project commands that are not LightningCLI subcommands."""
 
 

@@ -25,7 +25,8 @@ def log_image(trainer: L.Trainer, key: str, image: Image.Image, caption: str | N
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[image], caption=[caption] if caption else None, step=trainer.global_step)
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[image], step=trainer.global_step, **extra)
     folder = run_folder(trainer) / "images"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{key.replace('/', '_')}_step{trainer.global_step:07d}.png"
