@@ -109,3 +109,19 @@ def test_another_logger_replaces_wandb_from_the_command_line(tiny_sd, tmp_path):
     assert "val/mse@1" in (log_dir / "metrics.csv").read_text().splitlines()[0]
     hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text())
     assert hparams["data"]["init_args"]["path"] == str(data), "the config reaches any logger"
+
+
+def test_validate_command_prints_every_metric(tiny_sd, tmp_path, capsys):
+    data = write_dataset(tmp_path / "pairs", count=32, shard_size=16)
+    root = tmp_path / "run"
+    common = ["--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+              f"--data.init_args.path={data}", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
+              "--trainer.enable_progress_bar=false",
+              f"--trainer.callbacks.init_args.clip_model={build_tiny_clip(tmp_path / 'clip')}"]  # fmt: skip
+    cli_main(["fit", *common, "--trainer.max_steps=2", "--trainer.val_check_interval=2"])
+    checkpoint = next((root / "checkpoints").glob("*.ckpt"))
+    capsys.readouterr()
+    cli = cli_main(["validate", *common, f"--ckpt_path={checkpoint}"])
+    printed = capsys.readouterr().out
+    for key in ("val/mse@1", "val/mse@8", "val/straightness", "val/fid@1", "val/clip@1", "val/straightness_model"):
+        assert key in printed and key in cli.trainer.callback_metrics, key
