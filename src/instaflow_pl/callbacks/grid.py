@@ -40,14 +40,9 @@ class SampleGrid(L.Callback):
         self._vae = None
 
     def _vae_of(self, pl_module) -> torch.nn.Module | None:
-        if getattr(pl_module, "vae", None) is not None:
-            return pl_module.vae
-        lpips = getattr(getattr(pl_module, "distance", None), "lpips", None)
-        if lpips is not None:
-            return lpips.vae
         if self._vae is None:
-            self._vae = load_vae(pl_module.hparams.get("base_model"))
-        return self._vae.to(pl_module.device) if self._vae is not None else None
+            self._vae = module_vae(pl_module) or False
+        return self._vae.to(pl_module.device) if self._vae is not False else None
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,6 +79,16 @@ def latent_shape_of(pl_module) -> tuple[int, int, int]:
     if manifest is None:
         raise ValueError("cannot tell the latent shape: the velocity has no UNet and the data no manifest")
     return tuple(manifest.latent_shape)
+
+
+def module_vae(pl_module) -> torch.nn.Module | None:
+    """The VAE that decodes a module's latents: its own (image encoding, LPIPS), else its base model's, else None."""
+    if getattr(pl_module, "vae", None) is not None:
+        return pl_module.vae
+    lpips = getattr(getattr(pl_module, "distance", None), "lpips", None)
+    if lpips is not None:
+        return lpips.vae
+    return load_vae(pl_module.hparams.get("base_model"))
 
 
 def load_vae(folder: str | None):

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from instaflow_pl.callbacks.grid import load_vae
+from instaflow_pl.callbacks.grid import module_vae
 from instaflow_pl.conventions import latents_to_images, noise_for_indices
 from instaflow_pl.errors import UserError
 
@@ -96,7 +96,7 @@ class SampleQuality(L.Callback):
 
     def _decode(self, pl_module, latents: torch.Tensor) -> torch.Tensor:
         if self._vae is None:
-            self._vae = getattr(pl_module, "vae", None) or load_vae(pl_module.hparams.get("base_model")) or False
+            self._vae = module_vae(pl_module) or False
         if self._vae is False:
             return latents  # a setting without a VAE: latent = image
         vae = self._vae.to(pl_module.device)
