@@ -267,3 +267,40 @@ def test_image_folder_errors(tmp_path):
     (folder / "1.png").unlink()
     with pytest.raises(UserError, match=r"image .*1.png .* not found"):
         ImagePromptDataModule(str(folder)).setup("fit")
+
+
+class NaNAtCall(ConstantVelocity):
+    """A constant field that returns NaN on its n-th call (a blow-up in the middle of training)."""
+
+    def __init__(self, nan_call: int):
+        super().__init__()
+        self.calls, self.nan_call = 0, nan_call
+
+    def forward(self, x, t, cond):
+        self.calls += 1
+        out = super().forward(x, t, cond)
+        return out * float("nan") if self.calls == self.nan_call else out
+
+
+def test_nonfinite_loss_stops_with_the_step_and_samples_and_keeps_the_last_good_checkpoint(tiny_sd, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    root = write_dataset(tmp_path / "d", count=32, shard_size=16)
+    module = ReflowModule(str(tiny_sd), velocity=NaNAtCall(4), ema_decay=0.0, val_steps=[1])
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    fit = trainer(tmp_path, 10, limit_val_batches=0, callbacks=[checkpoints])
+    with pytest.raises(UserError, match=r"non-finite loss at step 3 on the batch of samples \[\d+, \d+, \d+, \d+\]"):
+        fit.fit(module, datamodule=TriplesDataModule(str(root), batch_size=4, shuffle=False))
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_can_skip_the_batch(tiny_sd, tmp_path):
+    root = write_dataset(tmp_path / "d", count=32, shard_size=16)
+    module = ReflowModule(str(tiny_sd), velocity=NaNAtCall(2), ema_decay=0.5, val_steps=[1], on_nonfinite="skip")
+    fit = trainer(tmp_path, 5, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="non-finite loss at step 1 .* batch skipped"):
+        fit.fit(module, datamodule=TriplesDataModule(str(root), batch_size=4))
+    assert module.skipped_batches == 1
+    assert torch.isfinite(module.velocity.c).all() and torch.isfinite(module.ema.module.c).all()

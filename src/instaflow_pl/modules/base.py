@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from instaflow_pl.conventions import noise_for_indices
@@ -70,6 +71,9 @@ class FlowModule(L.LightningModule):
         gradient_checkpointing: Enable the UNet's gradient checkpointing (SD-size UNets on small GPUs).
         val_steps: Euler step counts of the validation samples (``val/mse@N`` for each).
         val_guidance: Classifier-free guidance of the validation samples (<= 1: none).
+        on_nonfinite: What a NaN or Inf loss does: ``stop`` (one-line error naming the step and the batch's sample
+            indices; no optimizer step is taken, so no checkpoint gets non-finite weights) or ``skip`` (the batch is
+            dropped with a warning and counted in ``train/skipped_batches``).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class FlowModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         val_steps: Sequence[int] = (1, 2, 4, 25),
         val_guidance: float = 1.0,
+        on_nonfinite: str = "stop",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["velocity", "optimizer", "lr_scheduler"])
@@ -97,6 +102,8 @@ class FlowModule(L.LightningModule):
             raise UserError(f"val_steps must be step counts >= 1, got {list(val_steps)}")
         if val_guidance < 0:
             raise UserError(f"val_guidance must be >= 0 (1 or less means no guidance), got {val_guidance}")
+        if on_nonfinite not in ("stop", "skip"):
+            raise UserError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
         self.velocity = velocity if velocity is not None else PretrainedUNetVelocity(base_model)
@@ -111,6 +118,7 @@ class FlowModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.val_steps = sorted(set(int(n) for n in val_steps))
         self.last_step: StepOutput | None = None
+        self.skipped_batches = 0
 
     # ---- what each module defines ----------------------------------------------------------------------------
 
@@ -153,9 +161,12 @@ class FlowModule(L.LightningModule):
 
     def training_step(self, batch: TripleBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step: the module's loss, logged as ``train/loss``."""
+        self.last_step = None
         batch = self.to_latents(batch)
         cond = self.condition(batch.prompts, dropout=self.hparams.prompt_dropout)
         out = self.compute_loss(batch, cond)
+        if not torch.isfinite(out.loss):
+            return self._nonfinite(batch)
         # Kept (detached) for callbacks that look at each sample's loss, e.g. LossByT.
         self.last_step = StepOutput(
             out.loss.detach(), out.per_sample.detach(), None if out.t is None else out.t.detach()
@@ -168,9 +179,24 @@ class FlowModule(L.LightningModule):
                 self.log(f"train/{name}", value, batch_size=size)
         return out.loss
 
+    def _nonfinite(self, batch: TripleBatch) -> None:
+        """Stop with a clear message, or skip the batch (returning None makes Lightning skip the optimizer step)."""
+        indices = batch.index.tolist()
+        shown = f"{indices[:16]}{' ...' if len(indices) > 16 else ''}"
+        message = f"non-finite loss at step {self.global_step} on the batch of samples {shown}"
+        if self.hparams.on_nonfinite == "stop":
+            raise UserError(
+                f"{message}; training stopped before the optimizer step, so the last checkpoint holds the last good "
+                "weights (lower the learning rate, check those samples, or set model.init_args.on_nonfinite: skip)"
+            )
+        self.skipped_batches += 1
+        rank_zero_warn(f"{message}; batch skipped ({self.skipped_batches} so far)")
+        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch))
+        return None
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA after each optimiser step."""
-        if self.ema is not None:
+        """Update the EMA after each optimiser step (not after a skipped batch)."""
+        if self.ema is not None and outputs is not None:
             self.ema.update(self.velocity)
 
     @torch.no_grad()
