@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
+import pytest
+import torch
 import yaml
 from conftest import REPO, write_dataset
 
@@ -69,8 +72,13 @@ def test_fit_logs_metrics_and_config_to_an_offline_wandb_run(tiny_sd, tmp_path, 
 
     runs = list((root / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, "the run lands below trainer.default_root_dir, which followed the override"
-    records = read_wandb_records(runs[0])
-    kinds = [record.WhichOneof("record_type") for record in records]
+    deadline = time.time() + 30  # the W&B service may still be flushing the log on a busy machine
+    while True:
+        records = read_wandb_records(runs[0])
+        kinds = [record.WhichOneof("record_type") for record in records]
+        if "exit" in kinds or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert "exit" in kinds and records[kinds.index("exit")].exit.exit_code == 0
 
     run = records[kinds.index("run")].run
@@ -125,3 +133,31 @@ def test_validate_command_prints_every_metric(tiny_sd, tmp_path, capsys):
     printed = capsys.readouterr().out
     for key in ("val/mse@1", "val/mse@8", "val/straightness", "val/fid@1", "val/clip@1", "val/straightness_model"):
         assert key in printed and key in cli.trainer.callback_metrics, key
+
+
+class Payload:
+    """Unpickling this runs code: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_pickle_checkpoint_is_not_executed_on_resume(tiny_sd, tmp_path):
+    from instaflow_pl.errors import UserError
+
+    data = write_dataset(tmp_path / "pairs", count=16, shard_size=16)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Payload(marker)}, evil)
+    args = ["fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+            f"--data.init_args.path={data}", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
+            "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", f"--ckpt_path={evil}"]  # fmt: skip
+    with pytest.raises(UserError, match="not plain data, so it was not loaded"):
+        cli_main(args)
+    assert not marker.exists(), "the payload did not run"
+    with pytest.raises(Exception):  # noqa: B017 - trusting the file runs it (and the file is no checkpoint)
+        cli_main([*args, "--weights_only=false"])
+    assert marker.exists(), "--weights_only=false is the explicit way to trust a pickle"

@@ -37,10 +37,26 @@ class LoggedConfigCallback(SaveConfigCallback):
 class InstaFlowCLI(LightningCLI):
     """LightningCLI with the project's defaults: predictions are written by callbacks, never kept in memory."""
 
-    def add_arguments_to_parser(self, parser) -> None:
-        """Project-wide parser defaults."""
-        if any(getattr(action, "dest", None) == "return_predictions" for action in parser._actions):
-            parser.set_defaults({"return_predictions": False})
+    trust_checkpoint = False
+    """Set for a run with --weights_only=false: the checkpoint is then read only by the Trainer, with full pickle."""
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters with weights_only=True before the run, which refuses a
+        # pickle checkpoint even when the user trusts it; with --weights_only=false that pre-read is skipped.
+        if not self.trust_checkpoint:
+            super()._parse_ckpt_path()
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        # The trainer method's own arguments (return_predictions, weights_only) exist only after the base class
+        # has built the subcommand parser, so the project's defaults for them are set here.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        dests = {getattr(action, "dest", None) for action in parser._actions}
+        if "return_predictions" in dests:
+            parser.set_defaults({"return_predictions": False})  # predictions are written by callbacks
+        if "weights_only" in dests:
+            # Checkpoints are read without pickle: a crafted file cannot run code. --weights_only=false trusts it.
+            parser.set_defaults({"weights_only": True})
+        return parser
 
 
 def user_error_in(error: BaseException) -> UserError | None:
@@ -52,6 +68,18 @@ def user_error_in(error: BaseException) -> UserError | None:
         seen.add(id(error))
         error = error.__cause__ or error.__context__
     return None
+
+
+def _unpickling_error_in(error: BaseException | None) -> bool:
+    import pickle
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, pickle.UnpicklingError):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def cli_main(args: Sequence[str] | None = None, run: bool = True) -> InstaFlowCLI:
@@ -74,6 +102,11 @@ def cli_main(args: Sequence[str] | None = None, run: bool = True) -> InstaFlowCL
             user_error = UserError(
                 f"{str(err).split(' expected ')[1].split(' to NOT exist')[0]} is left from an earlier run; start the "
                 "new run in another trainer.default_root_dir (or with a versioned logger), or resume with --ckpt_path"
+            )
+        if user_error is None and _unpickling_error_in(err):
+            user_error = UserError(
+                "the checkpoint holds objects that are not plain data, so it was not loaded (loading them could run "
+                "code from the file); pass --weights_only=false only if you trust its source"
             )
         if user_error is None:
             raise
@@ -129,6 +162,11 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
     predicting = bool(argv) and argv[0] == "predict"
     # A resumed run rewrites its own config.yaml; a new run never replaces an earlier run's.
     resuming = any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in argv)
+    # LightningCLI reads a checkpoint's hyperparameters with weights_only=True before the run; a user who trusts a
+    # pickle checkpoint (--weights_only=false) gets neither that pre-read nor the safe load.
+    trusting = any(a.lower() == "--weights_only=false" for a in argv) or any(
+        a == "--weights_only" and b.lower() == "false" for a, b in zip(argv, argv[1:], strict=False)
+    )
     _check_ckpt_path(argv)
     # omegaconf+ resolves ${...} interpolations after the command-line overrides, so --trainer.default_root_dir=DIR
     # moves everything configured as ${trainer.default_root_dir}/... (checkpoints, the W&B run) along with it;
@@ -136,7 +174,8 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
     from jsonargparse import set_parsing_settings
 
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return InstaFlowCLI(
+    cli_class = type("InstaFlowCLI", (InstaFlowCLI,), {"trust_checkpoint": trusting}) if trusting else InstaFlowCLI
+    return cli_class(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
