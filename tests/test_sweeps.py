@@ -181,10 +181,11 @@ def test_one_local_trial_runs_and_is_summarized(path, tiny_sd, tiny_velocity, tm
 
 def test_make_sweep_runs_locally_unless_wandb_is_online():
     def dry(*args: str) -> str:
-        env = {k: v for k, v in os.environ.items() if k != "MAKEFLAGS"}
-        done = subprocess.run(["make", "-n", "sweep", *args], cwd=REPO, capture_output=True, text=True, env=env)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+        command = ["make", "--no-print-directory", "-n", "sweep", *args]  # also right when run under `make test`
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
-        return done.stdout.strip().splitlines()[-1]
+        return [line for line in done.stdout.strip().splitlines() if not line.startswith("make")][-1]
 
     assert "instaflow-pl sweep --local" in dry("WANDB_MODE=offline")
     online = dry("WANDB_MODE=online", "SWEEP=configs/sweeps/distill_loss_lpips.yaml", "TRIALS=3")
