@@ -229,6 +229,7 @@ class TriplesDataModule(L.LightningDataModule):
             train, val = train_test_split(
                 self._dataset(self.shuffle), [1.0 - self.val_fraction, self.val_fraction], shuffle=False
             )
+            val.set_drop_last(False)  # every held-out sample counts; uneven val batches across ranks are fine
             self._train, self._val = train, val
         else:
             self._train = self._dataset(self.shuffle)
