@@ -11,8 +11,14 @@ from PIL import Image
 
 
 def run_folder(trainer: L.Trainer) -> Path:
-    """Where a run's files go: the logger's folder, else ``default_root_dir``."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """Where a run's files go: the logger's folder, else ``default_root_dir``.
+
+    Not ``trainer.log_dir``: that is a collective (a broadcast), and drawing callbacks run on rank zero only, where
+    a collective would wait for the other ranks forever.
+    """
+    logger = trainer.logger
+    folder = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger is not None else None
+    return Path(folder or trainer.default_root_dir)
 
 
 def log_image(trainer: L.Trainer, key: str, image: Image.Image, caption: str | None = None) -> Path:
