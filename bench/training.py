@@ -5,8 +5,9 @@
    * ``lightning.Trainer(max_steps=S).fit(ReflowModule(...), TriplesDataModule(...))`` (CPU, no logger, no
      checkpointing, no progress bar, no validation);
    * the baseline: a plain PyTorch loop over ``TriplesDataModule.train_dataloader()`` doing the same work per
-     step with the same module: ``module.condition(prompts, dropout)`` (prompt encoding with prompt dropout),
-     ``module.compute_loss(batch, cond)`` (the reflow loss), ``backward``, ``AdamW.step``, ``zero_grad`` and
+     step with the same module: ``module.condition(prompts, dropout)`` (prompt encoding with prompt dropout) and
+     ``module.compute_loss(batch, cond)`` (the reflow loss) under ``seeded_rng(batch_seed(0, step))`` (the
+     per-batch generator seeding ``training_step`` does), ``backward``, ``AdamW.step``, ``zero_grad`` and
      ``module.ema.update(module.velocity)``.
 
    Each path builds a fresh ``ReflowModule(base_model=tiny folder, ema_decay=0.999, val_steps=[1])`` after the
@@ -181,14 +182,17 @@ def _fit_plain(folder: Path, data_path: Path, cfg: TrainingConfig) -> FitRun:
         raise RuntimeError(f"expected a bare optimizer from configure_optimizers, got {type(optimizer).__name__}")
     data = _new_data(data_path, cfg)
     data.setup("fit")
+    from instaflow_pl.modules.base import batch_seed, seeded_rng
+
     dropout = module.hparams.prompt_dropout
     run = FitRun()
     for step, batch in enumerate(data.train_dataloader()):
         if step == cfg.steps:
             break
         run.starts.append(time.perf_counter())
-        cond = module.condition(batch.prompts, dropout=dropout)
-        loss = module.compute_loss(batch, cond).loss
+        with seeded_rng(batch_seed(0, step), module.device):  # what training_step does (same random draws)
+            cond = module.condition(batch.prompts, dropout=dropout)
+            loss = module.compute_loss(batch, cond).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

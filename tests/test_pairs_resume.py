@@ -81,3 +81,29 @@ def test_two_ddp_ranks_write_the_same_bytes_as_one(tiny_sd, prompts_file, tmp_pa
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert dataset_files(two) == dataset_files(one)
+
+
+def test_a_full_disk_stops_with_one_line_and_a_rerun_gives_the_uninterrupted_bytes(tiny_sd, prompts_file, tmp_path):
+    """A write that fails with ENOSPC (injected as the OSError a full disk raises: ``point:shard:oserror``) while a
+    shard is written, while its commit record is written, and while the index is written: each run stops with one
+    line that says what happened and what to do; the dataset stays resumable and ends byte-identical."""
+    reference = tmp_path / "reference"
+    cli_main(pairs_args(tiny_sd, prompts_file, reference, *SMALL))
+    out = tmp_path / "out"
+    args = pairs_args(tiny_sd, prompts_file, out, *SMALL)
+    for point, says in (
+        ("chunk_written:1:oserror", "cannot write shard 1 of"),  # the shard's file is written, not yet in place
+        ("shard_moved:3:oserror", "cannot write shard 3 of"),  # in place, but its commit record cannot be written
+        ("before_index:4:oserror", "cannot write " + str(out / "index.json")),  # every shard done, the index fails
+    ):
+        result = run_cli(args, env={CRASH_ENV: point})
+        assert result.returncode == 2, f"{point}: {result.stderr[-3000:]}"
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith("instaflow-pl: error: ") and says in line, line
+        assert "No space left on device" in line and "rerun the same command" in line, line
+        assert not (out / "index.json").exists()
+
+    final = run_cli(args)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert dataset_files(out) == dataset_files(reference)

@@ -146,3 +146,43 @@ def test_resume_from_a_checkpoint_continues_at_the_exact_sample(tmp_path, num_wo
     assert torch.equal(resumed.weight, full.weight)
     state = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
     assert "combined_loader" in state["state_dict"], "the stream position must be in the checkpoint"
+
+
+def test_a_remote_manifest_is_read_through_litdatas_downloader(tmp_path, monkeypatch):
+    """``s3://`` etc.: manifest.json is fetched by litdata's downloader for the scheme, with the shards' credentials."""
+    import shutil
+
+    from litdata.streaming import downloader
+
+    from instaflow_pl.data.triples import read_manifest
+
+    root = write_dataset(tmp_path / "bucket" / "pairs", count=8, shard_size=8)
+    fetched = []
+
+    class FolderAsBucket(downloader.Downloader):
+        def download_file(self, remote_filepath: str, local_filepath: str) -> None:
+            fetched.append(remote_filepath)
+            shutil.copyfile(remote_filepath.replace("test-store://", f"{tmp_path}/"), local_filepath)
+
+    monkeypatch.setitem(downloader._DOWNLOADERS, "test-store://", FolderAsBucket)
+    manifest = read_manifest("test-store://bucket/pairs")
+    assert fetched == ["test-store://bucket/pairs/manifest.json"]
+    assert manifest.count == 8 and manifest == read_manifest(str(root))
+    with pytest.raises(UserError, match=r"cannot read test-store://bucket/nothing/manifest.json .*credentials"):
+        read_manifest("test-store://bucket/nothing")
+
+
+def test_every_rank_gets_a_validation_batch(tmp_path):
+    """litdata gives each rank whole batches of the held-out split: with 8 samples, batches of 16 and 2 ranks one rank
+    would get none (and skip the metric reduction the other waits for), so the validation batch shrinks to 4."""
+    from types import SimpleNamespace
+
+    root = write_dataset(tmp_path / "d", count=40, shard_size=8)  # 8 held out
+    data = TriplesDataModule(str(root), batch_size=16, val_fraction=0.2)
+    data.trainer = SimpleNamespace(world_size=2)
+    data.setup("fit")
+    assert data.val_dataloader().batch_size == 4 and data.train_dataloader().batch_size == 16
+    crowded = TriplesDataModule(str(root), batch_size=16, val_fraction=0.2)
+    crowded.trainer = SimpleNamespace(world_size=9)
+    with pytest.raises(UserError, match="has 8 samples, fewer than the 9 ranks, .*raise data.val_fraction"):
+        crowded.setup("fit")

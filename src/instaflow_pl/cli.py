@@ -9,10 +9,12 @@ image grid from one; ``instaflow-pl sweep --local SWEEP.yaml`` runs a W&B-format
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from instaflow_pl.errors import UserError
 
@@ -34,6 +36,54 @@ class LoggedConfigCallback(SaveConfigCallback):
                 logger.log_hyperparams(config)
 
 
+_REPORT_LINES = (
+    "Does not validate against",
+    "Subtypes:",
+    "Errors:",
+    "Expected a <class 'NoneType'>",
+    "Given value",
+    "Problem with given class_path",
+)
+
+
+def one_line_parser_error(message: str) -> str:
+    """jsonargparse's nested report of a config mistake as one line: the option's full key, what is wrong with it
+    (in jsonargparse's words, e.g. ``Option 'lrr' is not accepted``) and what to do."""
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    class_path = re.search(r"Problem with given class_path '([^']+)'", message)
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", line.strip().lstrip("-").strip()) for line in message.splitlines()]
+    details = [line for line in lines if line and not line.startswith(_REPORT_LINES)]
+    detail = details[0] if details else message.strip()
+    if not keys:
+        if "unrecognized arguments" in detail or "does not accept option" in detail:
+            return f"{detail}; check the spelling (--help lists the options)"
+        return detail
+    key = keys[0] + (".init_args" if class_path else "") + "".join(f".{k}" for k in keys[1:])
+    if found := re.search(r"(Option '[^']+' is not accepted)", detail):
+        inner = re.search(r"Namespace\(class_path='([^']+)'", detail)
+        owner = inner[1] if inner else class_path[1] if class_path else None
+        where = f" by {owner}" if owner else ""
+        listing = f" (--{keys[0]}.help {owner.rsplit('.', 1)[-1]} lists them)" if owner and not inner else ""
+        return f"{key}: {found[1]}{where}; check its spelling against the options{listing}"
+    if found := re.search(r"Expected a <class '([^']+)'>\. Got value: (.*)", detail):
+        return f"{key} must be of type {found[1]}, got {found[2]!r}; fix the value in the config or on the command line"
+    if class_path and "has no attribute" in detail:
+        return f"{key}: cannot import class_path {class_path[1]!r} ({detail}); check the class name"
+    return f"{key}: {detail[:300]}"
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line (jsonargparse prints the usage and a nested report)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        """Print ``instaflow-pl: error: <one line>`` and exit with status 2."""
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        self._logger.error(message)
+        sys.stderr.write(f"instaflow-pl: error: {one_line_parser_error(message)}\n")
+        self.exit(2)
+
+
 class InstaFlowCLI(LightningCLI):
     """LightningCLI with the project's defaults: predictions are written by callbacks, never kept in memory."""
 
@@ -43,8 +93,45 @@ class InstaFlowCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters with weights_only=True before the run, which refuses a
         # pickle checkpoint even when the user trusts it; with --weights_only=false that pre-read is skipped.
-        if not self.trust_checkpoint:
-            super()._parse_ckpt_path()
+        if self.trust_checkpoint or not self.config.get("subcommand"):
+            return
+        settings = self.config[self.config.subcommand]
+        ckpt_path = settings.get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        checkpoint = _read_checkpoint(str(ckpt_path))
+        if not isinstance(checkpoint, dict):
+            raise UserError(f"{ckpt_path} is not a Lightning checkpoint; give a .ckpt file written by a fit")
+        # The hyperparameters below would replace the configured module class with the checkpoint's: a ReflowModule
+        # checkpoint given to a distillation config would silently train a ReflowModule. Refuse that first.
+        klass = _configured_flow_module(settings.get("model"))
+        if klass is not None:
+            from instaflow_pl.modules.base import check_checkpoint_kind
+
+            check_checkpoint_kind(checkpoint, klass.__name__, source=str(ckpt_path))
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        unknown = sorted(set(hparams) - {"_class_path"} - _init_parameters(klass)) if klass is not None else []
+        if unknown:
+            raise UserError(
+                f"the model settings saved in {ckpt_path} do not parse with this version (options "
+                f"{', '.join(unknown)} are not accepted by {klass.__name__}); start from an export of it, or use the "
+                "version that wrote it"
+            )
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.parser.exit_on_error = False
+        try:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        except argparse.ArgumentError as err:
+            raise UserError(
+                f"the model settings saved in {ckpt_path} do not parse with this version "
+                f"({one_line_parser_error(str(err))}); start from an export of it, or use the version that wrote it"
+            ) from None
+        finally:
+            self.parser.exit_on_error = True
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         # The trainer method's own arguments (return_predictions, weights_only) exist only after the base class
@@ -57,6 +144,61 @@ class InstaFlowCLI(LightningCLI):
             # Checkpoints are read without pickle: a crafted file cannot run code. --weights_only=false trusts it.
             parser.set_defaults({"weights_only": True})
         return parser
+
+
+def _read_checkpoint(path: str):
+    """A checkpoint read without pickle (memory-mapped when it can be); one line if it is not a checkpoint at all."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        if zipfile.is_zipfile(path):
+            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err) or "can still be loaded" in str(err):
+            raise  # a real pickle with objects in it: cli_main says so (and how to trust it)
+        reason = "not a PyTorch file"
+    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
+    raise UserError(
+        f"{path} is not a readable checkpoint ({reason[:120]}); it may be truncated or another kind of file: give a "
+        ".ckpt file written by a fit (or 'last')"
+    )
+
+
+def _configured_flow_module(model_config) -> type | None:
+    """The configured model class (``model.class_path``) if it is one of the project's training modules."""
+    import importlib
+
+    from instaflow_pl.modules.base import FlowModule
+
+    class_path = getattr(model_config, "class_path", None)
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        klass = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError):
+        return None  # the parser has reported it
+    return klass if isinstance(klass, type) and issubclass(klass, FlowModule) else None
+
+
+def _init_parameters(klass: type) -> set[str]:
+    """Names ``klass(...)`` accepts, following ``**kwargs`` up to the base classes' ``__init__``."""
+    import inspect
+
+    names: set[str] = set()
+    for cls in klass.__mro__:
+        if "__init__" not in cls.__dict__:
+            continue
+        parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        names |= {p.name for p in parameters if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def user_error_in(error: BaseException) -> UserError | None:
@@ -132,8 +274,6 @@ def _finish_wandb_run(earlier, failed: bool) -> None:
 
 def _check_ckpt_path(argv: Sequence[str]) -> None:
     """A missing checkpoint file is one clear line, not Lightning's traceback."""
-    from pathlib import Path
-
     for i, arg in enumerate(argv):
         if arg.startswith("--ckpt_path="):
             value = arg.split("=", 1)[1]
@@ -182,6 +322,7 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
         subclass_mode_data=True,
         args=args,
         parser_kwargs={"parser_mode": "omegaconf+"},
+        parser_class=OneLineErrorParser,
         # Pair generation records its settings in the dataset's manifest.json; a config.yaml there would be noise.
         save_config_callback=None if predicting else LoggedConfigCallback,
         save_config_kwargs={"overwrite": resuming},
@@ -200,8 +341,6 @@ def _tiny_main(args: Sequence[str]) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
     parser.add_argument("--clip", default=None, help="also write a tiny CLIP folder here (for val/clip@n)")
     opts = parser.parse_args(args)
-    from pathlib import Path
-
     from instaflow_pl.tiny import build_tiny_clip, build_tiny_sd
 
     if (Path(opts.out) / "model_index.json").exists() and not opts.force:
@@ -233,7 +372,13 @@ def _sweep_main(args: Sequence[str]) -> None:
     sweep_main(args)
 
 
-TOOLS = {"tiny": _tiny_main, "export": _export_main, "sample": _sample_main, "sweep": _sweep_main}
+def _demo_main(args: Sequence[str]) -> None:
+    from instaflow_pl.demo import demo_main
+
+    demo_main(args)
+
+
+TOOLS = {"tiny": _tiny_main, "export": _export_main, "sample": _sample_main, "sweep": _sweep_main, "demo": _demo_main}
 """Project commands that are not LightningCLI subcommands."""
 
 

@@ -72,6 +72,17 @@ class SampleQuality(L.Callback):
         self._clip = None
         self._vae = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the configured weights before any step runs, not at the first validation (hours later)."""
+        if self.fid_features is None and self.inception_weights is not None:
+            from instaflow_pl.metrics.fid import check_inception_weights
+
+            check_inception_weights(self.inception_weights)
+        if self.clip_model is not None:
+            from instaflow_pl.metrics.clip_score import check_clip_source
+
+            check_clip_source(self.clip_model)
+
     def _feature_net(self) -> nn.Module | None:
         if self._features is None:
             if self.fid_features is not None:
@@ -126,9 +137,10 @@ class SampleQuality(L.Callback):
             else:
                 source, resolution = self._decode(pl_module, x1.to(pl_module.device)).cpu(), None
             reference = FIDReference.load_or_compute(source, features, self.cache_dir, resolution=resolution)
-            fid = FID(features, reference=reference).to(pl_module.device)
+            # Rank zero evaluates alone: a synchronising compute would wait for the other ranks forever.
+            fid = FID(features, reference=reference, sync_on_compute=False).to(pl_module.device)
         if self.clip_model is not None and self._clip is None:
-            self._clip = CLIPScore(self.clip_model)
+            self._clip = CLIPScore(self.clip_model, sync_on_compute=False)
         for steps in self.steps:
             images = self._samples(pl_module, prompts, steps)
             if fid is not None:

@@ -66,7 +66,9 @@ class PromptDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UserError(
+                f"data.batch_size must be >= 1, got {batch_size}; set data.init_args.batch_size to 1 or more"
+            )
         self.source = prompts
         self.format = format
         self.column = column

@@ -108,7 +108,7 @@ def load_prompts(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UserError(f"prompt file not found: {path}")
+        raise UserError(f"prompt file not found: {path}; check the path (data.init_args.prompts)")
     kind = _detect(path) if format == "auto" else format
     readers = {
         "txt": lambda: _from_txt(path),

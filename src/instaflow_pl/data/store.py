@@ -4,12 +4,15 @@ Layout of a dataset folder::
 
     manifest.json            what produced the data (written first)
     shard-000000.bin ...     litdata chunks; shard k holds samples [k * shard_size, (k + 1) * shard_size)
-    .progress/shard-k.json   commit record of shard k (its litdata chunk entry); written last, atomically
+    .progress/shard-k.json   commit record of shard k (its litdata chunk entry, size, SHA-256 of the whole file and
+                             of its last 4 KiB); written last, atomically
     index.json               litdata index over all shards, written once every shard is committed
 
 A shard counts as done only once its commit record exists, so a partly written shard is never counted; a rerun
 regenerates it. Everything is written to a temporary name and moved into place, so a kill at any point leaves either
-the old state or the new one.
+the old state or the new one. A write that fails (a full disk, a folder turned read-only) stops the run with one line
+and leaves the same resumable state as a kill. The tail hash lets a reader notice, cheaply, a shard file that was
+swapped for another dataset's (X1 is the last field of every record, so the tail is teacher output).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,18 @@ import torch
 
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
 from instaflow_pl.errors import UserError
+from instaflow_pl.faults import CRASH_ENV, crashpoint
+
+__all__ = [
+    "CRASH_ENV",
+    "INDEX_FILE",
+    "PairRecord",
+    "PairStore",
+    "STORAGE_DTYPES",
+    "commit_record",
+    "shard_name",
+    "tail_sha256",
+]
 
 INDEX_FILE = "index.json"
 _PROGRESS = ".progress"
@@ -65,13 +79,8 @@ class PairRecord:
     x0: torch.Tensor | None = None
 
 
-CRASH_ENV = "INSTAFLOW_PL_CRASH_AT"
-"""Fault injection for the crash-safety tests: ``point:shard`` makes the process SIGKILL itself there."""
-
-
-def _crashpoint(point: str, shard: int) -> None:
-    if os.environ.get(CRASH_ENV) == f"{point}:{shard}":
-        os.kill(os.getpid(), signal.SIGKILL)
+TAIL_BYTES = 4096
+"""Bytes at the end of a shard whose SHA-256 its commit record keeps (``tail_sha256``)."""
 
 
 def shard_name(shard: int) -> str:
@@ -81,11 +90,37 @@ def shard_name(shard: int) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove ``_atomic_write_text`` temporaries a killed process left in ``folder``."""
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def tail_sha256(path: Path, size: int | None = None) -> str:
+    """SHA-256 of the last ``TAIL_BYTES`` of a file (of ``size`` bytes, if known)."""
+    size = path.stat().st_size if size is None else size
+    with path.open("rb") as handle:
+        handle.seek(max(size - TAIL_BYTES, 0))
+        return hashlib.sha256(handle.read(TAIL_BYTES)).hexdigest()
+
+
+def commit_record(root: Path, shard_file: str) -> dict | None:
+    """The commit record of shard file ``shard_file`` in the dataset folder ``root``; None if it has none."""
+    try:
+        return json.loads((Path(root) / _PROGRESS / f"{Path(shard_file).stem}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _sha256(path: Path) -> str:
@@ -130,6 +165,8 @@ class PairStore:
         try:
             (self.root / _PROGRESS).mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / _TMP, ignore_errors=True)
+            _remove_stale_temporaries(self.root)
+            _remove_stale_temporaries(self.root / _PROGRESS)
             if not path.exists():
                 _atomic_write_text(path, self.manifest.to_json())
         except OSError as err:
@@ -174,9 +211,9 @@ class PairStore:
 
         Raises:
             ValueError: the records do not cover the shard's indices exactly, or X1 holds NaN or Inf.
+            UserError: the shard could not be written (full disk, unwritable folder); nothing is committed, and a
+                rerun of the same command regenerates it.
         """
-        from litdata.streaming.writer import BinaryWriter
-
         expected = self.manifest.shard_range(shard)
         records = sorted(records, key=lambda r: r.index)
         if [r.index for r in records] != list(expected):
@@ -187,28 +224,41 @@ class PairStore:
                 f"the teacher produced NaN or Inf in X1 for samples {bad[:10]}; shard {shard} was not written "
                 "(try teacher dtype fp32 or bf16 instead of fp16)"
             )
+        try:
+            return self._write_and_commit(shard, records)
+        except OSError as err:
+            raise UserError(
+                f"cannot write shard {shard} of {self.root} ({err.strerror or err}); free some space or fix the "
+                f"folder, then rerun the same command: {len(self.done_shards())} shards are kept and it resumes there"
+            ) from None
+
+    def _write_and_commit(self, shard: int, records: Sequence[PairRecord]) -> Path:
+        from litdata.streaming.writer import BinaryWriter
+
         tmp = self.root / _TMP / f"shard-{shard:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         writer = BinaryWriter(str(tmp), chunk_size=self.manifest.shard_size)
         for position, record in enumerate(records):
             writer[position] = self._to_item(record)
         writer.done()
-        _crashpoint("chunk_written", shard)
+        crashpoint("chunk_written", shard)
         index = json.loads(Path(glob.glob(str(tmp / "*.index.json"))[0]).read_text())
         chunk = index["chunks"][0]
         target = self.root / shard_name(shard)
         os.replace(tmp / chunk["filename"], target)
         chunk["filename"] = target.name
-        _crashpoint("shard_moved", shard)
+        crashpoint("shard_moved", shard)
+        size = target.stat().st_size
         commit = {
             "shard": shard,
             "chunk": chunk,
             "config": index["config"],
-            "bytes": target.stat().st_size,
+            "bytes": size,
             "sha256": _sha256(target),
+            "tail_sha256": tail_sha256(target, size),
         }
         _atomic_write_text(self.root / _PROGRESS / f"shard-{shard:06d}.json", json.dumps(commit, sort_keys=True))
-        _crashpoint("committed", shard)
+        crashpoint("committed", shard)
         shutil.rmtree(tmp, ignore_errors=True)
         return target
 
@@ -226,7 +276,13 @@ class PairStore:
             record = json.loads((self.root / _PROGRESS / f"shard-{shard:06d}.json").read_text())
             chunks.append(record["chunk"])
             config = config or record["config"]
-        _crashpoint("before_index", self.manifest.num_shards - 1)
-        _atomic_write_text(self.root / INDEX_FILE, json.dumps({"chunks": chunks, "config": config}, sort_keys=True))
+        try:
+            crashpoint("before_index", self.manifest.num_shards - 1)
+            _atomic_write_text(self.root / INDEX_FILE, json.dumps({"chunks": chunks, "config": config}, sort_keys=True))
+        except OSError as err:
+            raise UserError(
+                f"cannot write {self.root / INDEX_FILE} ({err.strerror or err}); free some space or fix the folder, "
+                "then rerun the same command: every shard is kept and only the index is left to write"
+            ) from None
         shutil.rmtree(self.root / _TMP, ignore_errors=True)
         return self.root / INDEX_FILE

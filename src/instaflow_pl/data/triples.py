@@ -12,7 +12,7 @@ import torch
 
 from instaflow_pl.conventions import noise_from_seed
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
-from instaflow_pl.data.store import INDEX_FILE, decode_tensor
+from instaflow_pl.data.store import INDEX_FILE, commit_record, decode_tensor, tail_sha256
 from instaflow_pl.errors import UserError
 
 
@@ -115,19 +115,40 @@ def read_manifest(path: str) -> Manifest:
     """The manifest of a dataset folder or URL."""
     if not _is_url(path):
         return Manifest.read(Path(path).expanduser() / MANIFEST_FILE)
+    url = f"{path.rstrip('/')}/{MANIFEST_FILE}"
+    try:
+        text = _read_remote_text(url)
+    except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"cannot read {url} ({type(err).__name__}: {reason}); check the URL and the storage credentials "
+            "(for s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ~/.aws)"
+        ) from None
+    return Manifest(**json.loads(text))
+
+
+def _read_remote_text(url: str) -> str:
+    """A small remote file, fetched the way litdata fetches the shards (same client, same credentials); fsspec for
+    schemes litdata has no downloader for."""
+    import tempfile
+
+    from litdata.streaming.downloader import _DOWNLOADERS, get_downloader
+
+    if any(url.startswith(prefix) for prefix in _DOWNLOADERS):
+        with tempfile.TemporaryDirectory() as cache:
+            local = str(Path(cache) / MANIFEST_FILE)
+            get_downloader(url.rsplit("/", 1)[0], cache, []).download_file(url, local)
+            return Path(local).read_text()
     import fsspec
 
-    try:
-        with fsspec.open(f"{path.rstrip('/')}/{MANIFEST_FILE}", "r") as handle:
-            text = handle.read()
-    except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
-        raise UserError(f"cannot read {path}/{MANIFEST_FILE} ({type(err).__name__}: {err})") from None
-    data = json.loads(text)
-    return Manifest(**data)
+    with fsspec.open(url, "r") as handle:
+        return handle.read()
 
 
 def check_local_dataset(root: Path) -> None:
-    """Fail with one line naming the file if the index is missing or a shard is missing or truncated."""
+    """Fail with one line naming the file if the index is missing, or a shard is missing, truncated, or not the one
+    written for this dataset (the SHA-256 of its last 4 KiB differs from its commit record: a shard copied from
+    another dataset, or changed since)."""
     index_path = root / INDEX_FILE
     if not index_path.is_file():
         raise UserError(
@@ -141,6 +162,13 @@ def check_local_dataset(root: Path) -> None:
             raise UserError(
                 f"shard {shard} is corrupt ({shard.stat().st_size} bytes, index says {chunk['chunk_bytes']}); "
                 "regenerate the dataset"
+            )
+        record = commit_record(root, chunk["filename"])
+        if record is not None and "tail_sha256" in record and tail_sha256(shard) != record["tail_sha256"]:
+            raise UserError(
+                f"shard {shard} does not belong to this dataset: its bytes differ from the ones recorded when it was "
+                "written (a shard of another dataset, or a changed file); put the original back or regenerate the "
+                "dataset"
             )
 
 
@@ -157,7 +185,8 @@ class TriplesDataModule(L.LightningDataModule):
         val_fraction: Fraction of the samples (taken from the end) held out for validation.
         shuffle: Shuffle the training stream (litdata shuffles shards, then samples within a window).
         seed: Seed of the shuffle.
-        drop_last: Drop the last incomplete training batch.
+        drop_last: Drop the last incomplete training batch. With several ranks (DDP) it is always on, so every rank
+            takes the same number of steps (litdata's rule; the left-over samples differ each epoch when shuffling).
         cache_dir: Local cache for remote datasets.
         expected_latent_shape: If set, refuse a dataset whose latents have another (C, H, W).
     """
@@ -176,7 +205,9 @@ class TriplesDataModule(L.LightningDataModule):
     ):
         super().__init__()
         if batch_size < 1:
-            raise UserError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UserError(
+                f"data.batch_size must be >= 1, got {batch_size}; set data.init_args.batch_size to 1 or more"
+            )
         if num_workers < 0:
             raise UserError(f"data.num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= val_fraction < 1.0:
@@ -193,16 +224,23 @@ class TriplesDataModule(L.LightningDataModule):
         self.manifest: Manifest | None = None
         self._train = None
         self._val = None
+        self._val_batch_size = batch_size
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return trainer.world_size if trainer is not None else 1
 
     def _dataset(self, shuffle: bool):
         from litdata import StreamingDataset
 
+        # Several ranks must take the same number of training steps (each step is a collective).
+        drop_last = self.drop_last or self._world_size() > 1
         return StreamingDataset(
             self.path if _is_url(self.path) else str(Path(self.path).expanduser()),
             cache_dir=self.cache_dir,
             shuffle=shuffle,
             seed=self.seed,
-            drop_last=self.drop_last if shuffle else False,
+            drop_last=drop_last if shuffle else False,
             transform=TripleDecoder(self.manifest),
             # litdata's "auto" batch decoding re-decodes many neighbours per item read when shuffling (measured:
             # 28 decodes per sample); one decode per sample is 3-8x faster and gives the same order and data.
@@ -230,13 +268,40 @@ class TriplesDataModule(L.LightningDataModule):
                 self._dataset(self.shuffle), [1.0 - self.val_fraction, self.val_fraction], shuffle=False
             )
             val.set_drop_last(False)  # every held-out sample counts; uneven val batches across ranks are fine
+            # The same samples in the same order at every validation (and after a resume): with limit_val_batches,
+            # a shuffled stream would score another subset each time.
+            val.set_shuffle(False)
             self._train, self._val = train, val
+            self._val_batch_size = self._rank_safe_val_batch_size(
+                sum(end - start for start, end in val.region_of_interest)
+            )
         else:
             self._train = self._dataset(self.shuffle)
 
-    def _loader(self, dataset):
+    def _rank_safe_val_batch_size(self, count: int) -> int:
+        """A validation batch size that gives every rank at least one batch.
+
+        litdata hands each rank ``count // batch_size // world`` whole batches and the remainder to the last rank, so
+        a split smaller than ``batch_size * world`` would leave a rank without validation batches; that rank would
+        then skip validation while the others wait for it in the metric reduction (``sync_dist``). Batch size does
+        not change the numbers: the logged means are weighted by batch size.
+        """
+        world, count = self._world_size(), int(count)
+        if world <= 1 or count == 0:
+            return self.batch_size
+        if count < world:
+            raise UserError(
+                f"the validation split of {self.path} has {count} samples, fewer than the {world} ranks, so some rank "
+                "would have nothing to validate; raise data.val_fraction or set it to 0"
+            )
+        return max(1, min(self.batch_size, count // world))
+
+    def _loader(self, dataset, batch_size: int | None = None):
         return _resumable_loader_class()(
-            dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_triples
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_triples,
         )
 
     def train_dataloader(self):
@@ -245,4 +310,4 @@ class TriplesDataModule(L.LightningDataModule):
 
     def val_dataloader(self):
         """The held-out stream (empty list when ``val_fraction`` is 0)."""
-        return self._loader(self._val) if self._val is not None else []
+        return self._loader(self._val, self._val_batch_size) if self._val is not None else []

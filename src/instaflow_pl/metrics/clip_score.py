@@ -74,6 +74,20 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def check_clip_source(model: str | Path) -> bool:
+    """Whether ``model`` is a local CLIP folder (else a hub id); a clear error for a path that does not exist."""
+    name = str(model)
+    path = Path(name).expanduser()
+    if path.exists():
+        return True
+    if _looks_local(name):
+        raise UserError(
+            f"CLIP model folder {path} not found: put a CLIP model saved with save_pretrained there (config.json, "
+            f"model.safetensors, vocab.json, merges.txt, preprocessor_config.json) or give a hub id"
+        )
+    return False
+
+
 def load_clip(model: str | Path) -> tuple[nn.Module, Any, CLIPImageConfig]:
     """Load a CLIP model, its tokenizer and its image settings from a folder (or a hub id).
 
@@ -88,12 +102,7 @@ def load_clip(model: str | Path) -> tuple[nn.Module, Any, CLIPImageConfig]:
 
     name = str(model)
     path = Path(name).expanduser()
-    local = path.exists()
-    if not local and _looks_local(name):
-        raise UserError(
-            f"CLIP model folder {path} not found: put a CLIP model saved with save_pretrained there (config.json, "
-            f"model.safetensors, vocab.json, merges.txt, preprocessor_config.json) or give a hub id"
-        )
+    local = check_clip_source(name)
     source = str(path) if local else name
     try:
         clip = CLIPModel.from_pretrained(source)

@@ -94,6 +94,17 @@ class InceptionFeatures(nn.Module):
         return self.inception((unit * 255).byte())
 
 
+def check_inception_weights(weights_path: str | Path) -> Path:
+    """The path of the Inception weights file; a clear error that says where to put it if it is not there."""
+    path = Path(weights_path).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"FID Inception weights {path} not found: download {INCEPTION_WEIGHTS_URL} on a machine with network "
+            f"and put the file there (or point weights_path at your copy)"
+        )
+    return path
+
+
 def inception_features(
     weights_path: str | Path, feature_dim: int = 2048, value_range: tuple[float, float] = (-1.0, 1.0)
 ) -> InceptionFeatures:
@@ -108,12 +119,7 @@ def inception_features(
     Returns:
         The network, ready for :class:`FID` and :class:`FIDReference`.
     """
-    path = Path(weights_path).expanduser()
-    if not path.is_file():
-        raise UserError(
-            f"FID Inception weights {path} not found: download {INCEPTION_WEIGHTS_URL} on a machine with network "
-            f"and put the file there (or point weights_path at your copy)"
-        )
+    path = check_inception_weights(weights_path)
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
 

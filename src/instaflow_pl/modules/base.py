@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from torch import nn
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
+from instaflow_pl.faults import crashpoint
 from instaflow_pl.metrics import straightness
 from instaflow_pl.modules.ema import EMA
 from instaflow_pl.solver import LatentODE
@@ -74,6 +78,8 @@ class FlowModule(L.LightningModule):
         on_nonfinite: What a NaN or Inf loss does: ``stop`` (one-line error naming the step and the batch's sample
             indices; no optimizer step is taken, so no checkpoint gets non-finite weights) or ``skip`` (the batch is
             dropped with a warning and counted in ``train/skipped_batches``).
+        prompt_cache_mb: Keep the text embeddings of recent prompts (this many MB): worth it when prompts repeat
+            (a small caption set, the digits demo); 0 encodes every batch afresh.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class FlowModule(L.LightningModule):
         val_steps: Sequence[int] = (1, 2, 4, 25),
         val_guidance: float = 1.0,
         on_nonfinite: str = "stop",
+        prompt_cache_mb: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["velocity", "optimizer", "lr_scheduler"])
@@ -112,7 +119,7 @@ class FlowModule(L.LightningModule):
         for name, param in self.velocity.named_parameters():
             if any(name.startswith(prefix) for prefix in freeze):
                 param.requires_grad_(False)
-        self.encoder = PromptEncoder.from_folder(base_model)
+        self.encoder = PromptEncoder.from_folder(base_model, cache_mb=prompt_cache_mb)
         self.ema = EMA(self.velocity, ema_decay) if ema_decay > 0 else None
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
@@ -160,7 +167,26 @@ class FlowModule(L.LightningModule):
         return LatentODE("euler", steps).solve(field, x0, cond, return_trajectory=trajectory)
 
     def training_step(self, batch: TripleBatch, batch_idx: int) -> torch.Tensor:
-        """One optimisation step: the module's loss, logged as ``train/loss``."""
+        """One optimisation step: the module's loss, logged as ``train/loss``.
+
+        Its random draws (t, prompt dropout, fresh noise, dropout layers) come from the torch generators seeded for
+        this batch alone (:meth:`step_seed`), so a fit resumed from a checkpoint draws exactly what the uninterrupted
+        fit drew, and nothing that draws random numbers between steps (validation, callbacks) changes training.
+        """
+        if self._trainer is None:
+            return self._train_on_batch(batch)
+        with self._step_rng():
+            return self._train_on_batch(batch)
+
+    def step_seed(self) -> int:
+        """Seed of the current training batch's random draws (:func:`batch_seed` of this rank and the batch's index
+        over the whole fit, Lightning's ``total_batch_idx``, which a resumed fit restores from the checkpoint)."""
+        return batch_seed(self.trainer.global_rank, self.trainer.fit_loop.total_batch_idx)
+
+    def _step_rng(self):
+        return seeded_rng(self.step_seed(), self.device)
+
+    def _train_on_batch(self, batch: TripleBatch) -> torch.Tensor | None:
         self.last_step = None
         batch = self.to_latents(batch)
         cond = self.condition(batch.prompts, dropout=self.hparams.prompt_dropout)
@@ -194,9 +220,19 @@ class FlowModule(L.LightningModule):
         self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch))
         return None
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA after each optimiser step (not after a skipped batch)."""
-        if self.ema is not None and outputs is not None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Fault injection for the resume tests (``INSTAFLOW_PL_CRASH_AT=fit_step:N``; a no-op otherwise)."""
+        crashpoint("fit_step", self.global_step)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimiser step, then the EMA update (not after a skipped batch).
+
+        Here rather than in ``on_train_batch_end``: Lightning runs the callbacks' ``on_train_batch_end`` (where
+        ModelCheckpoint saves) before the module's, so a checkpoint would hold an EMA one update behind its weights
+        and a resumed fit would drift from the uninterrupted one.
+        """
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and self.last_step is not None:
             self.ema.update(self.velocity)
 
     @torch.no_grad()
@@ -261,15 +297,38 @@ class FlowModule(L.LightningModule):
                 state.setdefault(key, value)
 
 
+def batch_seed(rank: int, batch_index: int, run_seed: int | str | None = None) -> int:
+    """Seed of training batch ``batch_index`` on ``rank``: a hash of the run's seed (default: ``PL_GLOBAL_SEED``, which
+    ``seed_everything`` sets; 0 without it), the rank and the index. Each rank draws differently; a resumed fit draws
+    what the uninterrupted one drew."""
+    run_seed = os.environ.get("PL_GLOBAL_SEED", "0") if run_seed is None else run_seed
+    key = f"instaflow-pl:{run_seed}:{rank}:{batch_index}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | str = "cpu"):
+    """Run the block with torch's CPU generator (and ``device``'s CUDA generator) seeded with ``seed``; the outer
+    generator states are restored afterwards."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def check_latent_shape(unet: nn.Module, shape: Sequence[int], source: str = "the triples") -> None:
     """A clear error when latents of ``shape`` (C, H, W) cannot go through ``unet``."""
-    config = unet.config
-    factor = 2 ** (len(config.down_block_types) - 1)
-    channels = config.in_channels
-    if len(shape) != 3 or shape[0] != channels or shape[1] % factor or shape[2] % factor:
+    from instaflow_pl.velocity.networks import latent_geometry
+
+    geometry = latent_geometry(unet)
+    if not geometry.fits(tuple(shape)):
         raise UserError(
-            f"latents in {source} have shape {list(shape)}, but the model's UNet takes [{channels}, H, W] with H and W "
-            f"multiples of {factor}; generate pairs with the student's latent shape or pick a matching base_model"
+            f"latents in {source} have shape {list(shape)}, but the model's UNet takes {geometry.describe()}; "
+            "generate pairs with the student's latent shape or pick a matching base_model"
         )
 
 

@@ -218,6 +218,12 @@ class PairWriter(BasePredictionWriter):
         if self._bar is not None:
             self._bar.update(len(prediction.indices))
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Close the progress bar, so the error is printed on a line of its own."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def on_predict_end(self, trainer: L.Trainer, pl_module: PairGenerator) -> None:
         """Wait for every rank, then write the dataset index (rank 0)."""
         if self._bar is not None:

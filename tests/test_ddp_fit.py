@@ -1,0 +1,101 @@
+"""``fit`` on two CPU processes (DDP over gloo) with the tiny reflow config, callbacks included.
+
+The loss goes down, the checkpoints it writes load in a single process (``validate``), and validation metrics are
+reduced across the ranks: the value logged under DDP (each rank scoring its half of the held-out set) equals the
+value one process computes over the whole set from the same checkpoint. The held-out split (8 triples) is smaller
+than batch size x ranks (8 x 2), the case where litdata used to hand one rank no validation batch at all, and that
+rank then skipped the metric reduction the other waited for.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, write_dataset
+
+from instaflow_pl.cli import cli_main
+
+pytestmark = pytest.mark.slow
+
+METRICS = ("val/mse@1", "val/mse@8", "val/straightness")
+
+
+def ddp_config(tmp_path):
+    """configs/tiny/reflow.yaml, checkpointing every 4 steps and keeping each checkpoint."""
+    config = yaml.safe_load((REPO / "configs/tiny/reflow.yaml").read_text())
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"].update(every_n_train_steps=4, save_top_k=-1)
+        if callback["class_path"].endswith("SampleQuality"):
+            callback["init_args"]["cache_dir"] = str(tmp_path / "fid-cache")
+    path = tmp_path / "reflow.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_process_group(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """``instaflow-pl ARGS`` in a session of its own; on a hang every rank is killed, not only the launcher."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "instaflow_pl.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"the DDP fit hung for {timeout} s (every rank killed); stderr tail:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def test_fit_on_two_ddp_cpu_ranks(tiny_sd, tmp_path):
+    data = write_dataset(tmp_path / "pairs", count=40, shard_size=8)  # 32 train (16 a rank), 8 held out
+    config = ddp_config(tmp_path)
+    root = tmp_path / "run"
+    common = [
+        "--config",
+        str(config),
+        f"--model.init_args.base_model={tiny_sd}",
+        f"--data.init_args.path={data}",
+        "--data.init_args.batch_size=8",
+        "--trainer.limit_val_batches=1.0",  # the whole held-out set
+        "--trainer.enable_progress_bar=false",
+    ]
+    fit = run_process_group(
+        ["fit", *common, f"--trainer.default_root_dir={root}", "--trainer.strategy=ddp", "--trainer.devices=2",
+         "--trainer.max_steps=16", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=1",
+         "--trainer.logger=lightning.pytorch.loggers.CSVLogger"],
+        env={"MASTER_PORT": "29627", "OMP_NUM_THREADS": "1"},
+        timeout=400,
+    )  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+
+    rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
+    losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), f"the loss does not go down: {losses}"
+    validations = [r for r in rows if r.get("val/mse@1")]
+    assert len(validations) == 4, "a validation every 4 steps"
+
+    # The step-4 checkpoint, validated by one process over the whole held-out set.
+    checkpoint = next((root / "checkpoints").glob("*step=4.ckpt"))
+    single = cli_main(
+        ["validate", *common, f"--trainer.default_root_dir={tmp_path / 'single'}", "--trainer.logger=false",
+         f"--ckpt_path={checkpoint}"]
+    )  # fmt: skip
+    assert single.trainer.world_size == 1
+    for key in METRICS:
+        reduced, one_process = float(validations[0][key]), float(single.trainer.callback_metrics[key])
+        # Equal up to float32 summation order (two rank batches of 4 against one batch of 8).
+        assert reduced == pytest.approx(one_process, rel=1e-5, abs=1e-8), key
