@@ -172,9 +172,8 @@ def build_unet(checkpoint: dict[str, Any], source: str):
     Returns:
         ``(unet, is_ema)``.
     """
-    from diffusers import UNet2DConditionModel
-
     from instaflow_pl.modules.base import CHECKPOINT_KEY
+    from instaflow_pl.velocity.networks import network_from_config
 
     config = checkpoint[CHECKPOINT_KEY].get("unet_config")
     if not isinstance(config, dict):
@@ -182,8 +181,7 @@ def build_unet(checkpoint: dict[str, Any], source: str):
             f"{source} has no UNet config: its velocity is not a diffusers UNet, and export writes diffusers folders"
         )
     weights, is_ema = unet_state(checkpoint, source)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    unet = UNet2DConditionModel.from_config(config)
+    unet = network_from_config(config, source)
     try:
         unet.load_state_dict(weights, strict=True)
     except RuntimeError as err:
@@ -273,16 +271,22 @@ def _copy_component(base: Path, name: str, dest: Path) -> None:
     shutil.copytree(source, dest / name)  # follows symlinks (hub caches): the export stands alone
 
 
-def _model_index(base: Path) -> dict[str, Any]:
+def _components(base: Path) -> tuple[str, ...]:
+    """The parts copied from the base model: a pixel-space model (the digits demo) has no VAE."""
+    return tuple(name for name in _COPIED if name != "vae" or (base / "vae").is_dir())
+
+
+def _model_index(base: Path, unet: Any) -> dict[str, Any]:
     import diffusers
 
     base_index = _read_json(base / "model_index.json")
     index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
-    for name in _COPIED:
+    for name in _components(base):
         entry = base_index.get(name)
         valid = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
         index[name] = entry if valid else _DEFAULT_CLASSES[name]
-    index["unet"] = ["diffusers", "UNet2DConditionModel"]
+    library = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
+    index["unet"] = [library, type(unet).__name__]
     index["scheduler"] = _SCHEDULER_CLASS
     return dict(sorted(index.items()))
 
@@ -388,10 +392,10 @@ def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: 
 
     unet, is_ema = build_unet(checkpoint, source)
     unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    for name in _COPIED:
+    for name in _components(base):
         _copy_component(base, name, tmp)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(_model_index(base), indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(base, unet), indent=2) + "\n")
     info = export_info(checkpoint, ckpt_path, base, is_ema)
     mark_velocity_folder(tmp, **info)
     (tmp / "README.md").write_text(model_card(info))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline, ModelMixin
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -19,6 +19,8 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, UNetVelocity
+from instaflow_pl.velocity.mlp import MLPVelocityNet  # noqa: F401 - imported so diffusers may load demo folders
+from instaflow_pl.velocity.networks import latent_geometry
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 """What ``InstaFlowPipeline.__call__`` can return."""
@@ -32,19 +34,21 @@ class InstaFlowPipeline(DiffusionPipeline):
     of the timestep range: stepping is the LatentODE's.
 
     Args:
-        vae: Decodes the scaled latents to images.
+        vae: Decodes the scaled latents to images; None for a pixel-space model (the digits demo: latent = image).
         text_encoder: CLIP text model (frozen).
         tokenizer: CLIP tokenizer.
-        unet: The velocity UNet.
+        unet: The velocity UNet (or another network with its calling convention, e.g. the demo's MLP).
         scheduler: Any diffusers scheduler (not used for stepping).
     """
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
 
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler):
+    _optional_components = ["vae"]
+
+    def __init__(self, text_encoder, tokenizer, unet: ModelMixin, scheduler, vae: AutoencoderKL | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @property
@@ -62,10 +66,17 @@ class InstaFlowPipeline(DiffusionPipeline):
         """The (C, H, W) latent shape of images of ``height`` x ``width`` (defaults: :attr:`default_size`)."""
         height = self.default_size if height is None else int(height)
         width = self.default_size if width is None else int(width)
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.down_block_types) - 1)
-        if height <= 0 or width <= 0 or height % multiple or width % multiple:
-            raise UserError(f"height and width must be positive multiples of {multiple}, got {height} x {width}")
-        return (self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        geometry = latent_geometry(self.unet)
+        scale = self.vae_scale_factor
+        shape = (self.latent_channels, height // scale, width // scale)
+        if height <= 0 or width <= 0 or height % scale or width % scale or not geometry.fits(shape):
+            size = (
+                f"{geometry.size * scale}"
+                if geometry.down_factor == 0
+                else f"multiples of {geometry.down_factor * scale}"
+            )
+            raise UserError(f"height and width must be {size}, got {height} x {width}")
+        return shape
 
     def sample_latents(
         self, x0: torch.Tensor, prompts: Sequence[str], num_inference_steps: int = 1, guidance_scale: float = 0.0
@@ -80,8 +91,11 @@ class InstaFlowPipeline(DiffusionPipeline):
         return LatentODE("euler", num_inference_steps).solve(field, x0, cond).x
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode scaled latents to images in [-1, 1] with the VAE (the project's latent convention)."""
-        return latents_to_images(self.vae, latents)
+        """Decode scaled latents to images in [-1, 1] with the VAE (the project's latent convention).
+
+        A pixel-space model (no VAE) returns its latents: they are the images.
+        """
+        return latents_to_images(self.vae, latents) if self.vae is not None else latents
 
     @torch.no_grad()
     def __call__(

@@ -12,7 +12,7 @@ import torch
 
 from instaflow_pl.errors import UserError
 
-_REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
+_REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer")  # no vae/: a pixel-space model (the digits demo)
 
 
 @dataclass

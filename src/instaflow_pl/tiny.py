@@ -66,6 +66,21 @@ def write_tiny_tokenizer(out: Path, max_length: int = 77) -> int:
     return len(vocab)
 
 
+def tiny_text_config(vocab_size: int, max_length: int = 77) -> dict[str, int]:
+    """The tiny CLIP text tower's settings (2 layers of width 32) for a tokenizer of ``vocab_size`` tokens."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": max_length,
+        "bos_token_id": vocab_size - 2,
+        "eos_token_id": vocab_size - 1,
+        "pad_token_id": vocab_size - 1,
+    }
+
+
 def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     """Write a tiny Stable-Diffusion-format folder with random weights to ``out_dir``.
 
@@ -112,18 +127,7 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> P
         norm_num_groups=16,
         sample_size=sample_size * 2,
     )
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-    )
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(vocab_size)))
     # Stable Diffusion 1.5's scheduler settings.
     scheduler = PNDMScheduler(
         num_train_timesteps=1000,
@@ -171,17 +175,7 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
 
         raise UserError(f"{out} exists and is not empty; choose a new folder for the tiny CLIP model")
     vocab_size = write_tiny_tokenizer(out)
-    text_config = {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "max_position_embeddings": 77,
-        "bos_token_id": vocab_size - 2,
-        "eos_token_id": vocab_size - 1,
-        "pad_token_id": vocab_size - 1,
-    }
+    text_config = tiny_text_config(vocab_size)
     vision_config = {
         "image_size": image_size,
         "patch_size": 8,

@@ -72,9 +72,9 @@ def latent_shape_of(pl_module) -> tuple[int, int, int]:
     """(C, H, W) the module's velocity works on: from its UNet config, or from the validation data."""
     unet = getattr(pl_module.velocity, "unet", None)
     if unet is not None:
-        size = unet.config.sample_size
-        size = size if isinstance(size, int) else size[0]
-        return (unet.config.in_channels, size, size)
+        from instaflow_pl.velocity.networks import latent_geometry
+
+        return latent_geometry(unet).shape
     manifest = getattr(pl_module.trainer.datamodule, "manifest", None)
     if manifest is None:
         raise ValueError("cannot tell the latent shape: the velocity has no UNet and the data no manifest")

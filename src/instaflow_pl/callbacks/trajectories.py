@@ -95,29 +95,36 @@ class Trajectories(L.Callback):
         solutions = self.solutions(pl_module)
         for name, solution in solutions.items():
             pl_module.log(f"val/straightness_{name}", straightness(solution).mean().item(), rank_zero_only=True)
-        log_image(trainer, "val/trajectories", self.figure(solutions))
+        log_image(trainer, "val/trajectories", trajectory_figure(solutions))
 
-    def figure(self, solutions: dict[str, ODESolution]):
-        """Two panels: trajectories in 2-D, and S over t."""
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
-        names = list(solutions)
-        projected = dict(zip(names, project_2d(*(s.states.cpu() for s in solutions.values())), strict=True))
-        figure, (paths, profile) = plt.subplots(1, 2, figsize=(9, 4), dpi=100)
-        for (name, points), color in zip(projected.items(), ("tab:blue", "tab:orange"), strict=False):
-            for b in range(points.shape[1]):
-                paths.plot(points[:, b, 0], points[:, b, 1], color=color, label=name if b == 0 else None)
-                paths.scatter(points[-1, b, 0], points[-1, b, 1], color=color, s=12)
-            mid, gaps = straightness_gaps(solutions[name])
-            profile.plot(
-                mid.cpu(), gaps.cpu(), color=color, label=f"{name}: S={straightness(solutions[name]).mean():.3g}"
-            )
-        paths.set(title="trajectories (2-D projection; dots: t = 1)")
-        paths.legend()
-        profile.set(xlabel="t (0 = noise, 1 = data)", ylabel="|(Z1 - Z0) - v|^2", title="straightness over t")
-        profile.legend()
-        figure.tight_layout()
-        return figure_to_pil(figure)
+
+def trajectory_figure(solutions: dict[str, ODESolution]):
+    """Two panels as a PIL image: the flows' trajectories in 2-D (one colour per flow), and their gap over t.
+
+    Args:
+        solutions: Euler solves with trajectories on the same noises, by name (e.g. ``1-RF``, ``2-RF``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(solutions)
+    projected = dict(zip(names, project_2d(*(s.states.cpu() for s in solutions.values())), strict=True))
+    figure, (paths, profile) = plt.subplots(1, 2, figsize=(9, 4), dpi=100)
+    for (name, points), color in zip(projected.items(), COLORS, strict=False):
+        for b in range(points.shape[1]):
+            paths.plot(points[:, b, 0], points[:, b, 1], color=color, alpha=0.8, label=name if b == 0 else None)
+            paths.scatter(points[-1, b, 0], points[-1, b, 1], color=color, s=12)
+        start, gaps = gap_profile(solutions[name])
+        label = f"{name}: S={straightness(solutions[name]).mean():.3g}"
+        profile.plot(start, gaps, color=color, marker=".", label=label)
+    paths.set(title="trajectories (2-D projection; dots: t = 1)")
+    paths.legend()
+    profile.set(xlabel="t (0 = noise, 1 = data)", ylabel="|(Z1 - Z0) - v|^2", title="straightness gap over t")
+    profile.legend()
+    figure.tight_layout()
+    return figure_to_pil(figure)

@@ -14,6 +14,7 @@ from instaflow_pl.solver import METHODS, SCHEDULERS, LatentODE, ODESolution, Sch
 from instaflow_pl.teachers.folder import SD_KIND, VELOCITY_KIND, fingerprint, model_kind, resolve_model_folder
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, UNetPredictor, UNetVelocity
+from instaflow_pl.velocity.networks import LatentGeometry, latent_geometry, load_network
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Accepted names of weight dtypes."""
@@ -38,8 +39,7 @@ class Teacher(nn.Module):
         kind: ``sd`` (diffusion model through its scheduler) or ``velocity`` (a k-rectified flow).
         source: Where the teacher came from (folder or hub id).
         fingerprint: SHA-256 of the teacher's weights and configs.
-        latent_shape: The (C, H, W) the UNet was trained on.
-        down_factor: Latent height and width must be multiples of this.
+        geometry: The latents the UNet takes (native shape, allowed sizes).
         solver_name: The solver's name (scheduler or ODE method), as recorded in dataset manifests.
     """
 
@@ -51,8 +51,7 @@ class Teacher(nn.Module):
         kind: str,
         source: str,
         fingerprint: str,
-        latent_shape: tuple[int, int, int],
-        down_factor: int = 1,
+        geometry: LatentGeometry,
         solver_name: str = "",
     ):
         super().__init__()
@@ -62,18 +61,17 @@ class Teacher(nn.Module):
         self.kind = kind
         self.source = source
         self.fingerprint = fingerprint
-        self.latent_shape = tuple(latent_shape)
-        self.down_factor = down_factor
+        self.geometry = geometry
+        self.latent_shape = geometry.shape
         self.solver_name = solver_name
 
     def check_latent_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """Validate a (C, H, W) latent shape against the UNet; return it as a tuple."""
         shape = tuple(int(s) for s in shape)
-        channels = self.latent_shape[0]
-        if len(shape) != 3 or shape[0] != channels or any(s % self.down_factor or s <= 0 for s in shape[1:]):
+        if not self.geometry.fits(shape):
             raise UserError(
-                f"latent shape {list(shape)} does not fit the teacher's UNet: it needs [{channels}, H, W] with H and "
-                f"W positive multiples of {self.down_factor} (its native shape is {list(self.latent_shape)})"
+                f"latent shape {list(shape)} does not fit the teacher's UNet: it needs {self.geometry.describe()} "
+                f"(its native shape is {list(self.latent_shape)})"
             )
         return shape
 
@@ -127,7 +125,6 @@ def load_teacher(
         dtype: Weight dtype of UNet and text encoder: ``fp32``, ``fp16`` or ``bf16``.
         device: Where to put the weights.
     """
-    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -142,12 +139,10 @@ def load_teacher(
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     solver_name = resolve_solver_name(kind, solver)
     solver_obj = _make_solver(kind, solver_name, steps, scheduler_config)
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch_dtype)
+    unet = load_network(root, "unet", torch_dtype)
     text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch_dtype)
     tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
     model = UNetVelocity(unet) if kind == VELOCITY_KIND else UNetPredictor(unet)
-    config = unet.config
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     teacher = Teacher(
         encoder=PromptEncoder(tokenizer, text_encoder),
         model=model,
@@ -155,8 +150,7 @@ def load_teacher(
         kind=kind,
         source=str(source),
         fingerprint=fingerprint(root),
-        latent_shape=(config.in_channels, size, size),
-        down_factor=2 ** (len(config.down_block_types) - 1),
+        geometry=latent_geometry(unet),
         solver_name=solver_name,
     )
     return teacher.to(device)

@@ -1,9 +1,8 @@
-"""Models built on a diffusers ``UNet2DConditionModel``."""
+"""Velocities and predictors built on a UNet-like network (a diffusers ``UNet2DConditionModel`` or the demo MLP)."""
 
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
 from torch import nn
 
 from instaflow_pl.conventions import unet_timestep
@@ -11,16 +10,16 @@ from instaflow_pl.velocity.condition import TextCondition
 
 
 class UNetPredictor(nn.Module):
-    """A diffusers UNet called as ``f(x, timestep, cond)`` with the raw diffusers timestep.
+    """A diffusers UNet (or a network with its calling convention) called as ``f(x, timestep, cond)``.
 
     This is how a Stable Diffusion teacher (epsilon- or v-prediction) is evaluated inside its scheduler. Inputs are
     cast to the UNet's dtype and the output is returned in float32, so solvers step in full precision.
 
     Args:
-        unet: The UNet.
+        unet: The UNet, or any network from :mod:`instaflow_pl.velocity.networks`.
     """
 
-    def __init__(self, unet: UNet2DConditionModel):
+    def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
@@ -38,7 +37,7 @@ class UNetVelocity(UNetPredictor):
     is the velocity itself.
 
     Args:
-        unet: The UNet (initialised from a Stable Diffusion teacher or a k-rectified flow).
+        unet: The UNet-like network (initialised from a Stable Diffusion teacher or a k-rectified flow).
     """
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
@@ -57,9 +56,10 @@ class PretrainedUNetVelocity(UNetVelocity):
 
     def __init__(self, folder: str, subfolder: str = "unet", gradient_checkpointing: bool = False):
         from instaflow_pl.teachers.folder import resolve_model_folder
+        from instaflow_pl.velocity.networks import load_network
 
-        unet = UNet2DConditionModel.from_pretrained(resolve_model_folder(folder), subfolder=subfolder)
-        if gradient_checkpointing:
+        unet = load_network(resolve_model_folder(folder), subfolder=subfolder)
+        if gradient_checkpointing and unet._supports_gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         super().__init__(unet)
         self.folder = str(folder)

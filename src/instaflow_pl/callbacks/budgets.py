@@ -1,0 +1,46 @@
+"""Checkpoints at chosen training steps: one run gives the models of several training budgets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+
+from instaflow_pl.errors import UserError
+
+
+def budget_checkpoint(dirpath: str | Path, step: int) -> Path:
+    """Where :class:`CheckpointAtSteps` writes the checkpoint of ``step``."""
+    return Path(dirpath) / f"step={step:07d}.ckpt"
+
+
+class CheckpointAtSteps(L.Callback):
+    """Save a checkpoint when the optimizer step count reaches each of ``steps`` (``step=0001000.ckpt`` ...).
+
+    With a constant learning rate after warmup, the checkpoint at step k is the model a k-step budget gives, so one
+    run measures a budget curve (e.g. the student's FID after 1k, 3k and 10k steps). A file that exists is never
+    overwritten: a resumed run that passes a budget again keeps the first one.
+
+    Args:
+        steps: The global steps to save at.
+        dirpath: Folder of the checkpoints (default: ``<default_root_dir>/budgets``).
+    """
+
+    def __init__(self, steps: Sequence[int], dirpath: str | None = None):
+        if not steps or min(steps) < 1:
+            raise UserError(f"CheckpointAtSteps needs step counts >= 1, got {list(steps)}")
+        self.steps = sorted(set(int(s) for s in steps))
+        self.dirpath = dirpath
+
+    def folder(self, trainer: L.Trainer) -> Path:
+        """The checkpoint folder."""
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "budgets"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        """Save when a budget is reached (every rank calls ``save_checkpoint``; rank zero writes)."""
+        step = trainer.global_step
+        if step in self.steps:
+            path = budget_checkpoint(self.folder(trainer), step)
+            if not path.exists():
+                trainer.save_checkpoint(path)
