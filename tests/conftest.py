@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# FID reference caches and the like go to a fresh folder, never the user's ~/.cache or the checkout.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="instaflow-pl-test-cache-")
 # One intra-op thread per process: tiny tensors gain nothing from more, and on a 2-core machine a busy neighbour
 # makes OpenMP threads spin (seen here: 50x slower steps). Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -34,7 +34,7 @@ class SampleQuality(L.Callback):
         inception_weights: Local file of FID's InceptionV3 weights (``weights-inception-2015-12-05-6726825d.pth``).
         fid_reference: Image folder of reference images; null: the decoded X1 of the evaluation triples.
         reference_resolution: Size the reference folder's images are read at (default: the samples' size).
-        cache_dir: Where reference statistics are cached.
+        cache_dir: Where reference statistics are cached (default: ``~/.cache/instaflow-pl/fid``).
         clip_model: Local CLIP folder (or hub id) for the CLIP score; null: no CLIP score.
     """
 
@@ -50,7 +50,7 @@ class SampleQuality(L.Callback):
         inception_weights: str | None = None,
         fid_reference: str | None = None,
         reference_resolution: int | None = None,
-        cache_dir: str = ".cache/instaflow-pl/fid",
+        cache_dir: str | None = None,
         clip_model: str | None = None,
     ):
         if num_samples < 2 or batch_size < 1 or not steps or min(steps) < 1:
@@ -65,7 +65,7 @@ class SampleQuality(L.Callback):
         self.inception_weights = inception_weights
         self.fid_reference = fid_reference
         self.reference_resolution = reference_resolution
-        self.cache_dir = cache_dir
+        self.cache_dir = cache_dir if cache_dir is not None else default_cache_dir()
         self.clip_model = clip_model
         self.seconds: float | None = None
         self._features: nn.Module | None = None
@@ -168,3 +168,11 @@ class SampleQuality(L.Callback):
         for key, value in results.items():
             pl_module.log(key, value, rank_zero_only=True)
         self.seconds = time.perf_counter() - started
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/instaflow-pl/fid`` (``~/.cache/instaflow-pl/fid`` by default): outside any checkout."""
+    import os
+    from pathlib import Path
+
+    return str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "instaflow-pl" / "fid")
