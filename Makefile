@@ -8,10 +8,11 @@ STAMP := $(VENV)/.installed
 CONFIG :=
 export WANDB_MODE ?= offline
 
-.PHONY: help install test lint format bench tiny pairs reflow distill export sample sweep clean
+.PHONY: help install test lint format bench demo demo-setup demo-1rf demo-pairs-1rf demo-2rf demo-pairs-2rf \
+	demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +34,12 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 
 bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process
 	$(BIN)/python bench/run.py
+
+demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outputs/demo/report.md [DEMO_ARGS=--force]
+	$(BIN)/instaflow-pl demo $(DEMO_ARGS)
+
+demo-%: $(STAMP) ## One demo stage: demo-setup, demo-1rf, demo-pairs-1rf, demo-2rf, demo-pairs-2rf, demo-distill-2rf, demo-distill-1rf, demo-report
+	$(BIN)/instaflow-pl demo --stage $* $(DEMO_ARGS)
 
 tiny: $(STAMP) ## Write the tiny SD-format folder the tiny configs use (outputs/tiny/sd) and a tiny CLIP (outputs/tiny/clip)
 	$(BIN)/instaflow-pl tiny outputs/tiny/sd --clip outputs/tiny/clip

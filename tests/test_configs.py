@@ -18,6 +18,9 @@ def test_every_config_is_covered_here():
     covered = {
         "tiny/pairs.yaml", "tiny/pairs_2rf.yaml", "tiny/reflow.yaml", "tiny/distill.yaml",
         "sd15/pairs.yaml", "sd15/pairs_distill.yaml", "sd15/reflow.yaml", "sd15/distill.yaml",
+        # run end to end (every stage, through the CLI) by test_demo.py::test_demo_stages_run_cache_and_refuse_...
+        "demo/1rf.yaml", "demo/pairs_1rf.yaml", "demo/2rf.yaml", "demo/pairs_2rf.yaml", "demo/distill_2rf.yaml",
+        "demo/distill_1rf.yaml",
     }  # fmt: skip
     assert {str(p.relative_to(REPO / "configs")) for p in CONFIGS} == covered, "add new configs to these tests"
 

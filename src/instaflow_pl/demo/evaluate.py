@@ -1,0 +1,207 @@
+"""Measuring the demo's models: FID on classifier features, prompt accuracy, straightness, speed, distillation loss.
+
+Every model is sampled from the same noises (paired across models), ``samples_per_prompt`` per digit prompt, once
+per evaluation seed; FID is taken against the 397 held-out digits, which neither the models nor the classifier saw.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from instaflow_pl.conventions import noise_for_indices
+from instaflow_pl.data.digits import DIGIT_PROMPTS, Digits, load_digits
+from instaflow_pl.demo.classifier import DigitClassifier
+from instaflow_pl.metrics import FID, FeatureNet, FIDReference, straightness
+from instaflow_pl.modules.losses import l2_distance
+from instaflow_pl.solver import LatentODE, ODESolution
+from instaflow_pl.teachers import Teacher, load_teacher
+
+EVAL_SEED = 2_000_000_000
+"""Base seed of the evaluation noises: seed ``s`` uses ``EVAL_SEED + s * 1_000_000 + i`` for sample i."""
+
+
+@dataclass
+class EvalSettings:
+    """What the report measures.
+
+    Attributes:
+        samples_per_prompt: Generated digits per prompt and seed (10 prompts).
+        seeds: Evaluation-noise seeds; FID is reported as mean and spread over them.
+        steps: Euler step counts of the flows (1-RF, 2-RF).
+        guidance: Guidance weights of the flows (1: none).
+        straightness_steps: Euler steps of the trajectories S is measured on.
+        distill_val_pairs: Held-out pairs the distillation loss is measured on (at most).
+    """
+
+    samples_per_prompt: int = 100
+    seeds: int = 3
+    steps: tuple[int, ...] = (1, 2, 4, 25)
+    guidance: tuple[float, ...] = (1.0, 1.5)
+    straightness_steps: int = 25
+    distill_val_pairs: int = 1000
+
+
+@dataclass
+class Row:
+    """One model at one setting, measured.
+
+    Attributes:
+        model: Display name (``1-RF``, ``2-RF``, ``student (2-RF)`` ...).
+        folder: The model folder.
+        steps: Euler steps.
+        guidance: Guidance weight.
+        budget: Distillation steps (students only).
+        fid: FID for each evaluation seed.
+        accuracy: Prompt accuracy for each seed.
+        ms_per_image: Generation time per image (batch of all samples, this machine).
+        straightness: S of the model's flow at this guidance (flows only).
+        distill_loss: Mean l2 to the teacher's held-out pairs (students and their starting points).
+    """
+
+    model: str
+    folder: str
+    steps: int
+    guidance: float
+    budget: int | None = None
+    fid: list[float] = field(default_factory=list)
+    accuracy: list[float] = field(default_factory=list)
+    ms_per_image: float = 0.0
+    straightness: float | None = None
+    distill_loss: float | None = None
+
+    @property
+    def fid_mean(self) -> float:
+        """Mean FID over seeds."""
+        return sum(self.fid) / len(self.fid)
+
+    @property
+    def fid_std(self) -> float:
+        """Sample standard deviation of FID over seeds (0 for one seed)."""
+        return float(torch.tensor(self.fid).std()) if len(self.fid) > 1 else 0.0
+
+    @property
+    def accuracy_mean(self) -> float:
+        """Mean prompt accuracy over seeds."""
+        return sum(self.accuracy) / len(self.accuracy)
+
+    def to_json(self) -> dict:
+        """The row with its summary statistics."""
+        return {**asdict(self), "fid_mean": self.fid_mean, "fid_std": self.fid_std, "accuracy_mean": self.accuracy_mean}
+
+
+def eval_noise(seed: int, count: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """The noises, prompts and labels of evaluation seed ``seed``: sample i asks for digit ``i % 10``."""
+    x0 = noise_for_indices(EVAL_SEED + seed * 1_000_000, range(count), (1, 8, 8))
+    labels = torch.arange(count) % 10
+    return x0, [DIGIT_PROMPTS[int(d)] for d in labels], labels
+
+
+def with_steps(teacher: Teacher, steps: int) -> Teacher:
+    """The same teacher (shared weights) solved with ``steps`` Euler steps."""
+    import copy
+
+    other = copy.copy(teacher)
+    other.solver = LatentODE("euler", steps)
+    return other
+
+
+class Evaluator:
+    """Measures models against the held-out digits with the demo's classifier.
+
+    Args:
+        classifier: The trained digit classifier.
+        settings: What to measure.
+    """
+
+    def __init__(self, classifier: DigitClassifier, settings: EvalSettings):
+        self.classifier = classifier
+        self.settings = settings
+        self.features = FeatureNet(classifier.features, classifier.num_features)
+        self.reference = FIDReference.compute(load_digits("heldout").images, self.features)
+        self.count = 10 * settings.samples_per_prompt
+        self.noises = [eval_noise(s, self.count) for s in range(settings.seeds)]
+
+    def fid(self, images: torch.Tensor) -> float:
+        """FID of ``images`` (clamped to the pixel range) against the held-out digits."""
+        metric = FID(self.features, reference=self.reference)
+        metric.update(images.clamp(-1, 1))
+        return float(metric.compute())
+
+    def floor(self) -> float:
+        """FID of as many real training digits as the models generate: what a perfect model would score."""
+        train = load_digits("train")
+        return self.fid(train.images[: self.count])
+
+    def classifier_accuracy(self) -> float:
+        """The classifier's accuracy on the held-out digits."""
+        held = load_digits("heldout")
+        return float((self.classifier.predict(held.images) == held.labels).float().mean())
+
+    def measure(self, row: Row, teacher: Teacher) -> Row:
+        """Sample every seed's noises and fill in FID, accuracy and speed."""
+        solver = with_steps(teacher, row.steps)
+        elapsed = 0.0
+        for x0, prompts, labels in self.noises:
+            start = time.perf_counter()
+            with torch.no_grad():
+                images = solver.sample(x0, prompts, row.guidance).x
+            elapsed += time.perf_counter() - start
+            row.fid.append(self.fid(images))
+            row.accuracy.append(float((self.classifier.predict(images.clamp(-1, 1)) == labels).float().mean()))
+        row.ms_per_image = 1000 * elapsed / (len(self.noises) * self.count)
+        return row
+
+    def trajectory(self, teacher: Teacher, guidance: float, count: int | None = None) -> ODESolution:
+        """The flow's Euler trajectory on the first seed's noises (``count`` of them)."""
+        x0, prompts, _ = self.noises[0]
+        count = count or len(prompts)
+        solver = with_steps(teacher, self.settings.straightness_steps)
+        with torch.no_grad():
+            return solver.sample(x0[:count], prompts[:count], guidance, return_trajectory=True)
+
+    def straightness(self, teacher: Teacher, guidance: float) -> float:
+        """S of the flow at ``guidance`` (0 = straight), on the first seed's noises."""
+        return float(straightness(self.trajectory(teacher, guidance)).mean())
+
+    def samples(self, teacher: Teacher, steps: int, guidance: float, count: int = 10) -> torch.Tensor:
+        """The first ``count`` samples of the first seed (one per prompt for count = 10), for the grid."""
+        x0, prompts, _ = self.noises[0]
+        with torch.no_grad():
+            return with_steps(teacher, steps).sample(x0[:count], prompts[:count], guidance).x.clamp(-1, 1)
+
+
+def distill_loss(teacher: Teacher, pairs: Path, limit: int) -> float:
+    """Mean l2 between a one-step model's output and held-out pairs' X1 (the distillation loss on unseen pairs).
+
+    The held-out pairs are those the distillation configs validate on (``val_fraction: 0.05`` of ``pairs``).
+    """
+    from instaflow_pl.data import TriplesDataModule
+
+    data = TriplesDataModule(str(pairs), batch_size=500, val_fraction=0.05)
+    data.setup("fit")
+    total, count = 0.0, 0
+    one_step = with_steps(teacher, 1)
+    for batch in data.val_dataloader():
+        with torch.no_grad():
+            out = one_step.sample(batch.x0, batch.prompts, 1.0).x
+        total += float(l2_distance(out, batch.x1).sum())
+        count += len(batch)
+        if count >= limit:
+            break
+    return total / max(count, 1)
+
+
+def load_flow(folder: Path) -> Teacher:
+    """A demo model folder as a velocity teacher (Euler)."""
+    return load_teacher(folder, solver="euler", steps=1)
+
+
+def digits_for_grid() -> Digits:
+    """One real held-out digit per class (the grid's top row)."""
+    held = load_digits("heldout")
+    firsts = [int((held.labels == d).nonzero()[0]) for d in range(10)]
+    return Digits(held.images[firsts], held.labels[firsts])

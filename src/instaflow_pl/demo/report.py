@@ -1,0 +1,343 @@
+"""The demo's report: measure every model, decide which of InstaFlow's findings reproduced, write md/json/PNGs.
+
+The thresholds of the findings are fixed here, before any number is seen, and are never adjusted to make a finding
+pass; a finding that does not reproduce is reported as such.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, digits_for_grid, distill_loss, load_flow
+from instaflow_pl.demo.stages import DemoPlan, budgets, read_record, stage, student_name
+
+WELL_BELOW = 0.75
+"""Finding (b): the 2-RF's best one-step FID must be below this fraction of the 1-RF's."""
+STUDENT_ACCURACY = 0.90
+"""Finding (d): the one-step student's prompt accuracy must reach this."""
+STUDENT_FID_FACTOR = 1.5
+"""Finding (d): its FID must be within this factor of the 1-RF's at 25 steps."""
+FLOWS = {"1-RF": "1rf", "2-RF": "2rf"}
+STUDENTS = {"2rf": ("student (2-RF)", "distill-2rf"), "1rf": ("student (1-RF)", "distill-1rf")}
+
+
+@dataclass
+class Finding:
+    """One of the paper's findings, as measured here.
+
+    Attributes:
+        key: ``a`` to ``d``.
+        claim: What the paper found.
+        reproduced: Whether the measured numbers show it (None: partly).
+        evidence: The numbers, in words.
+    """
+
+    key: str
+    claim: str
+    reproduced: bool | None
+    evidence: str
+
+    @property
+    def verdict(self) -> str:
+        """``reproduced``, ``partly reproduced`` or ``not reproduced``."""
+        return {True: "reproduced", False: "not reproduced", None: "partly reproduced"}[self.reproduced]
+
+
+# ---- measuring -------------------------------------------------------------------------------------------------
+
+
+def _progress(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluating", unit="setting", dynamic_ncols=True)
+
+
+def measure_all(plan: DemoPlan, evaluator: Evaluator) -> tuple[list[Row], list[Row]]:
+    """Rows of the flows (every step count and guidance) and of the students (budget 0 = the student's start)."""
+    settings = evaluator.settings
+    student_budgets = {key: budgets(plan, stage(name)) for key, (_, name) in STUDENTS.items()}
+    total = len(FLOWS) * len(settings.steps) * len(settings.guidance) + sum(
+        len(b) + 1 for b in student_budgets.values()
+    )
+    flows, students = [], []
+    with _progress(total) as bar:
+        for label, key in FLOWS.items():
+            teacher = load_flow(plan.model(key))
+            for guidance in settings.guidance:
+                s = evaluator.straightness(teacher, guidance)
+                for steps in settings.steps:
+                    row = Row(label, str(plan.model(key)), steps, guidance, straightness=s)
+                    flows.append(evaluator.measure(row, teacher))
+                    bar.update()
+        for key, (label, _) in STUDENTS.items():
+            for budget in [0, *student_budgets[key]]:
+                folder = plan.model(key) if budget == 0 else plan.model(student_name(key, budget))
+                teacher = load_flow(folder)
+                loss = distill_loss(teacher, plan.pairs(key), settings.distill_val_pairs)
+                row = Row(label, str(folder), 1, 1.0, budget=budget, distill_loss=loss)
+                students.append(evaluator.measure(row, teacher))
+                bar.update()
+    return flows, students
+
+
+# ---- findings --------------------------------------------------------------------------------------------------
+
+
+def _find(rows: list[Row], model: str, steps: int, guidance: float) -> Row:
+    return next(r for r in rows if r.model == model and r.steps == steps and r.guidance == guidance)
+
+
+def _fid(row: Row) -> str:
+    return f"{row.fid_mean:.2f} ± {row.fid_std:.2f}"
+
+
+def finding_straightness(flows: list[Row], guidance: tuple[float, ...]) -> Finding:
+    """(a) S(2-RF) < S(1-RF), with the ratio, at every guidance weight."""
+    parts, ok = [], True
+    for w in guidance:
+        s1, s2 = _find(flows, "1-RF", 1, w).straightness, _find(flows, "2-RF", 1, w).straightness
+        ok &= s2 < s1
+        parts.append(f"w={w:g}: S(1-RF)={s1:.4f}, S(2-RF)={s2:.4f}, ratio {s2 / s1:.2f}")
+    return Finding("a", "reflow straightens the flow: S(2-RF) < S(1-RF)", ok, "; ".join(parts))
+
+
+def finding_one_step(flows: list[Row], guidance: tuple[float, ...]) -> Finding:
+    """(b) The 2-RF's best one-step FID well below the 1-RF's (both guidance weights reported)."""
+    parts = [
+        f"w={w:g}: 1-RF {_fid(_find(flows, '1-RF', 1, w))}, 2-RF {_fid(_find(flows, '2-RF', 1, w))}" for w in guidance
+    ]
+    best1 = min(_find(flows, "1-RF", 1, w).fid_mean for w in guidance)
+    best2 = min(_find(flows, "2-RF", 1, w).fid_mean for w in guidance)
+    ratio = best2 / best1
+    parts.append(f"best one-step FID ratio 2-RF / 1-RF = {ratio:.2f} (threshold {WELL_BELOW})")
+    return Finding("b", "one-step FID of the 2-RF is well below the 1-RF's", ratio < WELL_BELOW, "; ".join(parts))
+
+
+def finding_budget(students: list[Row]) -> Finding:
+    """(c) The ablation: distilling the 2-RF beats distilling the 1-RF directly, budget by budget."""
+    reflowed = {r.budget: r for r in students if r.model == STUDENTS["2rf"][0] and r.budget}
+    direct = {r.budget: r for r in students if r.model == STUDENTS["1rf"][0] and r.budget}
+    wins, parts = [], []
+    for budget in sorted(reflowed):
+        a, b = reflowed[budget], direct[budget]
+        win = a.fid_mean < b.fid_mean
+        clear = abs(a.fid_mean - b.fid_mean) > a.fid_std + b.fid_std
+        wins.append(win)
+        parts.append(
+            f"{budget} steps: FID {a.fid_mean:.2f} vs {b.fid_mean:.2f} (ratio {a.fid_mean / b.fid_mean:.2f}"
+            f"{'' if clear else ', within the seed spread'}), distillation loss {a.distill_loss:.4f} vs "
+            f"{b.distill_loss:.4f}"
+        )
+    reproduced = True if all(wins) else (False if not any(wins) else None)
+    won = [str(b) for b, w in zip(sorted(reflowed), wins, strict=True) if w]
+    parts.append(f"reflow-then-distill wins at {', '.join(won) or 'no'} budget(s) of {len(wins)}")
+    claim = "distilling the 2-RF beats distilling the 1-RF directly (paper's ablation)"
+    return Finding("c", claim, reproduced, "; ".join(parts))
+
+
+def finding_student(flows: list[Row], students: list[Row], guidance: tuple[float, ...]) -> Finding:
+    """(d) The one-step student (2-RF, largest budget): accuracy >= 90%, FID within 1.5x of the 1-RF at 25 steps.
+
+    "25 steps" is the largest step count evaluated (25 in the demo).
+    """
+    student = max((r for r in students if r.model == STUDENTS["2rf"][0]), key=lambda r: r.budget or 0)
+    most = max(r.steps for r in flows)
+    reference = min(_find(flows, "1-RF", most, w).fid_mean for w in guidance)
+    ok_acc = student.accuracy_mean >= STUDENT_ACCURACY
+    ok_fid = student.fid_mean <= STUDENT_FID_FACTOR * reference
+    evidence = (
+        f"student after {student.budget} steps: accuracy {student.accuracy_mean:.1%} (needs {STUDENT_ACCURACY:.0%}), "
+        f"FID {student.fid_mean:.2f} = {student.fid_mean / reference:.2f} x the 1-RF's best {most}-step FID "
+        f"{reference:.2f} (needs <= {STUDENT_FID_FACTOR})"
+    )
+    claim = "the one-step student keeps the prompt and nearly the 25-step quality"
+    return Finding("d", claim, ok_acc and ok_fid, evidence)
+
+
+# ---- pictures --------------------------------------------------------------------------------------------------
+
+
+def grid_figure(rows: list[tuple[str, torch.Tensor]]) -> Image.Image:
+    """Rows of ten digits (one column per prompt, the same noise in every row), labelled, as a picture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from instaflow_pl.callbacks.images import figure_to_pil
+    from instaflow_pl.data.digits import DIGIT_WORDS
+
+    figure, axes = plt.subplots(len(rows), 10, figsize=(10 * 0.8 + 2.2, len(rows) * 0.8 + 0.4), dpi=100)
+    for r, (label, images) in enumerate(rows):
+        for c in range(10):
+            axis = axes[r, c]
+            axis.imshow(images[c, 0].cpu().numpy(), cmap="gray_r", vmin=-1, vmax=1, interpolation="nearest")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if r == 0:
+                axis.set_title(DIGIT_WORDS[c], fontsize=9)
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+    figure.tight_layout(pad=0.3)
+    return figure_to_pil(figure)
+
+
+def draw_grid(plan: DemoPlan, evaluator: Evaluator, students: list[Row]) -> Image.Image:
+    """Real digits, the flows at 1 and 25 steps, and the largest-budget students."""
+    rows: list[tuple[str, torch.Tensor]] = [("real (held-out)", digits_for_grid().images)]
+    guided = max(evaluator.settings.guidance)
+    for label, key in FLOWS.items():
+        teacher = load_flow(plan.model(key))
+        for steps, w in ((1, 1.0), (1, guided), (25, guided)):
+            rows.append((f"{label}, {steps} step{'s' * (steps > 1)}, w={w:g}", evaluator.samples(teacher, steps, w)))
+    for key, (label, _) in STUDENTS.items():
+        last = max((r for r in students if r.model == label), key=lambda r: r.budget or 0)
+        teacher = load_flow(plan.model(student_name(key, last.budget)))
+        rows.append((f"{label}, {last.budget} steps, 1 step", evaluator.samples(teacher, 1, 1.0)))
+    return grid_figure(rows)
+
+
+def draw_straightness(plan: DemoPlan, evaluator: Evaluator, count: int = 12) -> Image.Image:
+    """Trajectories of the 1-RF and the 2-RF from the same noises (2-D projection) and their gap over t."""
+    from instaflow_pl.callbacks.trajectories import trajectory_figure
+
+    solutions = {label: evaluator.trajectory(load_flow(plan.model(key)), 1.0, count) for label, key in FLOWS.items()}
+    return trajectory_figure(solutions)
+
+
+# ---- writing -------------------------------------------------------------------------------------------------
+
+
+def stage_seconds(plan: DemoPlan) -> dict[str, float]:
+    """Recorded wall time of each finished stage."""
+    from instaflow_pl.demo.stages import STAGES
+
+    records = {name: read_record(plan, name) for name in STAGES}
+    return {name: float(r["seconds"]) for name, r in records.items() if r is not None}
+
+
+def _table(rows: list[Row], with_budget: bool) -> list[str]:
+    head = "| model | budget | steps | w | FID (mean ± sd) | accuracy | S | ms/image | distill loss |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        budget = str(r.budget) if with_budget and r.budget is not None else "-"
+        s = f"{r.straightness:.4f}" if r.straightness is not None else "-"
+        loss = f"{r.distill_loss:.4f}" if r.distill_loss is not None else "-"
+        lines.append(
+            f"| {r.model} | {budget} | {r.steps} | {r.guidance:g} | {_fid(r)} | {r.accuracy_mean:.1%} | {s} | "
+            f"{r.ms_per_image:.3f} | {loss} |"
+        )
+    return lines
+
+
+def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row], findings: list[Finding]) -> str:
+    """report.md."""
+    settings = report["settings"]
+    lines = [
+        "# instaflow-pl digits demo: report",
+        "",
+        f"Written {report['written']}. Models: a residual-MLP velocity on 8x8 digits (pixel space) conditioned on a "
+        "frozen tiny CLIP text encoder. FID uses the 64 features of the project's digit classifier against the "
+        f"{report['reference_count']} held-out digits; every model is sampled from the same noises, "
+        f"{settings['samples_per_prompt']} per prompt and {settings['seeds']} seeds (mean ± sd over seeds). "
+        f"FID floor (real training digits, same count): {report['fid_floor']:.2f}. Classifier accuracy on held-out "
+        f"digits: {report['classifier_accuracy']:.1%}. Accuracy = share of samples the classifier reads as the "
+        "prompted digit. S = straightness along a "
+        f"{settings['straightness_steps']}-step Euler trajectory (0 = straight). w = guidance (1 = none).",
+        "",
+        "## Findings",
+        "",
+    ]
+    for f in findings:
+        lines.append(f"- **({f.key}) {f.claim}: {f.verdict}.** {f.evidence}.")
+    lines += ["", "## Flows", "", *_table(flows, with_budget=False), ""]
+    lines += [
+        "## Students (one step, w = 1) by distillation budget",
+        "",
+        "Budget 0 is the student's starting point (its teacher at one step). The distillation loss is the mean "
+        "squared error to the teacher's held-out pairs.",
+        "",
+        *_table(students, with_budget=True),
+        "",
+        "## Pictures",
+        "",
+        "- `grid.png`: rows = models, columns = prompts (the same noise down each column).",
+        "- `straightness.png`: trajectories of the 1-RF and 2-RF from the same noises, and their gap over t.",
+        "",
+        "## Wall time of each stage (2 CPU cores unless noted)",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    times = report["stage_seconds"]
+    lines += [f"| {name} | {seconds:.0f} |" for name, seconds in times.items()]
+    lines += [f"| total | {sum(times.values()):.0f} |", ""]
+    return "\n".join(lines)
+
+
+def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image.Image]) -> None:
+    import wandb
+
+    folder = plan.run_dir("report")
+    folder.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project="instaflow-pl-demo", name="demo-report", dir=str(folder), config=report["settings"])
+    columns = ["model", "budget", "steps", "guidance", "fid_mean", "fid_std", "accuracy", "straightness", "ms"]
+    table = wandb.Table(columns=columns)
+    for r in report["flows"] + report["students"]:
+        table.add_data(
+            r["model"], r["budget"], r["steps"], r["guidance"], r["fid_mean"], r["fid_std"], r["accuracy_mean"],
+            r["straightness"], r["ms_per_image"],
+        )  # fmt: skip
+    run.log({"report/table": table, **{f"report/{k}": wandb.Image(v) for k, v in pictures.items()}})
+    run.summary.update({f"finding_{f['key']}": f["verdict"] for f in report["findings"]})
+    run.finish()
+
+
+def write_report(plan: DemoPlan) -> dict[str, Any]:
+    """Measure, decide, and write report.md, report.json, grid.png and straightness.png to the demo's folder."""
+    from instaflow_pl.demo.classifier import load_classifier
+
+    start = time.perf_counter()
+    settings = EvalSettings(**plan.evaluation)
+    classifier = load_classifier(plan.path("classifier"))
+    evaluator = Evaluator(classifier, settings)
+    flows, students = measure_all(plan, evaluator)
+    findings = [
+        finding_straightness(flows, settings.guidance),
+        finding_one_step(flows, settings.guidance),
+        finding_budget(students),
+        finding_student(flows, students, settings.guidance),
+    ]
+    pictures = {"grid": draw_grid(plan, evaluator, students), "straightness": draw_straightness(plan, evaluator)}
+    times = {**stage_seconds(plan), "report": time.perf_counter() - start}
+    report: dict[str, Any] = {
+        "written": time.strftime("%Y-%m-%d %H:%M"),
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(settings).items()},
+        "fid_floor": evaluator.floor(),
+        "reference_count": evaluator.reference.count,
+        "classifier_accuracy": evaluator.classifier_accuracy(),
+        "flows": [r.to_json() for r in flows],
+        "students": [r.to_json() for r in students],
+        "findings": [{**vars(f), "verdict": f.verdict} for f in findings],
+        "stage_seconds": times,
+    }
+    for name, picture in pictures.items():
+        picture.save(plan.path(f"{name}.png"))
+    plan.path("report.json").write_text(json.dumps(report, indent=2) + "\n")
+    plan.path("report.md").write_text(render_markdown(report, flows, students, findings))
+    _log_wandb(plan, report, pictures)
+    for f in findings:
+        print(f"({f.key}) {f.verdict}: {f.claim}")
+    print(f"wrote {plan.path('report.md')}, report.json, grid.png, straightness.png")
+    return report
+
+
+def read_report(folder: str | Path) -> dict[str, Any]:
+    """A written report.json."""
+    return json.loads((Path(folder) / "report.json").read_text())

@@ -1,0 +1,209 @@
+"""The digits demo's parts (data, MLP velocity folder, classifier, prompt cache, findings) and its stage runner."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import REPO
+
+from instaflow_pl.data.digits import DIGIT_PROMPTS, HELD_OUT, DigitsDataModule, load_digits, prompt_label
+from instaflow_pl.demo.base import build_digits_base
+from instaflow_pl.errors import UserError
+from instaflow_pl.velocity.mlp import MLPVelocityNet
+from instaflow_pl.velocity.networks import latent_geometry, load_network, network_from_config
+
+DEMO_CONFIGS = REPO / "configs" / "demo"
+
+
+@pytest.fixture(scope="module")
+def digits_base(tmp_path_factory):
+    return build_digits_base(tmp_path_factory.mktemp("digits") / "base", width=32, num_blocks=1)
+
+
+def test_digit_splits_are_disjoint_fixed_and_prompted():
+    train, held = load_digits("train"), load_digits("heldout")
+    assert (len(train), len(held)) == (1797 - HELD_OUT, HELD_OUT)
+    assert train.images.shape[1:] == (1, 8, 8) and -1.0 <= float(train.images.min()) < float(train.images.max()) <= 1
+    every = load_digits("all").images.flatten(1)
+    assert len({tuple(r.tolist()) for r in torch.cat([train.images, held.images]).flatten(1)}) == len(
+        {tuple(r.tolist()) for r in every}
+    )  # together they are the whole set, nothing twice
+    assert torch.equal(load_digits("heldout").images, held.images)
+    assert [prompt_label(p) for p in held.prompts[:20]] == held.labels[:20].tolist()
+    assert DIGIT_PROMPTS[7] == "a handwritten digit seven"
+    with pytest.raises(UserError, match="not a digit prompt"):
+        prompt_label("a photo of a cat")
+
+
+def test_digits_datamodule_yields_image_batches_without_noise():
+    data = DigitsDataModule(batch_size=32, repeats=2, val_size=40)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.x0 is None and batch.x1.shape == (32, 1, 8, 8) and len(batch.prompts) == 32
+    train = load_digits("train")
+    assert batch.prompts == [DIGIT_PROMPTS[int(train.labels[i])] for i in batch.index]
+    assert len(data.train_dataloader()) == 2 * len(train) // 32
+    val = list(data.val_dataloader())
+    assert sum(len(b) for b in val) == 40 and torch.equal(val[0].x1, list(data.val_dataloader())[0].x1)
+    with pytest.raises(UserError, match="val_size"):
+        DigitsDataModule(val_size=HELD_OUT + 1)
+
+
+def test_mlp_velocity_saves_loads_and_checks_its_text_shape(tmp_path):
+    net = MLPVelocityNet(width=32, num_blocks=2, cross_attention_dim=8, text_tokens=4)
+    net.save_pretrained(tmp_path / "unet")
+    loaded = load_network(tmp_path, "unet")
+    assert isinstance(loaded, MLPVelocityNet)
+    x, text = torch.randn(3, 1, 8, 8), torch.randn(3, 4, 8)
+    t = torch.tensor([0.0, 500.0, 1000.0])
+    assert torch.equal(net(x, t, text, return_dict=False)[0], loaded(x, t, text, return_dict=False)[0])
+    assert torch.equal(net(x, 500.0, text)["sample"][1], net(x, t, text)["sample"][1])  # scalar timestep
+    rebuilt = network_from_config(json.loads(net.to_json_string()))
+    assert isinstance(rebuilt, MLPVelocityNet) and rebuilt.config.width == 32
+    geometry = latent_geometry(net)
+    assert geometry.shape == (1, 8, 8) and geometry.fits((1, 8, 8)) and not geometry.fits((1, 16, 16))
+    with pytest.raises(ValueError, match="text states of shape"):
+        net(x, t, torch.randn(3, 77, 8))
+    with pytest.raises(UserError, match="cannot load"):
+        network_from_config({"_class_name": "SomethingElse"})
+
+
+def test_digits_base_is_a_velocity_teacher_in_pixel_space(digits_base):
+    from instaflow_pl.teachers import load_teacher
+
+    teacher = load_teacher(digits_base, solver="euler", steps=3)
+    assert teacher.kind == "velocity" and teacher.latent_shape == (1, 8, 8)
+    x0 = torch.randn(2, 1, 8, 8)
+    solution = teacher.sample(x0, DIGIT_PROMPTS[:2], guidance=1.5)
+    assert solution.x.shape == (2, 1, 8, 8) and solution.nfe == 3
+    with pytest.raises(UserError, match="exactly"):
+        teacher.check_latent_shape((1, 16, 16))
+    assert not (digits_base / "vae").exists()
+
+
+def test_prompt_cache_gives_batch_independent_embeddings(digits_base):
+    from instaflow_pl.text import PromptEncoder
+
+    plain = PromptEncoder.from_folder(str(digits_base))
+    cached = PromptEncoder.from_folder(str(digits_base), cache_mb=1)
+    prompts = list(DIGIT_PROMPTS[:4]) * 2
+    first = cached.encode(prompts)
+    assert torch.allclose(first, plain.encode(prompts), atol=1e-6)
+    assert torch.equal(cached.encode(prompts[::-1]), first.flip(0))  # bitwise: no dependence on the batch
+    assert torch.equal(cached.encode(prompts[:1]), first[:1])
+    tiny = PromptEncoder.from_folder(str(digits_base), cache_mb=first[0].numel() * 4 * 2.5 / 2**20)  # room for two
+    tiny.encode(DIGIT_PROMPTS[:5])  # a batch is always kept whole
+    assert len(tiny._cache) == 5
+    tiny.encode(DIGIT_PROMPTS[5:6])
+    assert list(tiny._cache) == [DIGIT_PROMPTS[4], DIGIT_PROMPTS[5]]  # least recently used out
+
+
+def test_classifier_learns_digits_and_round_trips(tmp_path):
+    from instaflow_pl.demo.classifier import accuracy, load_classifier, save_classifier, train_classifier
+
+    model = train_classifier(load_digits("train"), epochs=15)
+    held = load_digits("heldout")
+    assert accuracy(model, held) > 0.9
+    save_classifier(model, tmp_path / "clf")
+    again = load_classifier(tmp_path / "clf")
+    assert torch.equal(again.predict(held.images), model.predict(held.images))
+    with pytest.raises(UserError, match="no digit classifier"):
+        load_classifier(tmp_path / "missing")
+
+
+def _row(model, steps, guidance, fid, accuracy=1.0, s=None, budget=None, loss=None):
+    from instaflow_pl.demo.evaluate import Row
+
+    return Row(model, "", steps, guidance, budget, [fid, fid], [accuracy], 0.1, s, loss)
+
+
+def test_findings_follow_the_numbers_both_ways():
+    from instaflow_pl.demo import report
+
+    flows = [
+        _row(name, steps, w, fid, s=s)
+        for name, s, one in (("1-RF", 0.08, 8.0), ("2-RF", 0.02, 5.0))
+        for w in (1.0, 1.5)
+        for steps, fid in ((1, one), (25, 1.4))
+    ]
+    assert report.finding_straightness(flows, (1.0, 1.5)).reproduced is True
+    assert report.finding_one_step(flows, (1.0, 1.5)).reproduced is True  # 5 / 8 < 0.75
+    worse = [
+        _row(r.model, r.steps, r.guidance, 7.0 if r.model == "2-RF" else r.fid[0], s=r.straightness) for r in flows
+    ]
+    assert report.finding_one_step(worse, (1.0, 1.5)).reproduced is False  # 7 / 8 is not "well below"
+    students = [
+        _row("student (2-RF)", 1, 1.0, fid, accuracy=0.95, budget=b, loss=0.01) for b, fid in ((100, 3.0), (300, 2.0))
+    ] + [_row("student (1-RF)", 1, 1.0, fid, budget=b, loss=0.03) for b, fid in ((100, 4.0), (300, 1.8))]
+    budget = report.finding_budget(students)
+    assert budget.reproduced is None and "wins at 100 budget(s) of 2" in budget.evidence
+    student = report.finding_student(flows, students, (1.0, 1.5))
+    assert student.reproduced is True  # 95% >= 90%, 2.0 <= 1.5 x 1.4
+    students[1].accuracy = [0.5]
+    assert report.finding_student(flows, students, (1.0, 1.5)).verdict == "not reproduced"
+
+
+TINY = {
+    "1rf": ["--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--data.init_args.batch_size", "64"],
+    "pairs-1rf": ["--data.init_args.repeats", "20", "--model.init_args.steps", "4"],
+    "2rf": ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--data.init_args.batch_size", "32"],
+    "pairs-2rf": ["--data.init_args.repeats", "20", "--model.init_args.steps", "4"],
+    "distill-2rf": ["--trainer.val_check_interval", "3", "--data.init_args.batch_size", "32"],
+    "distill-1rf": ["--trainer.val_check_interval", "3", "--data.init_args.batch_size", "32"],
+    "distill-2rf:budgets": ["3", "6"],
+    "distill-1rf:budgets": ["3", "6"],
+}
+
+
+def _plan(out):
+    from instaflow_pl.demo.stages import DemoPlan
+
+    evaluation = {"samples_per_prompt": 4, "seeds": 2, "steps": (1, 4), "distill_val_pairs": 16}
+    return DemoPlan(out, DEMO_CONFIGS, dict(TINY), evaluation)
+
+
+@pytest.mark.slow
+def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, capsys):
+    """Every configs/demo YAML runs through the CLI; a rerun skips; a changed config is refused until --force."""
+    from instaflow_pl.demo.stages import STAGES, run_stages
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    plan = _plan(tmp_path / "demo")
+    times = run_stages(plan)
+    assert list(times) == list(STAGES)
+    report = json.loads((plan.out / "report.json").read_text())
+    assert [f["key"] for f in report["findings"]] == ["a", "b", "c", "d"]
+    assert {r["budget"] for r in report["students"]} == {0, 3, 6}
+    assert len(report["flows"]) == 2 * 2 * 2 and all(len(r["fid"]) == 2 for r in report["flows"])
+    for name in ("report.md", "grid.png", "straightness.png"):
+        assert (plan.out / name).stat().st_size > 0
+    for model in ("1rf", "2rf", "student-2rf-3", "student-2rf-6", "student-1rf-6"):
+        assert json.loads((plan.model(model) / "instaflow.json").read_text())["kind"] == "velocity"
+    assert json.loads((plan.model("student-2rf-3") / "instaflow.json").read_text())["training_steps"] == 3
+    assert list(plan.run_dir("1rf").glob("wandb/offline-run-*")), "each stage keeps an offline W&B run"
+
+    capsys.readouterr()
+    assert run_stages(plan) == {}  # everything cached
+    assert capsys.readouterr().out.count("done earlier, skipped") == len(STAGES)
+
+    plan.overrides["2rf"] = [*TINY["2rf"], "--model.init_args.prompt_dropout", "0.2"]
+    with pytest.raises(UserError, match="2rf .*other settings.*--force"):
+        run_stages(plan)
+    untouched = (plan.out / "pairs" / "1rf" / "index.json").read_bytes()
+    report_before = (plan.out / "report.md").read_text()
+    times = run_stages(plan, ["2rf", "pairs-2rf", "distill-2rf", "report"], force=True)
+    assert list(times) == ["2rf", "pairs-2rf", "distill-2rf", "report"]
+    assert (plan.out / "pairs" / "1rf" / "index.json").read_bytes() == untouched  # upstream kept
+    assert (plan.out / "report.md").read_text() != report_before
+    assert run_stages(plan) == {}  # distill-1rf does not depend on the 2-RF: kept and still valid
+
+
+def test_demo_stage_needs_its_upstream(tmp_path):
+    from instaflow_pl.demo.stages import run_stages
+
+    with pytest.raises(UserError, match="needs stage setup first"):
+        run_stages(_plan(tmp_path / "demo"), ["1rf"])
+    with pytest.raises(UserError, match="unknown demo stage"):
+        run_stages(_plan(tmp_path / "demo"), ["3rf"])
