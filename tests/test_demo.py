@@ -129,6 +129,8 @@ def test_findings_follow_the_numbers_both_ways():
         for steps, fid in ((1, one), (25, 1.4))
     ]
     assert report.finding_straightness(flows, (1.0, 1.5)).reproduced is True
+    bent = [_row(r.model, r.steps, r.guidance, r.fid[0], s=0.1 if r.model == "2-RF" else r.straightness) for r in flows]
+    assert report.finding_straightness(bent, (1.0, 1.5)).reproduced is False
     assert report.finding_one_step(flows, (1.0, 1.5)).reproduced is True  # 5 / 8 < 0.75
     worse = [
         _row(r.model, r.steps, r.guidance, 7.0 if r.model == "2-RF" else r.fid[0], s=r.straightness) for r in flows
@@ -139,6 +141,11 @@ def test_findings_follow_the_numbers_both_ways():
     ] + [_row("student (1-RF)", 1, 1.0, fid, budget=b, loss=0.03) for b, fid in ((100, 4.0), (300, 1.8))]
     budget = report.finding_budget(students)
     assert budget.reproduced is None and "wins at 100 budget(s) of 2" in budget.evidence
+    students[3].fid = [2.5, 2.5]
+    assert report.finding_budget(students).reproduced is True
+    students[2].fid, students[3].fid = [2.9, 2.9], [1.5, 1.5]
+    assert report.finding_budget(students).reproduced is False
+    students[2].fid, students[3].fid = [4.0, 4.0], [1.8, 1.8]
     student = report.finding_student(flows, students, (1.0, 1.5))
     assert student.reproduced is True  # 95% >= 90%, 2.0 <= 1.5 x 1.4
     students[1].accuracy = [0.5]
@@ -207,3 +214,57 @@ def test_demo_stage_needs_its_upstream(tmp_path):
         run_stages(_plan(tmp_path / "demo"), ["1rf"])
     with pytest.raises(UserError, match="unknown demo stage"):
         run_stages(_plan(tmp_path / "demo"), ["3rf"])
+
+
+def test_demo_refuses_a_foreign_folder_and_stale_or_interrupted_stages_before_deleting(tmp_path):
+    from instaflow_pl.demo.stages import _write_record, is_done, run_stages, stage
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError, match="holds no demo run"):
+        run_stages(_plan(foreign), force=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+    plan = _plan(tmp_path / "demo")
+    (plan.out / "stages").mkdir(parents=True)
+    for name in ("setup", "1rf"):
+        for output in stage(name).outputs(plan):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text("{}")
+        _write_record(plan, stage(name), "done", 1.0)
+    _write_record(plan, stage("pairs-1rf"), "started")  # interrupted with these settings: resumes
+    assert is_done(plan, stage("1rf")) and not is_done(plan, stage("pairs-1rf"))
+    plan.overrides["pairs-1rf"] = ["--data.init_args.repeats", "7"]  # interrupted with other settings: refused
+    with pytest.raises(UserError, match="pairs-1rf .*was started \\(and interrupted\\) with other settings"):
+        is_done(plan, stage("pairs-1rf"))
+
+    plan.overrides["1rf"] = ["--trainer.max_steps", "5"]  # 1rf changed: forcing 2rf is refused, nothing deleted
+    plan.model("2rf").mkdir(parents=True)
+    with pytest.raises(UserError, match="1rf .*other settings"):
+        run_stages(plan, ["2rf"], force=True)
+    assert plan.model("2rf").is_dir()
+
+
+def test_checkpoint_at_steps_never_replaces_another_runs_budgets(tmp_path):
+    from types import SimpleNamespace
+
+    from instaflow_pl.callbacks import CheckpointAtSteps
+    from instaflow_pl.callbacks.budgets import budget_checkpoint
+
+    callback = CheckpointAtSteps([5, 10], dirpath=str(tmp_path))
+    budget_checkpoint(tmp_path, 10).write_text("another run")
+    with pytest.raises(UserError, match="exists from another run"):
+        callback.on_fit_start(SimpleNamespace(global_step=0), None)
+    callback.on_fit_start(SimpleNamespace(global_step=10), None)  # resumed at 10: the file is this run's own
+    with pytest.raises(UserError, match="step counts >= 1"):
+        CheckpointAtSteps([0])
+
+
+def test_evaluation_settings_are_checked():
+    from instaflow_pl.demo.evaluate import EvalSettings
+
+    with pytest.raises(UserError, match="include 1"):
+        EvalSettings(steps=(2, 4))
+    with pytest.raises(UserError, match="guidance must include 1"):
+        EvalSettings(guidance=(1.5,))

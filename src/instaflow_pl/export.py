@@ -271,9 +271,18 @@ def _copy_component(base: Path, name: str, dest: Path) -> None:
     shutil.copytree(source, dest / name)  # follows symlinks (hub caches): the export stands alone
 
 
+def is_pixel_space(root: Path) -> bool:
+    """Whether a model folder declares no VAE (its ``model_index.json`` lists none): latents are images."""
+    index = _read_json(root / "model_index.json")
+    return "unet" in index and "vae" not in index
+
+
 def _components(base: Path) -> tuple[str, ...]:
-    """The parts copied from the base model: a pixel-space model (the digits demo) has no VAE."""
-    return tuple(name for name in _COPIED if name != "vae" or (base / "vae").is_dir())
+    """The parts copied from the base model: all of them, less the VAE of a pixel-space model (the digits demo).
+
+    A folder whose model index lists a VAE must have it: a missing ``vae/`` is an error, not pixel space.
+    """
+    return tuple(name for name in _COPIED if name != "vae" or not is_pixel_space(base))
 
 
 def _model_index(base: Path, unet: Any) -> dict[str, Any]:

@@ -45,7 +45,7 @@ class InstaFlowPipeline(DiffusionPipeline):
 
     _optional_components = ["vae"]
 
-    def __init__(self, text_encoder, tokenizer, unet: ModelMixin, scheduler, vae: AutoencoderKL | None = None):
+    def __init__(self, vae: AutoencoderKL | None, text_encoder, tokenizer, unet: ModelMixin, scheduler):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1

@@ -12,7 +12,7 @@ import torch
 
 from instaflow_pl.errors import UserError
 
-_REQUIRED_PARTS = ("unet", "text_encoder", "tokenizer")  # no vae/: a pixel-space model (the digits demo)
+_REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
 @dataclass
@@ -80,9 +80,12 @@ def velocity_folder(model: str) -> Path:
             f"{root} is not a velocity model (its {KIND_FILE} does not mark it as one); sample draws from rectified "
             "flows such as the folders `instaflow-pl export` writes, not from a Stable Diffusion folder"
         )
-    for part in _REQUIRED_PARTS:
+    from instaflow_pl.export import is_pixel_space
+
+    parts = [p for p in _REQUIRED_PARTS if p != "vae" or not is_pixel_space(root)]  # the digits demo has no VAE
+    for part in parts:
         if not (root / part).is_dir():
-            raise UserError(f"{root} has no {part}/ subfolder; a velocity model needs {', '.join(_REQUIRED_PARTS)}")
+            raise UserError(f"{root} has no {part}/ subfolder; a velocity model needs {', '.join(parts)}")
     return root
 
 

@@ -15,6 +15,7 @@ import torch
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.data.digits import DIGIT_PROMPTS, Digits, load_digits
 from instaflow_pl.demo.classifier import DigitClassifier
+from instaflow_pl.errors import UserError
 from instaflow_pl.metrics import FID, FeatureNet, FIDReference, straightness
 from instaflow_pl.modules.losses import l2_distance
 from instaflow_pl.solver import LatentODE, ODESolution
@@ -43,6 +44,16 @@ class EvalSettings:
     guidance: tuple[float, ...] = (1.0, 1.5)
     straightness_steps: int = 25
     distill_val_pairs: int = 1000
+
+    def __post_init__(self):
+        self.steps = tuple(int(s) for s in self.steps)
+        self.guidance = tuple(float(w) for w in self.guidance)
+        if 1 not in self.steps or min(self.steps) < 1:
+            raise UserError(f"evaluation steps must be >= 1 and include 1 (the one-step findings), got {self.steps}")
+        if 1.0 not in self.guidance:
+            raise UserError(f"evaluation guidance must include 1 (no guidance), got {self.guidance}")
+        if self.samples_per_prompt < 1 or self.seeds < 1:
+            raise UserError("evaluation needs samples_per_prompt >= 1 and seeds >= 1")
 
 
 @dataclass
@@ -132,7 +143,10 @@ class Evaluator:
         return float(metric.compute())
 
     def floor(self) -> float:
-        """FID of as many real training digits as the models generate: what a perfect model would score."""
+        """FID of as many real training digits as the models generate (at most 1400): a sense of scale.
+
+        The classifier was trained on these digits, so this is a little optimistic as a floor.
+        """
         train = load_digits("train")
         return self.fid(train.images[: self.count])
 
@@ -144,6 +158,8 @@ class Evaluator:
     def measure(self, row: Row, teacher: Teacher) -> Row:
         """Sample every seed's noises and fill in FID, accuracy and speed."""
         solver = with_steps(teacher, row.steps)
+        with torch.no_grad():  # warm-up (first-call allocations), not timed
+            solver.sample(self.noises[0][0][:10], self.noises[0][1][:10], row.guidance)
         elapsed = 0.0
         for x0, prompts, labels in self.noises:
             start = time.perf_counter()
@@ -174,14 +190,16 @@ class Evaluator:
             return with_steps(teacher, steps).sample(x0[:count], prompts[:count], guidance).x.clamp(-1, 1)
 
 
-def distill_loss(teacher: Teacher, pairs: Path, limit: int) -> float:
+def distill_loss(teacher: Teacher, pairs: Path, limit: int, val_fraction: float) -> float:
     """Mean l2 between a one-step model's output and held-out pairs' X1 (the distillation loss on unseen pairs).
 
-    The held-out pairs are those the distillation configs validate on (``val_fraction: 0.05`` of ``pairs``).
+    The held-out pairs are the ``val_fraction`` split the distillation config validates on (never trained on).
     """
     from instaflow_pl.data import TriplesDataModule
 
-    data = TriplesDataModule(str(pairs), batch_size=500, val_fraction=0.05)
+    if val_fraction <= 0:
+        raise UserError("the distillation config holds out no pairs (data.val_fraction: 0); the report needs some")
+    data = TriplesDataModule(str(pairs), batch_size=500, val_fraction=val_fraction)
     data.setup("fit")
     total, count = 0.0, 0
     one_step = with_steps(teacher, 1)

@@ -7,6 +7,7 @@ pass; a finding that does not reproduce is reported as such.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 
 from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, digits_for_grid, distill_loss, load_flow
 from instaflow_pl.demo.stages import DemoPlan, budgets, read_record, stage, student_name
+from instaflow_pl.errors import UserError
 
 WELL_BELOW = 0.75
 """Finding (b): the 2-RF's best one-step FID must be below this fraction of the 1-RF's."""
@@ -63,6 +65,11 @@ def measure_all(plan: DemoPlan, evaluator: Evaluator) -> tuple[list[Row], list[R
     """Rows of the flows (every step count and guidance) and of the students (budget 0 = the student's start)."""
     settings = evaluator.settings
     student_budgets = {key: budgets(plan, stage(name)) for key, (_, name) in STUDENTS.items()}
+    if student_budgets["2rf"] != student_budgets["1rf"]:
+        raise UserError(
+            f"the distillation budgets differ ({student_budgets['2rf']} in distill_2rf.yaml, {student_budgets['1rf']} "
+            "in distill_1rf.yaml): the ablation compares students at the same budgets; make them equal"
+        )
     total = len(FLOWS) * len(settings.steps) * len(settings.guidance) + sum(
         len(b) + 1 for b in student_budgets.values()
     )
@@ -80,11 +87,19 @@ def measure_all(plan: DemoPlan, evaluator: Evaluator) -> tuple[list[Row], list[R
             for budget in [0, *student_budgets[key]]:
                 folder = plan.model(key) if budget == 0 else plan.model(student_name(key, budget))
                 teacher = load_flow(folder)
-                loss = distill_loss(teacher, plan.pairs(key), settings.distill_val_pairs)
+                loss = distill_loss(teacher, plan.pairs(key), settings.distill_val_pairs, val_fraction(plan, key))
                 row = Row(label, str(folder), 1, 1.0, budget=budget, distill_loss=loss)
                 students.append(evaluator.measure(row, teacher))
                 bar.update()
     return flows, students
+
+
+def val_fraction(plan: DemoPlan, teacher: str) -> float:
+    """The held-out share of ``teacher``'s pairs in its distillation config (those pairs never trained a student)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(plan.configs / stage(STUDENTS[teacher][1]).config)
+    return float(config.data.init_args.get("val_fraction", 0.0))
 
 
 # ---- findings --------------------------------------------------------------------------------------------------
@@ -219,7 +234,7 @@ def stage_seconds(plan: DemoPlan) -> dict[str, float]:
     from instaflow_pl.demo.stages import STAGES
 
     records = {name: read_record(plan, name) for name in STAGES}
-    return {name: float(r["seconds"]) for name, r in records.items() if r is not None}
+    return {name: float(r["seconds"]) for name, r in records.items() if r is not None and "seconds" in r}
 
 
 def _table(rows: list[Row], with_budget: bool) -> list[str]:
@@ -246,9 +261,9 @@ def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row
         "frozen tiny CLIP text encoder. FID uses the 64 features of the project's digit classifier against the "
         f"{report['reference_count']} held-out digits; every model is sampled from the same noises, "
         f"{settings['samples_per_prompt']} per prompt and {settings['seeds']} seeds (mean ± sd over seeds). "
-        f"FID floor (real training digits, same count): {report['fid_floor']:.2f}. Classifier accuracy on held-out "
-        f"digits: {report['classifier_accuracy']:.1%}. Accuracy = share of samples the classifier reads as the "
-        "prompted digit. S = straightness along a "
+        f"For scale, real training digits (as many, seen by the classifier) score {report['fid_floor']:.2f}. "
+        f"Classifier accuracy on held-out digits: {report['classifier_accuracy']:.1%}. "
+        "Accuracy = share of samples the classifier reads as the prompted digit. S = straightness along a "
         f"{settings['straightness_steps']}-step Euler trajectory (0 = straight). w = guidance (1 = none).",
         "",
         "## Findings",
@@ -261,7 +276,8 @@ def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row
         "## Students (one step, w = 1) by distillation budget",
         "",
         "Budget 0 is the student's starting point (its teacher at one step). The distillation loss is the mean "
-        "squared error to the teacher's held-out pairs.",
+        "squared error to the held-out pairs of the student's own teacher (so the two columns measure different "
+        "targets: how well each student matches what it was taught).",
         "",
         *_table(students, with_budget=True),
         "",
@@ -270,7 +286,7 @@ def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row
         "- `grid.png`: rows = models, columns = prompts (the same noise down each column).",
         "- `straightness.png`: trajectories of the 1-RF and 2-RF from the same noises, and their gap over t.",
         "",
-        "## Wall time of each stage (2 CPU cores unless noted)",
+        f"## Wall time of each stage ({report['threads']} torch threads on {report['cpus']} CPUs)",
         "",
         "| stage | seconds |",
         "|---|---|",
@@ -326,6 +342,8 @@ def write_report(plan: DemoPlan) -> dict[str, Any]:
         "students": [r.to_json() for r in students],
         "findings": [{**vars(f), "verdict": f.verdict} for f in findings],
         "stage_seconds": times,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
     }
     for name, picture in pictures.items():
         picture.save(plan.path(f"{name}.png"))

@@ -5,8 +5,9 @@
 Each stage runs ``instaflow-pl fit|pairs`` on a YAML in ``configs/demo/`` (in this process, so the libraries load
 once), exports what it trained, and writes ``<out>/stages/<name>.json`` with a hash of its config, overrides and
 upstream stages. A rerun skips a stage whose record matches and whose outputs exist; a stage interrupted half-way
-resumes (pairs from their last committed shard, training from ``last.ckpt``). A stage whose config changed is
-refused until ``--force`` clears it and the stages that depend on it: results are never silently overwritten.
+resumes (pairs from their last committed shard, training from ``last.ckpt``). A stage whose config changed (finished or
+interrupted) is refused until ``--force`` redoes it and the stages that depend on it: results are never mixed or
+silently overwritten, and an ``--out`` that holds anything but a demo run is refused.
 """
 
 from __future__ import annotations
@@ -160,16 +161,30 @@ def _fit(plan: DemoPlan, stage: Stage, base_model: Path, data: Path | None) -> N
     run_cli(["fit", *_config_args(plan, stage, *extra)])
 
 
-def _export(checkpoint: Path, out: Path) -> None:
+def _export(checkpoint: Path, out: Path, steps: int) -> None:
     from instaflow_pl.export import export_checkpoint
 
     info = export_checkpoint(checkpoint, out, force=out.exists())
-    print(f"exported {checkpoint.name} ({info['training_steps']} steps) to {out}")
+    if info["training_steps"] != steps:
+        raise UserError(
+            f"{checkpoint} holds the model after {info['training_steps']} steps, not {steps}; the run's last "
+            "checkpoint is written at validation, so make trainer.val_check_interval divide trainer.max_steps"
+        )
+    print(f"exported {checkpoint.name} ({steps} steps) to {out}")
+
+
+def max_steps(plan: DemoPlan, stage: Stage) -> int:
+    """``trainer.max_steps`` of a stage: the last override, else its YAML."""
+    from omegaconf import OmegaConf
+
+    args = plan.overrides.get(stage.name, [])
+    given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--trainer.max_steps"]
+    return int(given[-1]) if given else int(OmegaConf.load(plan.configs / stage.config).trainer.max_steps)
 
 
 def _train_flow(plan: DemoPlan, stage: Stage, base_model: Path, data: Path | None, model: str) -> None:
     _fit(plan, stage, base_model, data)
-    _export(plan.run_dir(stage.name) / "checkpoints" / "last.ckpt", plan.model(model))
+    _export(plan.run_dir(stage.name) / "checkpoints" / "last.ckpt", plan.model(model), max_steps(plan, stage))
 
 
 def _pairs(plan: DemoPlan, stage: Stage, teacher: str) -> None:
@@ -210,7 +225,8 @@ def _distill(plan: DemoPlan, stage: Stage, teacher: str) -> None:
     finally:
         plan.overrides = saved
     for step in steps:
-        _export(budget_checkpoint(plan.run_dir(stage.name) / "budgets", step), plan.model(student_name(teacher, step)))
+        checkpoint = budget_checkpoint(plan.run_dir(stage.name) / "budgets", step)
+        _export(checkpoint, plan.model(student_name(teacher, step)), step)
 
 
 def student_name(teacher: str, budget: int) -> str:
@@ -291,16 +307,23 @@ def stage_hash(plan: DemoPlan, current: Stage) -> str:
 
 
 def is_done(plan: DemoPlan, current: Stage) -> bool:
-    """Whether ``current`` finished with the present settings (a clear error if it finished with others)."""
+    """Whether ``current`` finished with the present settings.
+
+    Raises:
+        UserError: it finished, or was started and interrupted, with other settings (resuming would mix them).
+    """
     record = read_record(plan, current.name)
     if record is None:
         return False
     if record["hash"] != stage_hash(plan, current):
+        state = "was run" if record.get("state", "done") == "done" else "was started (and interrupted)"
         raise UserError(
-            f"demo stage {current.name} in {plan.out} was run with other settings (its config or an earlier stage "
+            f"demo stage {current.name} in {plan.out} {state} with other settings (its config or an earlier stage "
             f"changed); rerun with --force --stage {current.name} to redo it and the stages that depend on it, or use "
             "another --out"
         )
+    if record.get("state", "done") != "done":
+        return False
     missing = [str(p) for p in current.outputs(plan) if not p.exists()]
     if missing:
         raise UserError(
@@ -347,42 +370,65 @@ def _stage_owned(plan: DemoPlan, name: str) -> list[Path]:
 # ---- the driver ----------------------------------------------------------------------------------------------
 
 
+def check_out_folder(plan: DemoPlan) -> None:
+    """Refuse an output folder that holds something other than demo outputs (the demo deletes what it redoes)."""
+    out = plan.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"demo output {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "stages").is_dir():
+        raise UserError(f"{out} is not empty and holds no demo run (no stages/ folder); choose a new --out")
+
+
+def _check_upstream(plan: DemoPlan, order: list[str]) -> None:
+    for name in order:
+        for upstream in stage(name).upstream:
+            if upstream not in order and not is_done(plan, stage(upstream)):
+                raise UserError(f"demo stage {name} needs stage {upstream} first: instaflow-pl demo --stage {upstream}")
+
+
+def _write_record(plan: DemoPlan, current: Stage, state: str, seconds: float | None = None) -> None:
+    record = {"stage": current.name, "hash": stage_hash(plan, current), "state": state}
+    if seconds is not None:
+        record["seconds"] = round(seconds, 1)
+    path = _record_path(plan, current.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def run_stages(plan: DemoPlan, names: Sequence[str] | None = None, force: bool = False) -> dict[str, float]:
     """Run the demo's stages (all, or ``names`` in order), skipping finished ones.
 
     Args:
         plan: Output folder, configs, overrides.
         names: Stages to run (their upstream stages must be done or listed too); None: all.
-        force: Redo the named stages (all: every stage) and the stages that depend on them.
+        force: Redo the named stages (all: every stage) and every stage that depends on them (those are run too).
 
     Returns:
         Wall seconds of each stage run now (skipped stages are not listed).
     """
     chosen = list(STAGES) if not names else [stage(n).name for n in names]
-    order = [n for n in STAGES if n in chosen]
+    order = dependents(chosen) if force else [n for n in STAGES if n in chosen]
+    check_out_folder(plan)
+    _check_upstream(plan, order)  # before anything is cleared
     if force:
         clear(plan, order)
-    plan.out.mkdir(parents=True, exist_ok=True)
+    (plan.out / "stages").mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     for index, name in enumerate(order, start=1):
         current = stage(name)
-        for upstream in current.upstream:
-            if upstream not in order and not is_done(plan, stage(upstream)):
-                raise UserError(f"demo stage {name} needs stage {upstream} first: instaflow-pl demo --stage {upstream}")
         header = f"[{index}/{len(order)}] {name}: {current.title}"
         if is_done(plan, current):
             print(f"{header} -- done earlier, skipped", flush=True)
             continue
         print(f"\n{header}", flush=True)
+        _write_record(plan, current, "started")  # an interrupted stage resumes only with these settings
         start = time.perf_counter()
         current.run(plan)
         seconds = time.perf_counter() - start
         missing = [str(p) for p in current.outputs(plan) if not p.exists()]
         if missing:
             raise UserError(f"demo stage {name} finished without writing {missing[0]}")
-        record = {"stage": name, "hash": stage_hash(plan, current), "seconds": round(seconds, 1)}
-        _record_path(plan, name).parent.mkdir(parents=True, exist_ok=True)
-        _record_path(plan, name).write_text(json.dumps(record, indent=2) + "\n")
+        _write_record(plan, current, "done", seconds)
         times[name] = seconds
         print(f"{name} done in {seconds:.0f} s", flush=True)
     return times

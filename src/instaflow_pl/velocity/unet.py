@@ -59,7 +59,12 @@ class PretrainedUNetVelocity(UNetVelocity):
         from instaflow_pl.velocity.networks import load_network
 
         unet = load_network(resolve_model_folder(folder), subfolder=subfolder)
-        if gradient_checkpointing and unet._supports_gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+        if gradient_checkpointing:
+            if unet._supports_gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
+            else:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(f"{type(unet).__name__} has no gradient checkpointing; training without it")
         super().__init__(unet)
         self.folder = str(folder)
