@@ -268,3 +268,21 @@ def test_evaluation_settings_are_checked():
         EvalSettings(steps=(2, 4))
     with pytest.raises(UserError, match="guidance must include 1"):
         EvalSettings(guidance=(1.5,))
+
+
+def test_a_pixel_space_model_samples_through_the_pipeline_and_cli(digits_base, tmp_path):
+    from PIL import Image
+
+    from instaflow_pl.cli import main
+    from instaflow_pl.pipeline import InstaFlowPipeline
+
+    pipe = InstaFlowPipeline.from_pretrained(str(digits_base))
+    assert pipe.vae is None and pipe.latent_shape() == (1, 8, 8)
+    x0 = torch.randn(2, 1, 8, 8)
+    latents = pipe(list(DIGIT_PROMPTS[:2]), latents=x0, output_type="latent").images
+    assert latents.shape == (2, 1, 8, 8)
+    with pytest.raises(UserError, match="must be 8"):
+        pipe.latent_shape(16, 16)
+    out = tmp_path / "grid.png"
+    main(["sample", "--model", str(digits_base), "--prompt", DIGIT_PROMPTS[3], "--n", "2", "--out", str(out)])
+    assert Image.open(out).size[0] > 0
