@@ -61,7 +61,7 @@ def _progress(total: int):
     return tqdm(total=total, desc="evaluating", unit="setting", dynamic_ncols=True)
 
 
-def measure_all(plan: DemoPlan, evaluator: Evaluator) -> tuple[list[Row], list[Row]]:
+def measure_all(plan: DemoPlan, evaluator: Evaluator, flows_by_label: dict) -> tuple[list[Row], list[Row]]:
     """Rows of the flows (every step count and guidance) and of the students (budget 0 = the student's start)."""
     settings = evaluator.settings
     student_budgets = {key: budgets(plan, stage(name)) for key, (_, name) in STUDENTS.items()}
@@ -76,7 +76,7 @@ def measure_all(plan: DemoPlan, evaluator: Evaluator) -> tuple[list[Row], list[R
     flows, students = [], []
     with _progress(total) as bar:
         for label, key in FLOWS.items():
-            teacher = load_flow(plan.model(key))
+            teacher = flows_by_label[label]
             for guidance in settings.guidance:
                 s = evaluator.straightness(teacher, guidance)
                 for steps in settings.steps:
@@ -203,12 +203,11 @@ def grid_figure(rows: list[tuple[str, torch.Tensor]]) -> Image.Image:
     return figure_to_pil(figure)
 
 
-def draw_grid(plan: DemoPlan, evaluator: Evaluator, students: list[Row]) -> Image.Image:
+def draw_grid(plan: DemoPlan, evaluator: Evaluator, students: list[Row], flows_by_label: dict) -> Image.Image:
     """Real digits, the flows at 1 and 25 steps, and the largest-budget students."""
     rows: list[tuple[str, torch.Tensor]] = [("real (held-out)", digits_for_grid().images)]
     guided = max(evaluator.settings.guidance)
-    for label, key in FLOWS.items():
-        teacher = load_flow(plan.model(key))
+    for label, teacher in flows_by_label.items():
         for steps, w in ((1, 1.0), (1, guided), (25, guided)):
             rows.append((f"{label}, {steps} step{'s' * (steps > 1)}, w={w:g}", evaluator.samples(teacher, steps, w)))
     for key, (label, _) in STUDENTS.items():
@@ -218,11 +217,11 @@ def draw_grid(plan: DemoPlan, evaluator: Evaluator, students: list[Row]) -> Imag
     return grid_figure(rows)
 
 
-def draw_straightness(plan: DemoPlan, evaluator: Evaluator, count: int = 12) -> Image.Image:
+def draw_straightness(evaluator: Evaluator, flows_by_label: dict, count: int = 12) -> Image.Image:
     """Trajectories of the 1-RF and the 2-RF from the same noises (2-D projection) and their gap over t."""
     from instaflow_pl.callbacks.trajectories import trajectory_figure
 
-    solutions = {label: evaluator.trajectory(load_flow(plan.model(key)), 1.0, count) for label, key in FLOWS.items()}
+    solutions = {label: evaluator.trajectory(flow, 1.0, count) for label, flow in flows_by_label.items()}
     return trajectory_figure(solutions)
 
 
@@ -323,14 +322,18 @@ def write_report(plan: DemoPlan) -> dict[str, Any]:
     settings = EvalSettings(**plan.evaluation)
     classifier = load_classifier(plan.path("classifier"))
     evaluator = Evaluator(classifier, settings)
-    flows, students = measure_all(plan, evaluator)
+    flow_models = {label: load_flow(plan.model(key)) for label, key in FLOWS.items()}  # loaded once, used thrice
+    flows, students = measure_all(plan, evaluator, flow_models)
     findings = [
         finding_straightness(flows, settings.guidance),
         finding_one_step(flows, settings.guidance),
         finding_budget(students),
         finding_student(flows, students, settings.guidance),
     ]
-    pictures = {"grid": draw_grid(plan, evaluator, students), "straightness": draw_straightness(plan, evaluator)}
+    pictures = {
+        "grid": draw_grid(plan, evaluator, students, flow_models),
+        "straightness": draw_straightness(evaluator, flow_models),
+    }
     times = {**stage_seconds(plan), "report": time.perf_counter() - start}
     report: dict[str, Any] = {
         "written": time.strftime("%Y-%m-%d %H:%M"),

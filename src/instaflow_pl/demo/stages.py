@@ -150,9 +150,9 @@ def _setup(plan: DemoPlan) -> None:
     print(f"classifier accuracy on the 397 held-out digits: {held_out:.1%}")
 
 
-def _fit(plan: DemoPlan, stage: Stage, base_model: Path, data: Path | None) -> None:
+def _fit(plan: DemoPlan, stage: Stage, base_model: Path, data: Path | None, *args: str) -> None:
     run_dir = plan.run_dir(stage.name)
-    extra = ["--trainer.default_root_dir", str(run_dir), "--model.init_args.base_model", str(base_model)]
+    extra = ["--trainer.default_root_dir", str(run_dir), "--model.init_args.base_model", str(base_model), *args]
     if data is not None:
         extra += ["--data.init_args.path", str(data)]
     if (run_dir / "checkpoints" / "last.ckpt").is_file():
@@ -218,12 +218,7 @@ def _distill(plan: DemoPlan, stage: Stage, teacher: str) -> None:
     extra = ["--trainer.max_steps", str(max(steps))]
     if plan.overrides.get(f"{stage.name}:budgets"):  # CheckpointAtSteps is the config's last callback
         extra += ["--trainer.callbacks.init_args.steps", json.dumps(steps)]
-    saved = plan.overrides
-    plan.overrides = {**saved, stage.name: [*saved.get(stage.name, []), *extra]}
-    try:
-        _fit(plan, stage, plan.model(teacher), plan.pairs(teacher))
-    finally:
-        plan.overrides = saved
+    _fit(plan, stage, plan.model(teacher), plan.pairs(teacher), *extra)
     for step in steps:
         checkpoint = budget_checkpoint(plan.run_dir(stage.name) / "budgets", step)
         _export(checkpoint, plan.model(student_name(teacher, step)), step)
