@@ -17,6 +17,7 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps sweeps==0.3.0  # W&B's sweep engine; its numpy<2 pin is too strict
 	touch $(STAMP)
 
 install: $(STAMP) ## Create .venv and install the package with dev tools (once; redone when pyproject.toml changes)
