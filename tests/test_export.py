@@ -121,7 +121,9 @@ def test_export_writes_a_diffusers_velocity_folder(exported, reflow_run, tiny_sd
 def test_exported_unet_is_the_ema_unet_and_loads_with_stock_diffusers(exported, reflow_run):
     module = reflow_run[0]
     unet = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
-    ema, raw = module.ema.module.unet.state_dict(), module.velocity.unet.state_dict()
+    raw = module.velocity.unet.state_dict()
+    with module.sampling_weights():
+        ema = {k: v.clone() for k, v in module.velocity.unet.state_dict().items()}
     state = unet.state_dict()
     assert state.keys() == ema.keys()
     assert all(torch.equal(state[k], ema[k]) for k in state)

@@ -100,7 +100,9 @@ def test_reflow_learns_the_straight_field_and_logs_losses_by_t(tiny_sd, tmp_path
     assert {"train/loss_t0.00-0.25", "train/loss_t0.75-1.00"} <= set(fit.logged_metrics)
     metrics = fit.validate(module, datamodule=data, verbose=False)[0]
     assert metrics["val/mse@1"] < 1e-3 and metrics["val/straightness"] < 1e-6
-    assert not torch.equal(module.ema.module.c, module.velocity.c)
+    with module.sampling_weights() as averaged:
+        ema_c = averaged.c.clone()
+    assert not torch.equal(ema_c, module.velocity.c)
 
 
 def test_distill_student_is_x0_plus_velocity_at_t0(tiny_velocity):
@@ -162,7 +164,8 @@ def test_checkpoint_leaves_out_the_text_encoder_and_refuses_another_module_kind(
     assert not any(k.startswith("encoder.") for k in checkpoint["state_dict"])
     assert any(k.startswith("ema.module.unet.") for k in checkpoint["state_dict"])
     again = ReflowModule.load_from_checkpoint(path, base_model=str(tiny_sd))
-    assert torch.equal(again.ema.module.unet.conv_in.weight, module.ema.module.unet.conv_in.weight)
+    key = "ema.module.unet.conv_in.weight"
+    assert torch.equal(again.state_dict()[key], module.state_dict()[key])
     with pytest.raises(UserError, match="written by ReflowModule, not DistillModule"):
         trainer(tmp_path, 3).fit(
             DistillModule(str(tiny_velocity)), datamodule=TriplesDataModule(str(root), batch_size=8), ckpt_path=path
@@ -208,14 +211,31 @@ def test_ema_follows_the_decay_formula():
     with torch.no_grad():
         model[0].weight.fill_(1.0)
     ema.update(model)  # the first update copies
-    assert torch.equal(ema.module[0].weight, model[0].weight)
+    assert torch.equal(ema.state_dict()["module.0.weight"], model[0].weight)
     with torch.no_grad():
         model[0].weight.fill_(3.0)
         model[1].num_batches_tracked.fill_(7)
     ema.update(model)
-    assert torch.allclose(ema.module[0].weight, torch.full((2, 3), 0.9 * 1.0 + 0.1 * 3.0))
-    assert ema.module[1].num_batches_tracked.item() == 7 and ema.n_averaged.item() == 2
-    assert not any(p.requires_grad for p in ema.parameters())
+    state = ema.state_dict()
+    assert torch.allclose(state["module.0.weight"], torch.full((2, 3), 0.9 * 1.0 + 0.1 * 3.0))
+    assert state["module.1.num_batches_tracked"].item() == 7 and ema.n_averaged.item() == 2
+    with ema.swapped_into(model) as averaged:  # the average in the model itself, then the weights back
+        assert torch.allclose(averaged[0].weight, torch.full((2, 3), 1.2))
+    assert torch.equal(model[0].weight, torch.full((2, 3), 3.0)) and model[0].weight.requires_grad
+
+
+def test_ema_averages_trainable_parameters_only():
+    from instaflow_pl.modules.ema import EMA
+
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    model[0].requires_grad_(False)
+    ema = EMA(model, decay=0.9)
+    assert sorted(k for k in ema.state_dict() if k.startswith("module.")) == ["module.1.bias", "module.1.weight"]
+    assert ema.numel() == 6
+    restored = EMA(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict() | {"module.0.weight": torch.zeros(2, 3)})  # format 1 kept frozen ones
+    with pytest.raises(RuntimeError, match="Missing key"):
+        restored.load_state_dict({"n_averaged": torch.tensor(1)})
 
 
 def write_image_folder(folder, count=12, size=16):

@@ -47,10 +47,13 @@ EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The subfolders of an exported model."""
 
-EXPORT_FILES = ("model_index.json", "instaflow.json", "README.md")
+EXPORT_FILES = ("model_index.json", "instaflow.json", "README.md", "pytorch_lora_weights.safetensors")
 """The top-level files an export writes (with :data:`COMPONENTS`, everything it owns in its folder)."""
 
 PIPELINE_CLASS = "InstaFlowPipeline"
+LORA_KIND = "lora"
+"""``instaflow.json``'s kind for a LoRA export (adapters for the base model, not a whole model folder)."""
+LORA_FORMATS = ("merged", "file")
 _COPIED = ("vae", "text_encoder", "tokenizer")
 _DEFAULT_CLASSES = {
     "vae": ["diffusers", "AutoencoderKL"],
@@ -88,12 +91,12 @@ def load_checkpoint(path: str | Path, trust_checkpoint: bool = False) -> dict[st
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
-    try:
+    try:  # mmap: tensors are read from the file as they are used, not all copied into memory first
         if trust_checkpoint:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         else:
             with torch.serialization.safe_globals(checkpoint_safe_globals()):
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         unsafe = _unsafe_globals(path)
         raise UserError(
@@ -153,40 +156,72 @@ def checkpoint_module(checkpoint: dict[str, Any], source: str) -> str:
 
 
 def unet_state(checkpoint: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """The UNet weights to export (EMA when present, else the raw weights) and whether they are the EMA's.
+    """The UNet weights the checkpoint holds, the EMA's where it kept one (over the raw weights), and whether an
+    EMA was applied. Weights it left out (frozen ones restored from the base model) are not in the result.
 
     Raises:
         UserError: the checkpoint holds no UNet weights.
     """
     state = checkpoint.get("state_dict", {})
-    for prefix, is_ema in (("ema.module.unet.", True), ("velocity.unet.", False)):
-        weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        if weights:
-            return weights, is_ema
-    raise UserError(f"{source} holds no UNet weights (no velocity.unet.* keys); was its velocity a diffusers UNet?")
+    raw_prefix, ema_prefix = "velocity.unet.", "ema.module.unet."
+    weights = {k[len(raw_prefix) :]: v for k, v in state.items() if k.startswith(raw_prefix)}
+    ema = {k[len(ema_prefix) :]: v for k, v in state.items() if k.startswith(ema_prefix)}
+    if not weights and not ema:
+        raise UserError(f"{source} holds no UNet weights (no velocity.unet.* keys); was its velocity a diffusers UNet?")
+    return weights | ema, bool(ema)
 
 
-def build_unet(checkpoint: dict[str, Any], source: str):
-    """The checkpoint's velocity UNet as a diffusers ``UNet2DConditionModel`` with the exported weights.
+def _base_weights(base: Path, keys: set[str], source: str) -> dict[str, torch.Tensor]:
+    """The base model's UNet weights for ``keys`` (LoRA's ``.base_layer`` names map to the plain layer names)."""
+    from instaflow_pl.velocity.networks import load_network
+
+    network = load_network(base, "unet")
+    plain = network.state_dict()
+    out = {}
+    for key in keys:
+        name = key.replace(".base_layer.", ".")
+        if name not in plain:
+            raise UserError(f"{source}: its base model {base} has no UNet weight {name}; export needs the same base")
+        out[key] = plain[name]
+    return out
+
+
+def build_unet(checkpoint: dict[str, Any], source: str, base: Path | None = None):
+    """The checkpoint's velocity UNet as a diffusers network with the exported weights: the EMA's (or raw)
+    trained weights, frozen weights from ``base``'s UNet where the checkpoint left them out, and LoRA adapters
+    merged into their layers.
 
     Returns:
         ``(unet, is_ema)``.
     """
     from instaflow_pl.modules.base import CHECKPOINT_KEY
+    from instaflow_pl.modules.lora import LoraOptions, add_lora, merge_lora
     from instaflow_pl.velocity.networks import network_from_config
 
-    config = checkpoint[CHECKPOINT_KEY].get("unet_config")
+    record = checkpoint[CHECKPOINT_KEY]
+    config = record.get("unet_config")
     if not isinstance(config, dict):
         raise UserError(
             f"{source} has no UNet config: its velocity is not a diffusers UNet, and export writes diffusers folders"
         )
     weights, is_ema = unet_state(checkpoint, source)
-    unet = network_from_config(config, source)
+    lora = LoraOptions.parse(record.get("lora"))
+    with torch.device("meta"):  # no memory for weights that are assigned next
+        unet = network_from_config(config, source)
+        if lora is not None:
+            add_lora(unet, lora)
+    expected = set(unet.state_dict())
+    missing = expected - set(weights)
+    if missing and record.get("base_weights_omitted") and base is not None:
+        weights = weights | _base_weights(base, missing, source)
     try:
-        unet.load_state_dict(weights, strict=True)
+        unet.load_state_dict(weights, strict=True, assign=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{source}: the UNet weights do not fit its recorded UNet config ({first})") from None
+    unet.requires_grad_(False)
+    if lora is not None:
+        merge_lora(unet)
     dtype = next(iter(weights.values())).dtype
     return (unet if dtype == torch.float32 else unet.to(dtype)), is_ema
 
@@ -235,7 +270,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _is_previous_export(root: Path) -> bool:
     marker = _read_json(root / "instaflow.json")
-    return marker.get("kind") == "velocity" and "exported_from" in marker
+    return marker.get("kind") in ("velocity", LORA_KIND) and "exported_from" in marker
 
 
 def check_target(out: Path, force: bool) -> None:
@@ -285,7 +320,7 @@ def _components(base: Path) -> tuple[str, ...]:
     return tuple(name for name in _COPIED if name != "vae" or not is_pixel_space(base))
 
 
-def _model_index(base: Path, unet: Any) -> dict[str, Any]:
+def _model_index(base: Path, unet_class: type) -> dict[str, Any]:
     import diffusers
 
     base_index = _read_json(base / "model_index.json")
@@ -294,8 +329,8 @@ def _model_index(base: Path, unet: Any) -> dict[str, Any]:
         entry = base_index.get(name)
         valid = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
         index[name] = entry if valid else _DEFAULT_CLASSES[name]
-    library = "diffusers" if type(unet).__module__.startswith("diffusers") else type(unet).__module__
-    index["unet"] = [library, type(unet).__name__]
+    library = "diffusers" if unet_class.__module__.startswith("diffusers") else unet_class.__module__
+    index["unet"] = [library, unet_class.__name__]
     index["scheduler"] = _SCHEDULER_CLASS
     return dict(sorted(index.items()))
 
@@ -399,16 +434,65 @@ def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: 
 
     from instaflow_pl.teachers import mark_velocity_folder
 
-    unet, is_ema = build_unet(checkpoint, source)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    unet, is_ema = build_unet(checkpoint, source, base)
+    # Shards of at most 1 GB: safetensors serialises a whole file in memory before writing it.
+    unet.save_pretrained(tmp / "unet", safe_serialization=True, max_shard_size="1GB")
+    unet_class = type(unet)
+    del unet
     for name in _components(base):
         _copy_component(base, name, tmp)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(_model_index(base, unet), indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(base, unet_class), indent=2) + "\n")
     info = export_info(checkpoint, ckpt_path, base, is_ema)
     mark_velocity_folder(tmp, **info)
     (tmp / "README.md").write_text(model_card(info))
     return info
+
+
+def _write_lora_file(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: Path, source: str) -> dict:
+    """Write the adapters (EMA weights when kept) as diffusers' ``pytorch_lora_weights.safetensors``, which
+    ``pipe.load_lora_weights(DIR)`` loads onto a pipeline of the base model."""
+    from diffusers import StableDiffusionPipeline
+
+    from instaflow_pl.modules.base import CHECKPOINT_KEY
+    from instaflow_pl.modules.lora import LoraOptions, diffusers_lora_layers
+
+    lora = LoraOptions.parse(checkpoint[CHECKPOINT_KEY].get("lora"))
+    if lora is None:
+        raise UserError(f"{source} did not train LoRA adapters; export it without --lora-format file")
+    weights, is_ema = unet_state(checkpoint, source)
+    metadata = {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": lora.target_modules}
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=diffusers_lora_layers(weights), unet_lora_adapter_metadata=metadata
+    )
+    info = export_info(checkpoint, ckpt_path, base, is_ema) | {"lora": lora.to_dict()}
+    (tmp / "instaflow.json").write_text(json.dumps({"kind": LORA_KIND, **info}, indent=2, sort_keys=True) + "\n")
+    (tmp / "README.md").write_text(lora_card(info))
+    return info
+
+
+def lora_card(info: dict[str, Any]) -> str:
+    """A short README.md for a LoRA export."""
+    return "\n".join(
+        [
+            "# InstaFlow velocity LoRA",
+            "",
+            f"Adapters (rank {info['lora']['rank']}) exported by `instaflow-pl export --lora-format file` from "
+            f"`{info['exported_from']}`, for the base model `{info['base_model']}` ({info['training_steps']} "
+            f"training steps, {'EMA' if info['weights'] == 'ema' else 'raw'} weights).",
+            "",
+            "```python",
+            "from diffusers import StableDiffusionPipeline",
+            "",
+            f"pipe = StableDiffusionPipeline.from_pretrained('{info['base_model']}')",
+            "pipe.load_lora_weights(DIR)  # the UNet now returns this model's velocity",
+            "```",
+            "",
+            "With adapters the UNet is a velocity model (t = 0 noise, UNet timestep (1 - t) * 1000); sample it with",
+            "instaflow-pl's Euler LatentODE, or export merged weights (the default) for a folder that samples alone.",
+            "",
+        ]
+    )
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -426,7 +510,7 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def export_checkpoint(
-    ckpt: str | Path, out: str | Path, force: bool = False, trust_checkpoint: bool = False
+    ckpt: str | Path, out: str | Path, force: bool = False, trust_checkpoint: bool = False, lora_format: str = "merged"
 ) -> dict[str, Any]:
     """Export a ReflowModule / DistillModule checkpoint to a diffusers-format velocity folder.
 
@@ -439,6 +523,8 @@ def export_checkpoint(
             holding anything else is refused: export never overwrites other files.
         force: Replace an earlier export in ``out``.
         trust_checkpoint: Allow arbitrary pickled objects in the checkpoint (runs code from the file).
+        lora_format: For a LoRA run: ``merged`` (a whole model folder with the adapters folded in) or ``file``
+            (only ``pytorch_lora_weights.safetensors``, for diffusers' ``load_lora_weights`` on the base model).
 
     Returns:
         What was recorded in ``instaflow.json``, plus ``out`` and ``checkpoint``.
@@ -448,6 +534,8 @@ def export_checkpoint(
     """
     from instaflow_pl.teachers import resolve_model_folder
 
+    if lora_format not in LORA_FORMATS:
+        raise UserError(f"lora format must be one of {', '.join(LORA_FORMATS)}, got {lora_format!r}")
     ckpt_path = find_checkpoint(ckpt)
     out = Path(out).expanduser()
     check_target(out, force)
@@ -467,7 +555,8 @@ def export_checkpoint(
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
-        info = _write_folder(tmp, checkpoint, ckpt_path, base, source)
+        write = _write_lora_file if lora_format == "file" else _write_folder
+        info = write(tmp, checkpoint, ckpt_path, base, source)
         _replace(tmp, out)
     finally:
         if tmp.exists():
@@ -508,8 +597,17 @@ def export_main(args: Iterable[str]) -> None:
         help="load checkpoints holding arbitrary pickled objects (this runs code from the file: only for files "
         "from a trusted source); by default only tensors and plain data are read",
     )
+    parser.add_argument(
+        "--lora-format",
+        choices=LORA_FORMATS,
+        default="merged",
+        help="for a run that trained LoRA adapters: merged (default; a whole model folder, usable as the next "
+        "teacher) or file (pytorch_lora_weights.safetensors for diffusers' pipe.load_lora_weights(DIR))",
+    )
     opts = parser.parse_args(list(args))
-    info = export_checkpoint(opts.ckpt, opts.out, force=opts.force, trust_checkpoint=opts.trust_checkpoint)
+    info = export_checkpoint(
+        opts.ckpt, opts.out, force=opts.force, trust_checkpoint=opts.trust_checkpoint, lora_format=opts.lora_format
+    )
     print(
         f"exported {info['checkpoint']} ({info['module']}, {info['training_steps']} steps, {info['weights']} weights) "
         f"to {info['out']}"

@@ -81,6 +81,44 @@ def tiny_text_config(vocab_size: int, max_length: int = 77) -> dict[str, int]:
     }
 
 
+def _refuse_foreign(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
+        from instaflow_pl.errors import UserError
+
+        raise UserError(f"{out} exists and is not empty; choose a new folder for the model")
+
+
+def _save_sd_folder(out: Path, unet, vae, text_config: dict[str, int]) -> Path:
+    """Save a Stable-Diffusion-format folder: the given UNet and VAE, a CLIP text tower of ``text_config`` (random,
+    seeded by the caller), the tiny tokenizer already in ``out/tokenizer`` and SD 1.5's scheduler."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    # Stable Diffusion 1.5's scheduler settings.
+    scheduler = PNDMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
     """Write a tiny Stable-Diffusion-format folder with random weights to ``out_dir``.
 
@@ -94,16 +132,11 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> P
     Returns:
         The folder's path.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
-        from instaflow_pl.errors import UserError
-
-        raise UserError(f"{out} exists and is not empty; choose a new folder for the tiny model")
-    tok_dir = out / "tokenizer"
-    vocab_size = write_tiny_tokenizer(tok_dir)
+    _refuse_foreign(out)
+    vocab_size = write_tiny_tokenizer(out / "tokenizer")
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
@@ -127,30 +160,47 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> P
         norm_num_groups=16,
         sample_size=sample_size * 2,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config(vocab_size)))
-    # Stable Diffusion 1.5's scheduler settings.
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
+    return _save_sd_folder(out, unet, vae, tiny_text_config(vocab_size))
+
+
+SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
+"""The CLIP ViT-L/14 text tower of Stable Diffusion 1.5 (its vocabulary is 49,408 tokens)."""
+
+
+def build_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a folder with Stable Diffusion 1.5's architecture and random weights (for memory and speed checks).
+
+    The UNet (860M parameters, latents 4 x 64 x 64), VAE (512 px) and CLIP ViT-L text tower have SD 1.5's shapes;
+    the tokenizer is the tiny one (its token ids fit the real vocabulary size). About 4.3 GB in fp32.
+
+    Args:
+        out_dir: Folder to create (must not hold anything else).
+        seed: Seed of the random weights.
+
+    Returns:
+        The folder's path.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    out = Path(out_dir)
+    _refuse_foreign(out)
+    vocab_size = write_tiny_tokenizer(out / "tokenizer")
+    torch.manual_seed(seed)
+    # diffusers' defaults are SD 1.x's UNet, less its text width and latent size.
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
     )
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
+    text = {**tiny_text_config(vocab_size), **SD15_TEXT, "vocab_size": 49408, "projection_dim": 768}
+    return _save_sd_folder(out, unet, vae, text)
 
 
 def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:

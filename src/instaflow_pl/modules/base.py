@@ -23,13 +23,16 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.faults import crashpoint
 from instaflow_pl.metrics import straightness
 from instaflow_pl.modules.ema import EMA
+from instaflow_pl.modules.lora import LoraOptions, add_lora
 from instaflow_pl.solver import LatentODE
+from instaflow_pl.speed import set_tf32, speed_up
 from instaflow_pl.text import NULL_PROMPT, PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity, TextCondition, UNetVelocity
 
 CHECKPOINT_KEY = "instaflow_pl"
 """Key of the project's own record in every checkpoint (module kind, format version, UNet config)."""
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""2: the EMA holds trainable parameters only; frozen velocity weights loaded from ``base_model`` are left out."""
 _FROZEN_PREFIXES = ("encoder.", "distance.", "vae.")
 VAL_NOISE_SEED = 1_000_000_007
 """Validation noises for data without pairs: sample i uses the seed rule with this base seed."""
@@ -80,6 +83,11 @@ class FlowModule(L.LightningModule):
             dropped with a warning and counted in ``train/skipped_batches``).
         prompt_cache_mb: Keep the text embeddings of recent prompts (this many MB): worth it when prompts repeat
             (a small caption set, the digits demo); 0 encodes every batch afresh.
+        lora: Train LoRA adapters instead of the network's weights, e.g. ``{rank: 16, alpha: 16}`` (see
+            LoraOptions); EMA and optimizer state then cover the adapters only. Export merges them by default.
+        compile: ``torch.compile`` the velocity network (same loss to float tolerance; the first steps compile).
+        channels_last: Keep the network's conv weights and activations channels-last (faster convs on GPUs).
+        tf32: Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32; changes results slightly).
     """
 
     def __init__(
@@ -98,9 +106,15 @@ class FlowModule(L.LightningModule):
         val_guidance: float = 1.0,
         on_nonfinite: str = "stop",
         prompt_cache_mb: float = 0.0,
+        lora: LoraOptions | None = None,
+        compile: bool = False,
+        channels_last: bool = False,
+        tf32: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["velocity", "optimizer", "lr_scheduler"])
+        lora = LoraOptions.parse(lora)
+        self.save_hyperparameters(ignore=["velocity", "optimizer", "lr_scheduler", "lora"])
+        self.hparams["lora"] = lora.to_dict() if lora is not None else None  # plain types: weights_only loads
         if not 0.0 <= ema_decay < 1.0:
             raise UserError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if not 0.0 <= prompt_dropout <= 1.0:
@@ -113,14 +127,19 @@ class FlowModule(L.LightningModule):
             raise UserError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        self.weights_from_base = velocity is None
         self.velocity = velocity if velocity is not None else PretrainedUNetVelocity(base_model)
         if gradient_checkpointing and isinstance(self.velocity, UNetVelocity):
             self.velocity.unet.enable_gradient_checkpointing()
         for name, param in self.velocity.named_parameters():
             if any(name.startswith(prefix) for prefix in freeze):
                 param.requires_grad_(False)
+        if lora is not None:
+            add_lora(self.velocity, lora)
         self.encoder = PromptEncoder.from_folder(base_model, cache_mb=prompt_cache_mb)
         self.ema = EMA(self.velocity, ema_decay) if ema_decay > 0 else None
+        if isinstance(self.velocity, UNetVelocity):
+            speed_up(self.velocity.unet, compile=compile, channels_last=channels_last)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.val_steps = sorted(set(int(n) for n in val_steps))
@@ -140,15 +159,16 @@ class FlowModule(L.LightningModule):
     # ---- shared pieces ---------------------------------------------------------------------------------------
 
     def setup(self, stage: str) -> None:
-        """Check that the triples fit the velocity's UNet before any step runs."""
+        """Check that the triples fit the velocity's UNet before any step runs; apply the TF32 setting."""
+        set_tf32(self.hparams.tf32)
         manifest = getattr(self.trainer.datamodule, "manifest", None) if self.trainer else None
         if manifest is not None and isinstance(self.velocity, UNetVelocity):
             check_latent_shape(self.velocity.unet, manifest.latent_shape, source=str(self.trainer.datamodule.path))
 
-    @property
-    def sampling_model(self) -> nn.Module:
-        """The weights validation, sampling and export use: the EMA when there is one."""
-        return self.ema.module if self.ema is not None else self.velocity
+    def sampling_weights(self) -> contextlib.AbstractContextManager[nn.Module]:
+        """A context in which the velocity holds the weights validation, sampling and export use: the EMA's when
+        there is one (swapped in without a copy, swapped back on exit)."""
+        return self.ema.swapped_into(self.velocity) if self.ema is not None else contextlib.nullcontext(self.velocity)
 
     def condition(self, prompts: Sequence[str], dropout: float = 0.0, with_null: bool = False) -> TextCondition:
         """Encode prompts; each is replaced by the null prompt with probability ``dropout``."""
@@ -161,10 +181,11 @@ class FlowModule(L.LightningModule):
     def sample(
         self, x0: torch.Tensor, prompts: Sequence[str], steps: int, guidance: float = 1.0, trajectory: bool = False
     ):
-        """Euler sampling with the sampling model (EMA) through the LatentODE."""
-        field = ClassifierFreeGuidance(self.sampling_model, guidance)
-        cond = self.condition(prompts, with_null=field.active)
-        return LatentODE("euler", steps).solve(field, x0, cond, return_trajectory=trajectory)
+        """Euler sampling with the sampling weights (EMA) through the LatentODE."""
+        with self.sampling_weights() as model:
+            field = ClassifierFreeGuidance(model, guidance)
+            cond = self.condition(prompts, with_null=field.active)
+            return LatentODE("euler", steps).solve(field, x0, cond, return_trajectory=trajectory)
 
     def training_step(self, batch: TripleBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step: the module's loss, logged as ``train/loss``.
@@ -278,22 +299,34 @@ class FlowModule(L.LightningModule):
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
+    def frozen_base_keys(self) -> set[str]:
+        """State-dict keys of velocity weights that are frozen and were loaded from ``base_model`` unchanged (the
+        base weights under LoRA adapters, frozen blocks): checkpoints leave them out, as they do the text encoder."""
+        if not self.weights_from_base:
+            return set()
+        return {f"velocity.{n}" for n, p in self.velocity.named_parameters() if not p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the module kind and UNet config; leave out frozen parts that come from ``base_model``."""
+        """Record the module kind, UNet config and LoRA options; leave out what ``base_model`` restores (text
+        encoder, VAE, LPIPS net, frozen velocity weights)."""
         record: dict[str, Any] = {"module": type(self).__name__, "format_version": CHECKPOINT_FORMAT}
         if isinstance(self.velocity, UNetVelocity):
             record["unet_config"] = json.loads(self.velocity.unet.to_json_string())  # plain types: weights_only loads
+        record["lora"] = self.hparams.get("lora")
+        omitted = self.frozen_base_keys()
+        record["base_weights_omitted"] = bool(omitted)
         checkpoint[CHECKPOINT_KEY] = record
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(_FROZEN_PREFIXES)]:
+        for key in [k for k in state if k.startswith(_FROZEN_PREFIXES) or k in omitted]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse another module kind's checkpoint; restore the frozen parts from this module."""
+        """Refuse another module kind's checkpoint; restore the parts left out from this module."""
         check_checkpoint_kind(checkpoint, type(self).__name__)
         state = checkpoint["state_dict"]
+        omitted = self.frozen_base_keys()
         for key, value in self.state_dict().items():
-            if key.startswith(_FROZEN_PREFIXES):
+            if key.startswith(_FROZEN_PREFIXES) or key in omitted:
                 state.setdefault(key, value)
 
 

@@ -28,6 +28,12 @@ class DistillModule(FlowModule):
         lpips_net: LPIPS backbone, ``vgg`` or ``alex``.
         lpips_pretrained: Use the backbone's ImageNet weights from ``$TORCH_HOME/hub/checkpoints`` (false: random
             weights, for tests only).
+        lpips_checkpointing: Gradient checkpointing of the VAE decoder on the student's LPIPS path (same loss,
+            far less memory at 512 px; the decoder runs twice in the backward pass).
+        lpips_dtype: ``fp32`` or ``bf16``: the VAE decode and LPIPS net's dtype (bf16: half the memory, loss
+            equal up to bf16 rounding).
+        lpips_resize: Resize decoded images to this side before LPIPS (e.g. 224, as 2-rectified flow++ does;
+            changes the loss); null: the decoded size.
         student_steps: Euler steps of the student (1 = InstaFlow's one-step generator).
         prompt_dropout: Probability of the null prompt (0: the student learns the guided teacher's outputs).
         val_steps: Euler step counts of the validation samples.
@@ -43,6 +49,9 @@ class DistillModule(FlowModule):
         huber_c: float = 0.001,
         lpips_net: str = "vgg",
         lpips_pretrained: bool = True,
+        lpips_checkpointing: bool = False,
+        lpips_dtype: str = "fp32",
+        lpips_resize: int | None = None,
         student_steps: int = 1,
         prompt_dropout: float = 0.0,
         val_steps: Sequence[int] = (1, 2, 4),
@@ -59,7 +68,7 @@ class DistillModule(FlowModule):
             from instaflow_pl.teachers.folder import resolve_model_folder
 
             vae = AutoencoderKL.from_pretrained(resolve_model_folder(base_model), subfolder="vae")
-            lpips = LPIPSDistance(vae, lpips_net, lpips_pretrained)
+            lpips = LPIPSDistance(vae, lpips_net, lpips_pretrained, lpips_checkpointing, lpips_dtype, lpips_resize)
         self.distance = Distance(weights, huber_c, lpips)
         self.student = LatentODE("euler", student_steps)
 

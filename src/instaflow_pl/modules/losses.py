@@ -33,47 +33,80 @@ def lpips_backbone_path(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
 
 
+LPIPS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class LPIPSDistance(nn.Module):
     """LPIPS between VAE-decoded images (the paper's distillation loss), frozen.
+
+    The teacher's X1 is decoded without grad; only the student's path keeps activations for the backward pass, and
+    the options below shrink them (at 512 px they dominate a distillation step's memory).
 
     Args:
         vae: The frozen VAE that decodes latents (latents are divided by its scaling factor first).
         net: ``vgg`` or ``alex``.
         pretrained: Load the backbone's ImageNet weights (they must be in ``$TORCH_HOME/hub/checkpoints``);
             False gives random backbone weights (``pnet_rand``), for tests only.
+        checkpointing: Gradient checkpointing of the VAE decoder on the student's path: each decoder block keeps
+            only its input and runs again in the backward pass (same loss and gradients).
+        dtype: ``fp32`` or ``bf16``: the dtype the VAE decodes and LPIPS runs in (bf16 halves their weights and
+            activations; the loss changes by bf16 rounding).
+        resize: Resize decoded images to this side before the LPIPS net (e.g. 224, as 2-rectified flow++ does);
+            null keeps the decoded size. Changes the loss (a coarser comparison) and saves the LPIPS net's memory.
     """
 
-    def __init__(self, vae: nn.Module, net: str = "vgg", pretrained: bool = True):
+    def __init__(
+        self,
+        vae: nn.Module,
+        net: str = "vgg",
+        pretrained: bool = True,
+        checkpointing: bool = False,
+        dtype: str = "fp32",
+        resize: int | None = None,
+    ):
         super().__init__()
         import lpips
 
         if net not in LPIPS_BACKBONE_FILES:
             raise UserError(f"unknown LPIPS net {net!r}: choose one of {', '.join(LPIPS_BACKBONE_FILES)}")
+        if dtype not in LPIPS_DTYPES:
+            raise UserError(f"lpips_dtype must be one of {', '.join(LPIPS_DTYPES)}, got {dtype!r}")
+        if resize is not None and resize < 16:
+            raise UserError(f"lpips_resize must be >= 16 pixels (or null), got {resize}")
         if pretrained and not lpips_backbone_path(net).is_file():
             raise UserError(
                 f"LPIPS needs {lpips_backbone_path(net)} (torchvision's {net} ImageNet weights); copy the file there "
                 "or set TORCH_HOME to a folder whose hub/checkpoints/ holds it"
             )
-        self.vae = vae.requires_grad_(False).eval()
+        self.dtype = LPIPS_DTYPES[dtype]
+        self.resize = resize
+        self.vae = vae.requires_grad_(False).eval().to(self.dtype)
+        if checkpointing:  # diffusers' decoder then recomputes each of its blocks in the backward pass
+            self.vae.enable_gradient_checkpointing()
         self.lpips = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained, verbose=False)
-        self.lpips.requires_grad_(False).eval()
+        self.lpips.requires_grad_(False).eval().to(self.dtype)
 
     MIN_SIZE = 64
     """Images smaller than this are upsampled first: the LPIPS backbones downsample too far for tiny images."""
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from scaled latents (at least ``MIN_SIZE`` pixels high and wide)."""
-        images = latents_to_images(self.vae, latents).clamp(-1, 1)
-        if min(images.shape[-2:]) < self.MIN_SIZE:
-            factor = -(-self.MIN_SIZE // min(images.shape[-2:]))
+        """Images in [-1, 1] from scaled latents, at ``resize`` pixels when set (else at least ``MIN_SIZE``)."""
+        images = latents_to_images(self.vae, latents.to(self.dtype)).clamp(-1, 1)
+        side = min(images.shape[-2:])
+        if self.resize is not None and side != self.resize:
+            images = torch.nn.functional.interpolate(  # antialiased resizing has no bf16 kernel on CPUs
+                images.float(), size=(self.resize, self.resize), mode="bilinear", antialias=True, align_corners=False
+            ).to(images.dtype)
+        elif side < self.MIN_SIZE:
+            factor = -(-self.MIN_SIZE // side)
             images = torch.nn.functional.interpolate(images, scale_factor=factor, mode="bilinear")
         return images
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """LPIPS per sample, shape (B,)."""
+        """LPIPS per sample, shape (B,), in float32."""
         with torch.no_grad():
             target_images = self.decode(target)
-        return self.lpips(self.decode(pred), target_images).flatten()
+        return self.lpips(self.decode(pred), target_images).flatten().float()
 
 
 class Distance(nn.Module):

@@ -1,0 +1,297 @@
+"""Memory and step time of every stage at Stable Diffusion 1.5 shapes (``make bench-scale``).
+
+Builds a folder with SD 1.5's architecture and random weights once (cached in
+``$XDG_CACHE_HOME/instaflow-pl/sd15-random``), then runs each case as the real command (``instaflow-pl pairs / fit /
+export``) on the shipped ``configs/sd15/*.yaml`` with only device, size, batch and step overrides, each in a fresh
+child process. A child reports its peak memory (RSS high-water mark ``VmHWM`` on the CPU;
+``torch.cuda.max_memory_allocated`` on a GPU), its wall time and the time of each training or generation step.
+
+Cases (``--only`` picks some):
+
+* ``pairs``: the fp32 teacher, 4 samples, batch 2, DPM-Solver++ 2 steps, guidance 6.
+* ``reflow``: ``fit``, 2 steps and 1 validation batch (val_steps 1 and 2), the UNet mostly frozen (92M of 860M
+  parameters train, as in the issue that asked for this) or LoRA (rank 4 on the attention projections); batch 1
+  and 2.
+* ``export``: the reflow checkpoint to a diffusers folder.
+* ``distill-l2`` / ``distill-lpips``: the one-step student with ``{l2: 1}`` or ``{lpips: 1, l2: 1}``, naive or lean
+  LPIPS (VAE decoder gradient checkpointing, bf16 decode, ``lpips_resize`` 224), batch 1 and 2.
+
+Activations per sample are the difference between batch 2 and batch 1. Results go to ``--out`` (JSON) and a
+markdown table on stdout. At SD size each fit step takes tens of seconds on a CPU: the whole run is about half an
+hour on 2 cores.
+
+Usage::
+
+    .venv/bin/python -m bench.scale [--only reflow export] [--batches 1 2] [--src OTHER_CHECKOUT/src] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from bench.common import REPO
+from bench.memory import _peak_rss
+
+GiB = 2**30
+FROZEN_MOST = ["unet.conv_in", "unet.down_blocks", "unet.mid_block", "unet.up_blocks.0", "unet.up_blocks.1"]
+"""Freezing that leaves 92M of SD 1.5's 860M UNet parameters to train (up_blocks 2-3, time embedding, output)."""
+LORA = {"rank": 4, "alpha": 4.0}
+LEAN_LPIPS = {"lpips_checkpointing": True, "lpips_dtype": "bf16", "lpips_resize": 224}
+CASES = ("pairs", "reflow", "reflow-lora", "export", "distill-l2", "distill-lpips", "distill-lpips-lean")
+
+
+def cache_folder() -> Path:
+    """Where the random SD 1.5 folder is kept between runs."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return root / "instaflow-pl" / "sd15-random"
+
+
+def sd15_folder() -> Path:
+    """The random SD 1.5 folder, built on first use (about a minute and 4.3 GB)."""
+    folder = cache_folder()
+    if not (folder / "model_index.json").is_file():
+        from instaflow_pl.tiny import build_sd15_random
+
+        print(f"building a random SD 1.5 folder in {folder} (once) ...", flush=True)
+        tmp = folder.with_name(folder.name + ".tmp")
+        build_sd15_random(tmp)
+        tmp.rename(folder)
+    return folder
+
+
+# ---- the child: one real command, measured --------------------------------------------------------------------
+
+
+STEP_TIMES: list[float] = []
+
+
+class StepTimer(Callback):
+    """Records the wall time of every training and prediction batch (in ``STEP_TIMES``)."""
+
+    def __init__(self) -> None:
+        self._start = 0.0
+
+    def _begin(self, *_: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self, *_: Any) -> None:
+        STEP_TIMES.append(time.perf_counter() - self._start)
+
+    on_train_batch_start = on_predict_batch_start = _begin
+    on_train_batch_end = on_predict_batch_end = _end
+
+
+def child(result_file: Path, args: list[str]) -> None:
+    """Run ``instaflow-pl ARGS`` in this process and write its peak memory, wall time and step times."""
+    import torch
+
+    from instaflow_pl.cli import main
+
+    start = time.perf_counter()
+    status = 0
+    try:
+        main(args)
+    except SystemExit as exit_:
+        status = int(exit_.code or 0)
+    result = {
+        "status": status,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_gib": _peak_rss() / GiB,
+        "step_s": importlib.import_module("bench.scale").STEP_TIMES,  # the module the CLI imported StepTimer from
+    }
+    if torch.cuda.is_available():
+        result["cuda_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
+    result_file.write_text(json.dumps(result))
+
+
+# ---- the parent: cases ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One measured command.
+
+    Attributes:
+        name: Row name.
+        stage: ``pairs``, ``fit`` or ``export``.
+        batch: Samples per step.
+        args: The command's arguments.
+        result: What the child reported.
+    """
+
+    name: str
+    stage: str
+    batch: int
+    args: list[str]
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _fit_config(base: str, work: Path, name: str, batch: int, model_args: dict[str, Any], accel: str) -> dict:
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "sd15" / base).read_text())
+    root = str(work / name)
+    trainer = config["trainer"]
+    trainer.update(
+        accelerator=accel,
+        devices=1,
+        strategy="auto",
+        max_steps=2,
+        val_check_interval=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=root,
+        accumulate_grad_batches=1,
+    )
+    trainer["callbacks"][0]["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=2)
+    trainer["callbacks"].append({"class_path": "bench.scale.StepTimer"})
+    init = config["model"]["init_args"]
+    init.update(warmup_steps=0, val_steps=[1, 2], **model_args)
+    config["data"]["init_args"].update(batch_size=batch, num_workers=0, val_fraction=0.25)
+    return config
+
+
+def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: str) -> list[Case]:
+    """The cases to run, in order (reflow's checkpoint feeds export; reflow's pairs feed the fits)."""
+    pairs_dir = work / "pairs"
+    cases = [
+        Case(
+            "pairs (fp32 teacher, DPM++ 2 steps, guidance 6)",
+            "pairs",
+            2,
+            [
+                "pairs",
+                "--config",
+                str(REPO / "configs/sd15/pairs.yaml"),
+                f"--trainer.accelerator={accel}",
+                "--trainer.devices=1",
+                f"--model.init_args.teacher={folder}",
+                f"--model.init_args.output_dir={pairs_dir}",
+                "--model.init_args.steps=2",
+                "--model.init_args.teacher_dtype=fp32",
+                "--model.init_args.shard_size=4",
+                f"--data.init_args.prompts={REPO / 'configs/tiny/prompts.txt'}",
+                "--data.init_args.batch_size=2",
+                "--data.init_args.limit=4",
+                "--trainer.callbacks+=bench.scale.StepTimer",
+            ],
+        )
+    ]
+    data = {"path": str(pairs_dir), "expected_latent_shape": [4, 64, 64]}
+    fits = {
+        "reflow": ("reflow.yaml", {"freeze": FROZEN_MOST}, "reflow, 92M of 860M trainable"),
+        "reflow-lora": ("reflow.yaml", {"lora": LORA}, "reflow, LoRA rank 4"),
+        "distill-l2": ("distill.yaml", {"freeze": FROZEN_MOST, "distance": {"l2": 1.0}}, "distill l2, 92M"),
+        "distill-lpips": (
+            "distill.yaml",
+            {"freeze": FROZEN_MOST, "distance": {"lpips": 1.0, "l2": 1.0}, "lpips_pretrained": False},
+            "distill lpips naive, 92M",
+        ),
+        "distill-lpips-lean": (
+            "distill.yaml",
+            {"freeze": FROZEN_MOST, "distance": {"lpips": 1.0, "l2": 1.0}, "lpips_pretrained": False, **LEAN_LPIPS},
+            "distill lpips lean, 92M",
+        ),
+    }
+    for key, (base, model_args, label) in fits.items():
+        for batch in batches:
+            name = f"{key}-b{batch}"
+            config = _fit_config(base, work, name, batch, {"base_model": str(folder), **model_args}, accel)
+            config["data"]["init_args"].update(path=data["path"])
+            yaml_file = _write_yaml(work / f"{name}.yaml", config)
+            cases.append(Case(f"{label}, batch {batch}", key, batch, ["fit", "--config", str(yaml_file)]))
+        if key == "reflow":
+            ckpt = work / f"reflow-b{batches[0]}" / "checkpoints"
+            cases.append(
+                Case(
+                    "export (reflow checkpoint)",
+                    "export",
+                    0,
+                    ["export", "--ckpt", str(ckpt), "--out", str(work / "export")],
+                )
+            )
+    return [c for c in cases if c.stage in only]
+
+
+def run_case(case: Case, work: Path, src: Path | None) -> None:
+    """Run one case in a fresh child process."""
+    result_file = work / "result.json"
+    result_file.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src) if src else "", str(REPO)) if p)
+    command = [sys.executable, "-m", "bench.scale", "--child", str(result_file), "--", *case.args]
+    log = work / "child.log"
+    with log.open("a") as handle:
+        handle.write(f"\n==== {case.name}\n")
+        handle.flush()
+        subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
+    case.result = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "crashed"}
+    if case.result.get("status") != 0:
+        print(f"  {case.name}: FAILED (see {log})", flush=True)
+
+
+def table(cases: list[Case]) -> str:
+    """The results as a markdown table."""
+    lines = ["| stage | peak memory (GiB) | step time (s, median after the first) | wall (s) |", "|---|---|---|---|"]
+    for case in cases:
+        r = case.result
+        steps = sorted(r.get("step_s", [])[1:]) or r.get("step_s", [])
+        step = f"{steps[len(steps) // 2]:.1f}" if steps else "-"
+        peak = r.get("cuda_peak_gib", r.get("peak_rss_gib"))
+        peak_text = f"{peak:.2f}" if isinstance(peak, float) else str(r.get("status"))
+        lines.append(f"| {case.name} | {peak_text} | {step} | {r.get('wall_s', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the arguments and run the cases (or, with ``--child``, one command)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child(Path(argv[1]), argv[3:])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", default=list(CASES), choices=CASES, help="cases to run (pairs first)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2], help="per-step batch sizes of the fits")
+    parser.add_argument("--src", type=Path, default=None, help="measure another checkout's package (its src/)")
+    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "scale.json", help="results JSON")
+    parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
+    opts = parser.parse_args(argv)
+    folder = sd15_folder()
+    work = opts.keep or Path(tempfile.mkdtemp(prefix="instaflow-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    only = sorted(set(opts.only) | {"pairs"})  # every fit reads the pairs
+    cases = plan(work, folder, opts.batches, only, opts.accelerator)
+    for case in cases:
+        print(f"running {case.name} ...", flush=True)
+        run_case(case, work, opts.src)
+        print(f"  {case.result}", flush=True)
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps([asdict(c) for c in cases], indent=2))
+    print(table(cases))
+    print(f"\nresults: {opts.out}; work folder: {work}")
+
+
+if __name__ == "__main__":
+    main()
