@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 CONFIG :=
 export WANDB_MODE ?= offline
 
-.PHONY: help install test lint format bench demo demo-setup demo-1rf demo-pairs-1rf demo-2rf demo-pairs-2rf \
+.PHONY: help install test lint format bench bench-scale bench-gpu demo demo-setup demo-1rf demo-pairs-1rf demo-2rf demo-pairs-2rf \
 	demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep clean
 
 help: ## List the targets
@@ -35,6 +35,12 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 
 bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process
 	$(BIN)/python bench/run.py
+
+bench-scale: $(STAMP) ## Memory and step time of every stage at SD 1.5 shapes (random weights; ~30 min on 2 cores)
+	$(BIN)/python -m bench.scale $(BENCH_ARGS)
+
+bench-gpu: $(STAMP) ## One-GPU benchmark at SD 1.5 shapes (<= 8 min on a GPU): throughput, memory, MFU, latency
+	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
 
 demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outputs/demo/report.md [DEMO_ARGS=--force]
 	$(BIN)/instaflow-pl demo $(DEMO_ARGS)

@@ -113,7 +113,7 @@ def pairs(setup: Setup, batch: int = 8) -> list[Row]:
     teacher = load_teacher(setup.folder, solver="dpm++", steps=setup.teacher_steps, dtype=setup.teacher_dtype)
     teacher.to(setup.device)
     x0 = _noise(setup, batch, teacher.latent_shape)
-    pipe = StableDiffusionPipeline.from_pretrained(setup.folder, torch_dtype=dtype, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(setup.folder, dtype=dtype, safety_checker=None)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(setup.device)

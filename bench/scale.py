@@ -9,9 +9,9 @@ child process. A child reports its peak memory (RSS high-water mark ``VmHWM`` on
 Cases (``--only`` picks some):
 
 * ``pairs``: the fp32 teacher, 4 samples, batch 2, DPM-Solver++ 2 steps, guidance 6.
-* ``reflow``: ``fit``, 2 steps and 1 validation batch (val_steps 1 and 2), the UNet mostly frozen (92M of 860M
-  parameters train, as in the issue that asked for this) or LoRA (rank 4 on the attention projections); batch 1
-  and 2.
+* ``reflow``: ``fit`` for ``--steps`` steps (1: memory peaks in the first), a checkpoint and 1 validation batch
+  (val_steps 1 and 2); the UNet mostly frozen (92M of 860M parameters train, as in the issue that asked for this) or
+  LoRA (rank 4 on the attention projections).
 * ``export``: the reflow checkpoint to a diffusers folder.
 * ``distill-l2`` / ``distill-lpips``: the one-step student with ``{l2: 1}`` or ``{lpips: 1, l2: 1}``, naive or lean
   LPIPS (VAE decoder gradient checkpointing, bf16 decode, ``lpips_resize`` 224), batch 1 and 2.
@@ -49,7 +49,20 @@ FROZEN_MOST = ["unet.conv_in", "unet.down_blocks", "unet.mid_block", "unet.up_bl
 """Freezing that leaves 92M of SD 1.5's 860M UNet parameters to train (up_blocks 2-3, time embedding, output)."""
 LORA = {"rank": 4, "alpha": 4.0}
 LEAN_LPIPS = {"lpips_checkpointing": True, "lpips_dtype": "bf16", "lpips_resize": 224}
-CASES = ("pairs", "reflow", "reflow-lora", "export", "distill-l2", "distill-lpips", "distill-lpips-lean")
+CASES = (
+    "pairs",
+    "reflow",
+    "reflow-lora",
+    "export",
+    "distill-l2",
+    "distill-lpips",
+    "distill-lpips-lean",
+    "unet-step",
+    "lpips-naive",
+    "lpips-lean",
+)
+MICRO = ("unet-step", "lpips-naive", "lpips-lean")
+"""Parts measured alone, at each batch size, for the memory each sample adds (no Trainer, no validation)."""
 
 
 def cache_folder() -> Path:
@@ -116,6 +129,70 @@ def child(result_file: Path, args: list[str]) -> None:
     result_file.write_text(json.dumps(result))
 
 
+def micro(result_file: Path, name: str, batch: int) -> None:
+    """Measure what one part adds at ``batch``: RSS high-water mark over the loaded state, for one forward and backward.
+
+    ``unet-step``: the UNet velocity's loss and backward in bf16 autocast with gradient checkpointing, 92M parameters
+    trainable (as the fits). ``lpips-naive`` / ``lpips-lean``: the LPIPS distance alone (VAE decode at 512 px with
+    grad on the student's side, then VGG), naive or with the lean options.
+    """
+    import torch
+
+    from bench.memory import _reset_peak_rss
+    from instaflow_pl.modules.losses import LPIPSDistance
+    from instaflow_pl.velocity import PretrainedUNetVelocity, TextCondition
+
+    folder = sd15_folder()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 64, 64, generator=generator)
+    if name == "unet-step":
+        velocity = PretrainedUNetVelocity(str(folder), gradient_checkpointing=True)
+        for param_name, param in velocity.named_parameters():
+            param.requires_grad_(not any(param_name.startswith(prefix) for prefix in FROZEN_MOST))
+        cond = TextCondition(torch.randn(batch, 77, 768, generator=generator))
+
+        def step() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = velocity(x, torch.full((batch,), 0.5), cond)
+            out.float().pow(2).mean().backward()
+
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        options = LEAN_LPIPS if name == "lpips-lean" else {}
+        distance = LPIPSDistance(
+            vae,
+            pretrained=False,
+            checkpointing=options.get("lpips_checkpointing", False),
+            dtype=options.get("lpips_dtype", "fp32"),
+            resize=options.get("lpips_resize"),
+        )
+        pred = x.clone().requires_grad_(True)
+        target = torch.randn(batch, 4, 64, 64, generator=generator)
+
+        def step() -> None:
+            distance(pred, target).sum().backward()
+
+    base = _peak_rss()
+    _reset_peak_rss()
+    base = min(base, _peak_rss())
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    result_file.write_text(
+        json.dumps(
+            {
+                "status": 0,
+                "wall_s": seconds,
+                "peak_rss_gib": _peak_rss() / GiB,
+                "added_gib": (_peak_rss() - base) / GiB,
+                "step_s": [seconds],
+            }
+        )
+    )
+
+
 # ---- the parent: cases ----------------------------------------------------------------------------------------
 
 
@@ -145,7 +222,9 @@ def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
     return path
 
 
-def _fit_config(base: str, work: Path, name: str, batch: int, model_args: dict[str, Any], accel: str) -> dict:
+def _fit_config(
+    base: str, work: Path, name: str, batch: int, model_args: dict[str, Any], accel: str, steps: int
+) -> dict:
     import yaml
 
     config = yaml.safe_load((REPO / "configs" / "sd15" / base).read_text())
@@ -155,8 +234,8 @@ def _fit_config(base: str, work: Path, name: str, batch: int, model_args: dict[s
         accelerator=accel,
         devices=1,
         strategy="auto",
-        max_steps=2,
-        val_check_interval=2,
+        max_steps=steps,
+        val_check_interval=steps,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         logger=False,
@@ -164,7 +243,7 @@ def _fit_config(base: str, work: Path, name: str, batch: int, model_args: dict[s
         default_root_dir=root,
         accumulate_grad_batches=1,
     )
-    trainer["callbacks"][0]["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=2)
+    trainer["callbacks"][0]["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=steps)
     trainer["callbacks"].append({"class_path": "bench.scale.StepTimer"})
     init = config["model"]["init_args"]
     init.update(warmup_steps=0, val_steps=[1, 2], **model_args)
@@ -172,7 +251,7 @@ def _fit_config(base: str, work: Path, name: str, batch: int, model_args: dict[s
     return config
 
 
-def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: str) -> list[Case]:
+def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: str, steps: int = 1) -> list[Case]:
     """The cases to run, in order (reflow's checkpoint feeds export; reflow's pairs feed the fits)."""
     pairs_dir = work / "pairs"
     cases = [
@@ -214,10 +293,13 @@ def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: s
             "distill lpips lean, 92M",
         ),
     }
+    for key in MICRO:
+        for batch in batches:
+            cases.append(Case(f"{key} alone, batch {batch}", key, batch, ["--micro", key, str(batch)]))
     for key, (base, model_args, label) in fits.items():
         for batch in batches:
             name = f"{key}-b{batch}"
-            config = _fit_config(base, work, name, batch, {"base_model": str(folder), **model_args}, accel)
+            config = _fit_config(base, work, name, batch, {"base_model": str(folder), **model_args}, accel, steps)
             config["data"]["init_args"].update(path=data["path"])
             yaml_file = _write_yaml(work / f"{name}.yaml", config)
             cases.append(Case(f"{label}, batch {batch}", key, batch, ["fit", "--config", str(yaml_file)]))
@@ -240,7 +322,10 @@ def run_case(case: Case, work: Path, src: Path | None) -> None:
     result_file.unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src) if src else "", str(REPO)) if p)
-    command = [sys.executable, "-m", "bench.scale", "--child", str(result_file), "--", *case.args]
+    if case.stage in MICRO:
+        command = [sys.executable, "-m", "bench.scale", *case.args, str(result_file)]
+    else:
+        command = [sys.executable, "-m", "bench.scale", "--child", str(result_file), "--", *case.args]
     log = work / "child.log"
     with log.open("a") as handle:
         handle.write(f"\n==== {case.name}\n")
@@ -253,10 +338,11 @@ def run_case(case: Case, work: Path, src: Path | None) -> None:
 
 def table(cases: list[Case]) -> str:
     """The results as a markdown table."""
-    lines = ["| stage | peak memory (GiB) | step time (s, median after the first) | wall (s) |", "|---|---|---|---|"]
+    lines = ["| stage | peak memory (GiB) | step time (s; median after the first, if any) | wall (s) |"]
+    lines.append("|---|---|---|---|")
     for case in cases:
         r = case.result
-        steps = sorted(r.get("step_s", [])[1:]) or r.get("step_s", [])
+        steps = sorted(r.get("step_s", [])[1:]) or r.get("step_s", [])  # the first step also warms up
         step = f"{steps[len(steps) // 2]:.1f}" if steps else "-"
         peak = r.get("cuda_peak_gib", r.get("peak_rss_gib"))
         peak_text = f"{peak:.2f}" if isinstance(peak, float) else str(r.get("status"))
@@ -270,9 +356,15 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--child"]:
         child(Path(argv[1]), argv[3:])
         return
+    if argv[:1] == ["--micro"]:
+        micro(Path(argv[3]), argv[1], int(argv[2]))
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=list(CASES), choices=CASES, help="cases to run (pairs first)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2], help="per-step batch sizes of the fits")
+    parser.add_argument(
+        "--steps", type=int, default=1, help="training steps per fit (memory peaks in the first; more for times)"
+    )
     parser.add_argument("--src", type=Path, default=None, help="measure another checkout's package (its src/)")
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "scale.json", help="results JSON")
@@ -281,8 +373,10 @@ def main(argv: list[str] | None = None) -> None:
     folder = sd15_folder()
     work = opts.keep or Path(tempfile.mkdtemp(prefix="instaflow-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    only = sorted(set(opts.only) | {"pairs"})  # every fit reads the pairs
-    cases = plan(work, folder, opts.batches, only, opts.accelerator)
+    only = list(opts.only)
+    if not (work / "pairs" / "index.json").is_file():
+        only.append("pairs")  # every fit reads the pairs
+    cases = plan(work, folder, opts.batches, only, opts.accelerator, opts.steps)
     for case in cases:
         print(f"running {case.name} ...", flush=True)
         run_case(case, work, opts.src)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, write_dataset
 
@@ -16,8 +17,9 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name 
 
 def test_every_config_is_covered_here():
     covered = {
-        "tiny/pairs.yaml", "tiny/pairs_2rf.yaml", "tiny/reflow.yaml", "tiny/distill.yaml",
+        "tiny/pairs.yaml", "tiny/pairs_2rf.yaml", "tiny/reflow.yaml", "tiny/distill.yaml", "tiny/reflow_lora.yaml",
         "sd15/pairs.yaml", "sd15/pairs_distill.yaml", "sd15/reflow.yaml", "sd15/distill.yaml",
+        "sd15/reflow_lora.yaml", "sd15/distill_lpips.yaml",
         # run end to end (every stage, through the CLI) by test_demo.py::test_demo_stages_run_cache_and_refuse_...
         "demo/1rf.yaml", "demo/pairs_1rf.yaml", "demo/2rf.yaml", "demo/pairs_2rf.yaml", "demo/distill_2rf.yaml",
         "demo/distill_1rf.yaml",
@@ -74,9 +76,11 @@ def test_tiny_pairs_2rf_config_runs_on_a_velocity_teacher(tiny_velocity, tmp_pat
     assert (out / "index.json").is_file()
 
 
-@pytest.mark.parametrize("stage, module_class", [("reflow", ReflowModule), ("distill", DistillModule)])
+@pytest.mark.parametrize(
+    "stage, module_class", [("reflow", ReflowModule), ("distill", DistillModule), ("reflow_lora", ReflowModule)]
+)
 def test_tiny_training_configs_fit_a_few_steps(tiny_sd, tiny_velocity, tmp_path, stage, module_class):
-    base = tiny_sd if stage == "reflow" else tiny_velocity
+    base = tiny_sd if stage.startswith("reflow") else tiny_velocity
     data = write_dataset(tmp_path / "pairs", count=32, shard_size=16)
     cli = cli_main(["fit", "--config", str(REPO / f"configs/tiny/{stage}.yaml"),
                     f"--model.init_args.base_model={base}", f"--data.init_args.path={data}",
@@ -90,12 +94,21 @@ def test_tiny_training_configs_fit_a_few_steps(tiny_sd, tiny_velocity, tmp_path,
 
 
 @pytest.mark.parametrize(
-    "name, module_class", [("reflow", ReflowModule), ("distill", DistillModule), ("pairs_distill", PairGenerator)]
+    "name, module_class",
+    [
+        ("reflow", ReflowModule),
+        ("distill", DistillModule),
+        ("pairs_distill", PairGenerator),
+        ("reflow_lora", ReflowModule),
+        ("distill_lpips", DistillModule),
+    ],
 )
 def test_sd15_configs_instantiate_on_the_tiny_folder(tiny_sd, tiny_velocity, tmp_path, name, module_class):
     key = "teacher" if module_class is PairGenerator else "base_model"
-    folder = tiny_sd if name == "reflow" else tiny_velocity
+    folder = tiny_sd if name.startswith("reflow") else tiny_velocity
     extra = [f"--model.init_args.output_dir={tmp_path / 'out'}"] if module_class is PairGenerator else []
+    if name == "distill_lpips":  # random LPIPS backbone: the VGG weights file is not on test machines
+        extra.append("--model.init_args.lpips_pretrained=false")
     cli = cli_main(
         ["--config", str(REPO / f"configs/sd15/{name}.yaml"), f"--model.init_args.{key}={folder}",
          "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
@@ -109,6 +122,10 @@ def test_sd15_configs_instantiate_on_the_tiny_folder(tiny_sd, tiny_velocity, tmp
         root = config["trainer"]["default_root_dir"]
         assert cli.trainer.checkpoint_callback.dirpath.endswith(f"{root}/checkpoints"), "interpolation resolved"
         assert cli.model.hparams.ema_decay == config["model"]["init_args"]["ema_decay"]
+        init = config["model"]["init_args"]
+        assert cli.model.hparams.lora == init.get("lora") and cli.model.hparams.tf32 == init["tf32"]
+        if name == "distill_lpips":
+            assert cli.model.distance.lpips.resize == 224 and cli.model.distance.lpips.vae.dtype == torch.bfloat16
 
 
 def test_module_help_lists_the_shared_options(capsys):

@@ -31,9 +31,9 @@ MAX_STEPS = 15  # 32 training triples in batches of 4: 8 steps an epoch, so the 
 KILL_AT = 11  # killed before step 11 (epoch 1, batch 3): the last checkpoint is step 9, mid-epoch
 
 
-def step_checkpointing_config(tmp_path: Path) -> Path:
-    """configs/tiny/reflow.yaml with checkpoints every ``EVERY`` steps (the shipped file sets the same options)."""
-    config = yaml.safe_load((REPO / "configs/tiny/reflow.yaml").read_text())
+def step_checkpointing_config(tmp_path: Path, name: str = "reflow") -> Path:
+    """configs/tiny/NAME.yaml with checkpoints every ``EVERY`` steps (the shipped file sets the same options)."""
+    config = yaml.safe_load((REPO / f"configs/tiny/{name}.yaml").read_text())
     callbacks = config["trainer"]["callbacks"]
     checkpoint = next(c for c in callbacks if c["class_path"].endswith("ModelCheckpoint"))["init_args"]
     assert checkpoint["save_last"] is True and checkpoint["every_n_train_steps"] > 0, "the config checkpoints by steps"
@@ -79,9 +79,10 @@ def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_fit(tiny_sd, tmp_path):
+@pytest.mark.parametrize("name", ["reflow", "reflow_lora"])  # full fine-tuning, and LoRA adapters only
+def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_fit(tiny_sd, tmp_path, name):
     data = write_dataset(tmp_path / "pairs", count=40, shard_size=8)  # val_fraction 0.2: 32 train, 8 val
-    config = step_checkpointing_config(tmp_path)
+    config = step_checkpointing_config(tmp_path, name)
     env = {"OMP_NUM_THREADS": "1"}
 
     full_root = tmp_path / "full"
