@@ -416,7 +416,7 @@ class EvaluationWriter(BasePredictionWriter):
                 images=torch.cat([p.images for p in parts]),
             )
             try:
-                pl_module.store.write_shard(prediction.row, shard, result)
+                pl_module.store.write_shard(prediction.row, shard, result, rank=trainer.global_rank)
             except ValueError as err:
                 raise UserError(str(err)) from None
         if self._bar is not None:

@@ -58,7 +58,8 @@ def markdown(report: dict) -> str:
     for row in report["rows"]:
         clip = f"{row['clip']:.2f}" if row["clip"] is not None else "-"
         ms = f"{row['ms_per_image']:.1f}" if row["ms_per_image"] is not None else "-"
-        cells = (row["model"], row["steps"], f"{row['guidance']:g}", row["nfe"], f"{row['fid']:.2f}", clip, ms)
+        fid = f"{row['fid']:.2f}" if abs(row["fid"]) >= 1 else f"{row['fid']:.3g}"  # tiny settings: tiny numbers
+        cells = (row["model"], row["steps"], f"{row['guidance']:g}", row["nfe"], fid, clip, ms)
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     spec = report["evaluation"]
     devices = sorted({row["timing"]["device"] for row in report["rows"] if row["timing"]})

@@ -125,7 +125,7 @@ class RowSpec:
 
 def _differences(mine: object, theirs: object) -> list[str]:
     a, b = asdict(mine), asdict(theirs)  # type: ignore[call-overload]
-    return [f"{k}: {b.get(k)!r} != {a[k]!r}" for k in a if k not in _INFORMATIONAL and a[k] != b.get(k)]
+    return [f"{k} {b.get(k)!r} in the folder, {a[k]!r} now" for k in a if k not in _INFORMATIONAL and a[k] != b.get(k)]
 
 
 @dataclass
@@ -220,8 +220,8 @@ class EvaluationStore:
             if not self.shard_path(k, s).is_file()
         ]
 
-    def write_shard(self, row: int, shard: int, result: ShardResult) -> Path:
-        """Commit one shard of a row (atomically).
+    def write_shard(self, row: int, shard: int, result: ShardResult, rank: int = 0) -> Path:
+        """Commit one shard of a row (atomically); ``rank`` (the process that computed it) is recorded.
 
         Raises:
             ValueError: the result does not cover the shard's samples exactly, or holds NaN or Inf.
@@ -243,7 +243,8 @@ class EvaluationStore:
             "clip": result.clip.detach().to("cpu", torch.float64).contiguous(),
             "images": result.images.detach().to("cpu", torch.uint8).contiguous(),
         }
-        data = save(tensors, metadata={"row": self.rows[row].id, "shard": str(shard), "nfe": str(result.nfe)})
+        metadata = {"row": self.rows[row].id, "shard": str(shard), "nfe": str(result.nfe), "rank": str(rank)}
+        data = save(tensors, metadata=metadata)
         path = self.shard_path(row, shard)
         try:
             crashpoint("eval_shard", shard)
