@@ -172,6 +172,38 @@ def test_report_table_grid_and_a_second_run_give_identical_numbers(inputs, unint
     assert files(uninterrupted) == before
 
 
+def test_other_rows_keep_the_earlier_report_and_go_to_wandb(inputs, uninterrupted, tmp_path, monkeypatch):
+    """The finished evaluation, now with the flow's rows only: nothing is recomputed, the earlier report is kept, and
+    the table and grid reach an offline W&B run."""
+    import shutil
+    import time
+
+    import wandb
+    from test_wandb import item_key, read_wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = Path(shutil.copytree(uninterrupted, tmp_path / "eval"))
+    earlier = {name: (out / name).read_bytes() for name in ("report.md", "report.json", "grid.png")}
+    flow_only = f"--model.init_args.models=[{{name: flow, folder: {inputs.velocity}, steps: [1, 2]}}]"
+    cli_main([*evaluate_args(inputs, out), flow_only, "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+              f"--trainer.logger.init_args.save_dir={tmp_path}"])  # fmt: skip
+    assert wandb.run is None
+    assert numbers(out) == numbers(uninterrupted)[:2], "the stored shards are reused, not recomputed"
+    assert {name: (out / "earlier-reports/1" / name).read_bytes() for name in earlier} == earlier
+
+    run = next(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    deadline = time.time() + 30  # the W&B service may still be flushing the log on a busy machine
+    while "exit" not in [r.WhichOneof("record_type") for r in read_wandb_records(run)] and time.time() < deadline:
+        time.sleep(0.5)
+    records = read_wandb_records(run)
+    logged = {item_key(item) for record in records if record.HasField("history") for item in record.history.item}
+    assert {"eval/fid/flow@1,w=1", "eval/clip/flow@2,w=1", "eval/ms_per_image/flow@2,w=1"} <= logged, sorted(logged)
+    assert {"eval/report.nrows", "eval/grid._type"} <= logged, "the table and the grid (wandb.Table, wandb.Image)"
+    rows = [json.loads(i.value_json) for r in records if r.HasField("history") for i in r.history.item
+            if item_key(i) == "eval/report.nrows"]  # fmt: skip
+    assert rows == [2]
+
+
 @pytest.mark.slow
 def test_a_killed_evaluation_resumes_to_the_same_numbers(inputs, uninterrupted, tmp_path):
     out = tmp_path / "eval"

@@ -366,7 +366,9 @@ class Evaluation(L.LightningModule):
                 if store.timing(row) is None:
                     store.write_timing(row, self.measure_speed(row, captions, batch_size))
         self._loaded = None
-        return write_report(store, self.reference, captions, self.reference_images.convention, self.trainer.loggers)
+        return write_report(
+            store, self.reference, captions, self.reference_images.convention(self.features), self.trainer.loggers
+        )
 
 
 def device_name(device: torch.device) -> str:

@@ -46,15 +46,20 @@ class ReferenceImages:
         self.batch_size = batch_size
         self.key = folder_fingerprint(self.folder, extra=f"resolution={resolution}|center_crop={center_crop}|bicubic")
 
-    @property
-    def convention(self) -> str:
-        """How the images reach the feature network, in words (for the report)."""
+    def convention(self, feature_net: nn.Module) -> str:
+        """How the images reach ``feature_net``, in words (for the report)."""
+        from instaflow_pl.metrics import InceptionFeatures
+
         how = (
             f"shorter side resized (bicubic) to {self.resolution} and centre-cropped"
             if self.center_crop
             else f"resized (bicubic) to {self.resolution} x {self.resolution}"
         )
-        return f"reference images {how}; torch-fidelity style: uint8 images, InceptionV3 resizes them to 299 x 299"
+        if isinstance(feature_net, InceptionFeatures):
+            net = "torch-fidelity style: uint8 images, InceptionV3 resizes them to 299 x 299"
+        else:
+            net = f"features of {type(feature_net).__name__} on images in [-1, 1], not Inception: not comparable to FID"
+        return f"reference images {how}; {net}"
 
     def _transform(self):
         from torchvision import transforms

@@ -126,8 +126,10 @@ def write_report(
     text = json.dumps(report, indent=2, sort_keys=True) + "\n"
     root = store.root
     old = root / "report.json"
+    picture = grid(rows, images, captions)
     if old.is_file() and old.read_text() == text and all((root / name).is_file() for name in REPORT_FILES):
         rank_zero_info(f"{root}: the report is up to date\n{(root / 'report.md').read_text()}")
+        log_report(loggers, rows, picture)
         return root / "report.md"
     if any((root / name).exists() for name in REPORT_FILES):
         n = 1
@@ -139,7 +141,6 @@ def write_report(
             if (root / name).exists():
                 shutil.move(root / name, keep / name)
         rank_zero_info(f"the earlier report differs (other rows); it was moved to {keep}")
-    picture = grid(rows, images, captions)
     if picture is not None:
         tmp = root / ".grid.png.tmp"
         picture.save(tmp, format="PNG")
