@@ -246,15 +246,16 @@ class EvaluationStore:
         metadata = {"row": self.rows[row].id, "shard": str(shard), "nfe": str(result.nfe), "rank": str(rank)}
         data = save(tensors, metadata=metadata)
         path = self.shard_path(row, shard)
+        unit = row * self.spec.num_shards + shard  # the crash points count shards over all rows
         try:
-            crashpoint("eval_shard", shard)
+            crashpoint("eval_shard", unit)
             atomic_write(path, data)
         except OSError as err:
             raise UserError(
                 f"cannot write {path} ({err.strerror or err}); free some space or fix the folder, then rerun the same "
                 "command: the shards already written are kept and it resumes there"
             ) from None
-        crashpoint("eval_committed", shard)
+        crashpoint("eval_committed", unit)
         return path
 
     def read_row(self, row: int) -> ShardResult:
