@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 CONFIG :=
 export WANDB_MODE ?= offline
 
-.PHONY: help install test lint format bench bench-scale bench-gpu demo demo-setup demo-1rf demo-pairs-1rf demo-2rf demo-pairs-2rf \
-	demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep clean
+.PHONY: help install test lint format bench bench-scale bench-gpu demo demo-setup demo-1rf demo-pairs-1rf demo-2rf \
+	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep evaluate clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -85,6 +85,16 @@ TRIALS :=
 
 sweep: $(STAMP) ## Hyperparameter sweep: SWEEP=configs/sweeps/reflow_lr_tdist.yaml [TRIALS=N]; W&B agent if WANDB_MODE=online, else local trials
 	$(BIN)/instaflow-pl sweep $(if $(filter online,$(WANDB_MODE)),,--local) "$(SWEEP)" $(if $(TRIALS),--trials $(TRIALS))
+
+# evaluate: the paper's protocol (FID, CLIP score, NFE, ms/img) -> <output_dir>/report.md, report.json, grid.png.
+# The default runs on the tiny folders (make tiny, plus tiny reference images); CONFIG=configs/eval/coco5k.yaml for COCO.
+TINY_REFERENCE := outputs/tiny/reference
+
+evaluate: $(STAMP) ## Evaluate models like the paper: CONFIG=configs/eval/tiny.yaml by default (coco5k.yaml: FID-5k on COCO)
+	$(if $(CONFIG),,$(MAKE) --no-print-directory tiny)
+	$(if $(CONFIG),,test -d $(TINY_REFERENCE) || $(BIN)/python -c \
+		'from instaflow_pl.tiny import build_tiny_reference as b; print("wrote", b("$(TINY_REFERENCE)"))')
+	$(BIN)/instaflow-pl evaluate --config $(or $(CONFIG),configs/eval/tiny.yaml)
 
 clean: ## Remove outputs/ (generated data) -- asks first
 	@read -p "delete outputs/ (generated datasets and models)? [y/N] " ok && [ "$$ok" = y ] && rm -rf outputs/ || echo kept

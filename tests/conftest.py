@@ -84,3 +84,20 @@ def write_dataset(root: Path, count: int = 40, shard_size: int = 8, shape=(4, 8,
     from instaflow_pl.data.synthetic import write_random_triples
 
     return write_random_triples(root, count, shard_size, shape, seed)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory) -> Path:
+    """A local FID Inception weights file with random weights, in the real file's format (torch-fidelity's network)."""
+    inception = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    extractor = inception.FeatureExtractorInceptionV3
+    with pytest.MonkeyPatch.context() as patch:  # build the network without its download
+        patch.setattr(inception, "load_state_dict_from_url", lambda *a, **k: {})
+        patch.setattr(extractor, "load_state_dict", lambda self, *a, **k: None)
+        torch.manual_seed(0)
+        weights = extractor("inception-v3-compat", ["64"]).state_dict()
+    from instaflow_pl.metrics import INCEPTION_WEIGHTS_FILE
+
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
+    torch.save(weights, path)
+    return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ def test_every_config_is_covered_here():
         # run end to end (every stage, through the CLI) by test_demo.py::test_demo_stages_run_cache_and_refuse_...
         "demo/1rf.yaml", "demo/pairs_1rf.yaml", "demo/2rf.yaml", "demo/pairs_2rf.yaml", "demo/distill_2rf.yaml",
         "demo/distill_1rf.yaml",
+        "eval/tiny.yaml", "eval/coco5k.yaml",  # below; test_evaluate.py runs eval/tiny.yaml with Inception
     }  # fmt: skip
     assert {str(p.relative_to(REPO / "configs")) for p in CONFIGS} == covered, "add new configs to these tests"
 
@@ -135,3 +137,54 @@ def test_module_help_lists_the_shared_options(capsys):
     for option in ("--model.student_steps", "--model.distance", "--model.ema_decay", "--model.warmup_steps"):
         assert option in text, option
     assert "default: 0.0" in text.split("--model.prompt_dropout")[-1][:300], "DistillModule's own default"
+
+
+def _eval_config(tmp_path, name: str, edit) -> Path:
+    config = yaml.safe_load((REPO / f"configs/eval/{name}.yaml").read_text())
+    edit(config["model"]["init_args"], config["data"]["init_args"])
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_eval_tiny_config_runs_as_written(tiny_sd, tmp_path):
+    """configs/eval/tiny.yaml with the folders `make evaluate` writes, made here instead."""
+    from instaflow_pl.tiny import build_tiny_clip, build_tiny_reference
+
+    def edit(model, data):
+        assert [m["folder"] for m in model["models"]] == ["outputs/tiny/sd"]
+        model["models"][0]["folder"] = str(tiny_sd)
+        model["reference_folder"] = str(build_tiny_reference(tmp_path / "reference"))
+        model["clip_model"] = str(build_tiny_clip(tmp_path / "clip"))
+        model.update(output_dir=str(tmp_path / "eval"), cache_dir=str(tmp_path / "cache"))
+        data["captions"] = str(REPO / data["captions"])
+
+    cli_main(["evaluate", "--config", str(_eval_config(tmp_path, "tiny", edit))])
+    report = json.loads((tmp_path / "eval/report.json").read_text())
+    assert [(r["steps"], r["guidance"]) for r in report["rows"]] == [(2, 1.0), (2, 6.0), (8, 1.0), (8, 6.0)]
+    assert all(r["clip"] is not None and r["ms_per_image"] for r in report["rows"])
+    assert (tmp_path / "eval/grid.png").is_file() and (tmp_path / "eval/report.md").is_file()
+
+
+def test_eval_coco5k_config_instantiates_on_the_tiny_folders(tiny_sd, tiny_velocity, inception_weights, tmp_path):
+    from instaflow_pl.evaluation import CaptionDataModule, Evaluation
+    from instaflow_pl.metrics import InceptionFeatures
+    from instaflow_pl.tiny import build_tiny_clip, build_tiny_reference
+
+    def edit(model, data):
+        for entry in model["models"]:
+            entry["folder"] = str(tiny_sd if entry.get("solver") == "dpm++" else tiny_velocity)
+        model["reference_folder"] = str(build_tiny_reference(tmp_path / "reference", count=4))
+        model["clip_model"] = str(build_tiny_clip(tmp_path / "clip"))
+        model["inception_weights"] = str(inception_weights)
+
+    cli = cli_main(["--config", str(_eval_config(tmp_path, "coco5k", edit)), "--trainer.accelerator=cpu",
+                    "--trainer.devices=1"], run=False)  # fmt: skip
+    assert isinstance(cli.model, Evaluation) and isinstance(cli.datamodule, CaptionDataModule)
+    rows = [(r.name, r.steps, r.guidance, r.solver, r.dtype) for r in cli.model.rows]
+    assert rows == [("InstaFlow (2-RF + distill)", 1, 1.0, "euler", "fp16")] + [
+        ("2-RF", n, 1.5, "euler", "fp16") for n in (1, 2, 4, 25)
+    ] + [("SD 1.5 (teacher)", 25, 6.0, "dpm++", "fp16")]
+    assert isinstance(cli.model.features, InceptionFeatures) and cli.model.features.num_features == 2048
+    assert cli.datamodule.num_samples == 5000 and cli.datamodule.source.endswith("captions_val2017.json")
+    assert cli.model.reference_images.resolution == 512 and cli.model.reference_images.center_crop

@@ -4,6 +4,7 @@
 tiny Stable-Diffusion-format folder the tiny configs use; ``instaflow-pl export --ckpt CKPT --out DIR`` turns a
 training checkpoint into a diffusers-format velocity folder and ``instaflow-pl sample --model DIR ...`` draws an
 image grid from one; ``instaflow-pl sweep --local SWEEP.yaml`` runs a W&B-format sweep offline, trial by trial.
+``instaflow-pl evaluate --config configs/eval/coco5k.yaml`` is ``predict`` with the evaluation module (FID, CLIP).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 
 from instaflow_pl.errors import UserError
 
-ALIASES = {"pairs": "predict"}
+ALIASES = {"pairs": "predict", "evaluate": "predict"}
 """Friendlier names for LightningCLI subcommands."""
 
 

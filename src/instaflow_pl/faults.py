@@ -2,8 +2,9 @@
 
 ``INSTAFLOW_PL_CRASH_AT=point:n`` makes the process SIGKILL itself when it reaches ``point`` with number ``n`` (a shard
 of pair generation, a training step); ``point:n:oserror`` raises the ``OSError`` a full disk gives (ENOSPC) there
-instead. Points: ``chunk_written``, ``shard_moved``, ``committed``, ``before_index`` (``data/store.py``) and
-``fit_step`` (before training step ``n`` runs, ``modules/base.py``).
+instead. Points: ``chunk_written``, ``shard_moved``, ``committed``, ``before_index`` (``data/store.py``),
+``fit_step`` (before training step ``n`` runs, ``modules/base.py``) and ``eval_shard`` / ``eval_committed`` (before /
+after evaluation shard ``n`` is committed, counted over all rows: ``evaluation/store.py``).
 """
 
 from __future__ import annotations

@@ -242,3 +242,37 @@ def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) ->
     )
     processor.save_pretrained(out)
     return out
+
+
+def build_tiny_reference(out_dir: str | Path, count: int = 32, size: int = 16, seed: int = 0) -> Path:
+    """Write ``count`` small RGB PNG images (smooth seeded colour fields) as a tiny reference folder for evaluation.
+
+    They stand in for real images (COCO val) in the tiny evaluation config and the tests: FID against them checks the
+    plumbing, not image quality.
+
+    Args:
+        out_dir: Folder to create (must not hold other files).
+        count: Number of images.
+        size: Their side in pixels.
+        seed: Seed of the pictures, so two builds are identical.
+
+    Returns:
+        The folder's path.
+    """
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out_dir)
+    names = {f"{i:05d}.png" for i in range(count)}
+    if out.exists() and any(p.name not in names for p in out.iterdir()):
+        from instaflow_pl.errors import UserError
+
+        raise UserError(f"{out} holds other files; choose a new folder for the tiny reference images")
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        coarse = torch.rand(1, 3, 4, 4, generator=generator)
+        image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(out / f"{i:05d}.png")
+    return out

@@ -87,6 +87,39 @@ def _from_coco(path: Path) -> list[str]:
     return [str(a["caption"]).strip() for a in data["annotations"] if isinstance(a, dict) and "caption" in a]
 
 
+def coco_captions_per_image(path: str | Path) -> list[str]:
+    """One caption per image of a COCO captions file: images in increasing ``image_id`` order, each with its first
+    caption (the annotation with the lowest annotation ``id``; in file order where ids are missing).
+
+    This is the usual rule of text-to-image evaluations on COCO (one prompt per reference image), and it does not
+    depend on the order of the file's annotations.
+
+    Args:
+        path: A COCO captions file (``captions_val2017.json``, ``captions_val2014.json``).
+
+    Returns:
+        The captions, stripped, in image-id order.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"captions file not found: {path}; check the path (e.g. annotations/captions_val2017.json)")
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not valid JSON; a COCO captions file holds {{'annotations': [...]}}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise UserError(f"{path} has no 'annotations' list; is it a COCO captions file (captions_*.json)?")
+    first: dict[int, tuple[float, int, str]] = {}
+    for position, item in enumerate(data["annotations"]):
+        if not isinstance(item, dict) or "caption" not in item or "image_id" not in item:
+            continue
+        rank = (float(item.get("id", float("inf"))), position)
+        image = int(item["image_id"])
+        if image not in first or rank < first[image][:2]:
+            first[image] = (*rank, str(item["caption"]).strip())
+    return [first[image][2] for image in sorted(first)]
+
+
 def load_prompts(
     path: str | Path,
     format: str = "auto",

@@ -75,6 +75,17 @@ class Teacher(nn.Module):
             )
         return shape
 
+    def with_steps(self, steps: int) -> Teacher:
+        """The same teacher (shared weights, same solver method or scheduler) solved in ``steps`` steps."""
+        import copy
+
+        other = copy.copy(self)
+        if isinstance(self.solver, LatentODE):
+            other.solver = LatentODE(self.solver.method, steps)
+        else:
+            other.solver = SchedulerODE(copy.deepcopy(self.solver.scheduler), steps)
+        return other
+
     def sample(
         self,
         x0: torch.Tensor,
