@@ -15,6 +15,7 @@ from instaflow_pl.conventions import noise_from_seed
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
 from instaflow_pl.data.store import INDEX_FILE, commit_record, decode_tensor, tail_sha256
 from instaflow_pl.errors import UserError
+from instaflow_pl.ranks import setup_on_every_rank
 
 
 @dataclass
@@ -328,6 +329,7 @@ class TriplesDataModule(L.LightningDataModule):
             batch_decode=False,
         )
 
+    @setup_on_every_rank
     def setup(self, stage: str | None = None) -> None:
         """Read and check the manifest and shards; build the train and val streams."""
         if self._train is not None:

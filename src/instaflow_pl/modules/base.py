@@ -23,6 +23,7 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.faults import crashpoint
 from instaflow_pl.metrics import straightness
 from instaflow_pl.modules.ema import EMA
+from instaflow_pl.ranks import setup_on_every_rank
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.text import NULL_PROMPT, PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity, TextCondition, UNetVelocity
@@ -139,6 +140,7 @@ class FlowModule(L.LightningModule):
 
     # ---- shared pieces ---------------------------------------------------------------------------------------
 
+    @setup_on_every_rank
     def setup(self, stage: str) -> None:
         """Check that the triples fit the velocity's UNet before any step runs."""
         manifest = getattr(self.trainer.datamodule, "manifest", None) if self.trainer else None
