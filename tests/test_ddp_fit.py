@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -113,7 +114,10 @@ def test_a_setup_error_on_one_rank_ends_every_rank_with_one_line(tiny_sd, tmp_pa
         f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.strategy=ddp", "--trainer.devices=2",
         "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
     ]  # fmt: skip
-    fit = run_process_group(args, env={"MASTER_PORT": "29631", "OMP_NUM_THREADS": "1"}, timeout=300)
+    with socket.socket() as sock:  # a free port: other test runs may be using the fixed ones
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    fit = run_process_group(args, env={"MASTER_PORT": port, "OMP_NUM_THREADS": "1"}, timeout=300)
     errors = [line for line in fit.stderr.splitlines() if "error:" in line]
     assert fit.returncode == 2, fit.stderr[-3000:]
     assert errors == [
