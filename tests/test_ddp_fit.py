@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -99,3 +100,31 @@ def test_fit_on_two_ddp_cpu_ranks(tiny_sd, tmp_path):
         reduced, one_process = float(validations[0][key]), float(single.trainer.callback_metrics[key])
         # Equal up to float32 summation order (two rank batches of 4 against one batch of 8).
         assert reduced == pytest.approx(one_process, rel=1e-5, abs=1e-8), key
+
+
+def test_a_setup_error_on_one_rank_ends_every_rank_with_one_line(tiny_sd, tmp_path):
+    """Rank 1's dataset folder is missing (the path names each rank's own copy, ``pairs-0`` and ``pairs-1``, and only
+    rank 0's exists): both ranks stop, with exit status 2 and rank 1's error printed once, without a traceback."""
+    import psutil
+
+    write_dataset(tmp_path / "pairs-0", count=40, shard_size=8)
+    args = [
+        "fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+        f"--data.init_args.path={tmp_path}/pairs-${{oc.env:LOCAL_RANK,0}}", "--data.init_args.batch_size=8",
+        f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.strategy=ddp", "--trainer.devices=2",
+        "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    with socket.socket() as sock:  # a free port: other test runs may be using the fixed ones
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    fit = run_process_group(args, env={"MASTER_PORT": port, "OMP_NUM_THREADS": "1"}, timeout=300)
+    errors = [line for line in fit.stderr.splitlines() if "error:" in line]
+    assert fit.returncode == 2, fit.stderr[-3000:]
+    assert errors == [
+        f"instaflow-pl: error: rank 1 of 2: {tmp_path}/pairs-1/manifest.json not found: the folder is not a generated "
+        "dataset (run pair generation first)"
+    ], fit.stderr[-3000:]
+    assert "Traceback" not in fit.stderr, fit.stderr[-3000:]
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    for process in left:  # rank 1 may still be on its way out
+        process.wait(timeout=30)

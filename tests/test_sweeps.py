@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 from pathlib import Path
@@ -12,9 +13,10 @@ import pytest
 import yaml
 from conftest import REPO, write_dataset
 
+from instaflow_pl import sweep as sweep_module
 from instaflow_pl.cli import cli_main, main
 from instaflow_pl.modules import DistillModule, ReflowModule
-from instaflow_pl.sweep import expand_command, grid_points, load_sweep, local_command, run_local, sample_trials
+from instaflow_pl.sweep import TrialResult, expand_command, load_sweep, local_command, plan, propose, run_local
 
 SWEEPS = sorted((REPO / "configs/sweeps").glob("*.yaml"))
 NAMES = [path.name for path in SWEEPS]
@@ -32,7 +34,7 @@ def test_sweep_files_are_wandb_sweeps_whose_command_the_agent_builds_the_same(pa
     assert raw["method"] in ("grid", "random", "bayes") and raw["metric"]["goal"] in ("minimize", "maximize")
     assert raw["program"] == "instaflow-pl" and "${args}" in raw["command"]
     sweep = load_sweep(path)
-    params = sample_trials(sweep, 1, seed=0)[0][0]
+    params = propose(sweep, seed=0)
     agent_args = create_sweep_command_args({"args": {name: {"value": value} for name, value in params.items()}})
     command = expand_command(sweep, params)
     assert command[: command.index("fit")] == ["instaflow-pl"]
@@ -57,9 +59,9 @@ def dotted(config, key: str):
 def test_sweep_parameters_are_keys_of_the_command_config(path, tiny_sd, tiny_velocity, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
     sweep = load_sweep(path)
-    params = sample_trials(sweep, 1, seed=3)[0][0] if sweep.method != "grid" else None
+    params = propose(sweep, seed=3) if sweep.method != "grid" else None
     if params is None:  # the grid point with the most options: LPIPS included
-        params = max(grid_points(sweep), key=lambda point: len(str(point)))
+        params = max(plan(sweep), key=lambda point: len(str(point)))
     data = write_dataset(tmp_path / "pairs", count=16, shard_size=16)
     reflow = "reflow" in path.name
     extra = [] if reflow else ["--model.init_args.lpips_pretrained=false"]
@@ -94,7 +96,11 @@ def write_sweep(tmp_path: Path, **changes) -> Path:
     [
         ({"method": "hyperband"}, "method must be one of grid, random, bayes"),
         ({"metric": None}, "needs a metric"),
-        ({"parameters": {"model.init_args.t_distribution": {"distribution": "beta"}}}, "'beta' is not supported"),
+        (
+            {"parameters": {"model.init_args.t_distribution": {"distribution": "betta"}}},
+            "parameter model.init_args.t_distribution is not a W&B parameter specification",
+        ),
+        ({"parameters": {"trainer.max_steps": {"min": 5, "max": 1}}}, "min 5 is not less than max 1"),
         ({"method": "grid"}, "grid search needs values for model.init_args.optimizer.init_args.lr"),
         ({"command": ["${env}", "${program}", "fit"]}, "add ${args}"),
         ({"parameters": {"model.init_args.t_distrib": {"values": ["uniform"]}}}, "Option 't_distrib' is not accepted"),
@@ -114,7 +120,18 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, capsys, changes, message)
     assert error.startswith("instaflow-pl: error: ") and message in error, error
 
 
-def test_grid_covers_every_point_once_in_order(tmp_path):
+def fake_trials(objective, calls: list):
+    """Stands in for ``run_trial``: the trial's metric is ``objective(values)``, computed here in microseconds."""
+
+    def run_trial(sweep, index, total, params, out, overrides, env):
+        calls.append(dict(params))
+        metrics = {sweep.metric: objective(params), "global_step": 2.0}
+        return TrialResult(index, params, out / f"trial-{index:03d}", [], 0, metrics, 0.0)
+
+    return run_trial
+
+
+def test_a_grid_sweep_covers_its_grid_exactly(tmp_path, monkeypatch):
     parameters = {
         "a": {"values": [1, 2, 3]},
         "b": {"value": "x"},
@@ -122,20 +139,50 @@ def test_grid_covers_every_point_once_in_order(tmp_path):
         "d": {"parameters": {"l2": {"values": [1.0]}, "lpips": {"values": [0.0, 0.5]}}},
     }
     sweep = load_sweep(write_sweep(tmp_path, method="grid", parameters=parameters))
-    points, notes = sample_trials(sweep)
-    expected = itertools.product([1, 2, 3], ["x"], [0, 1], [{"l2": 1.0, "lpips": 0.0}, {"l2": 1.0, "lpips": 0.5}])
-    assert [tuple(point.values()) for point in points] == list(expected) and not notes
-    assert sample_trials(sweep, 5)[0] == points[:5]
-    distill = grid_points(load_sweep(REPO / "configs/sweeps/distill_loss_lpips.yaml"))
+    monkeypatch.setattr(sweep_module, "check_trial_args", lambda *args: None)
+    calls: list[dict] = []
+    monkeypatch.setattr(sweep_module, "run_trial", fake_trials(lambda params: 0.0, calls))
+    run_local(sweep, out=tmp_path / "out")  # no --trials: the engine says when the grid is done
+    grid = itertools.product([1, 2, 3], ["x"], [0, 1], [{"l2": 1.0, "lpips": 0.0}, {"l2": 1.0, "lpips": 0.5}])
+    expected = [dict(zip("abcd", point, strict=True)) for point in grid]
+    assert len(calls) == len(expected) == 12
+    assert sorted(map(repr, calls)) == sorted(map(repr, expected)), "every grid point once, nothing else"
+    assert plan(sweep) == calls and plan(sweep, 5) == calls[:5], "the dry run lists the same points"
+    distill = plan(load_sweep(REPO / "configs/sweeps/distill_loss_lpips.yaml"))
     assert len({point["model.init_args.distance"] for point in distill}) == len(distill) == 6
 
 
-def test_random_draws_are_reproducible_with_a_seed(tmp_path):
+def test_a_local_bayes_sweep_proposes_from_the_results(tmp_path, monkeypatch):
+    """W&B's bayes engine, fed each finished trial's metric: the same first guesses, then other proposals when the
+    results differ, each one toward where its results were best."""
     sweep = load_sweep(REPO / "configs/sweeps/reflow_lr_tdist.yaml")
-    draws, notes = sample_trials(sweep, 12, seed=7)
-    assert any("bayes" in note for note in notes), "bayes falls back to random, and says so"
-    assert draws == sample_trials(sweep, 12, seed=7)[0] and draws[:3] == sample_trials(sweep, 3, seed=7)[0]
-    assert draws != sample_trials(sweep, 12, seed=8)[0]
+    assert sweep.method == "bayes"
+    monkeypatch.setattr(sweep_module, "check_trial_args", lambda *args: None)
+    lr = "model.init_args.optimizer.init_args.lr"
+
+    def sweep_with(best_lr: float, out: str) -> list[float]:
+        calls: list[dict] = []
+        objective = fake_trials(lambda params: (math.log10(params[lr]) - math.log10(best_lr)) ** 2, calls)
+        monkeypatch.setattr(sweep_module, "run_trial", objective)
+        run_local(sweep, trials=6, seed=0, out=tmp_path / out)
+        return [call[lr] for call in calls]
+
+    low, high = sweep_with(1.2e-4, "low"), sweep_with(2.5e-3, "high")
+    blind = [point[lr] for point in plan(sweep, 6, seed=0)]  # proposals that see no result
+    assert low[:1] == high[:1] == blind[:1], "nothing seen yet: the same first guess"
+    # (with one or two results the engine's Gaussian process is a poor fit and it draws at random, seeded alike)
+    assert low[3:] != high[3:] and low[3:] != blind[3:], "after seeing results the proposals differ"
+    median = [sorted(rates[3:])[1] for rates in (low, high)]
+    assert median[0] < 5.5e-4 < median[1], f"each moves toward its own optimum: {low} vs {high}"
+    assert all(1e-4 <= rate <= 3e-3 for rate in low + high)
+    assert sweep_with(1.2e-4, "again") == low, "the same seed and results give the same trials"
+
+
+def test_random_draws_are_reproducible_with_a_seed(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, method="random"))
+    draws = plan(sweep, 12, seed=7)
+    assert draws == plan(sweep, 12, seed=7) and draws[:3] == plan(sweep, 3, seed=7)
+    assert draws != plan(sweep, 12, seed=8)
     rates = [draw["model.init_args.optimizer.init_args.lr"] for draw in draws]
     assert all(1e-4 <= rate <= 3e-3 for rate in rates) and len(set(rates)) == len(rates)
     assert min(rates) < 5.5e-4 < max(rates), "log-uniform: both sides of the geometric mean"
@@ -143,7 +190,7 @@ def test_random_draws_are_reproducible_with_a_seed(tmp_path):
 
     spread = {"x": {"distribution": "q_uniform", "min": 0, "max": 10, "q": 5}, "n": {"min": 1, "max": 3}}
     other = load_sweep(write_sweep(tmp_path, method="random", parameters=spread))
-    values = sample_trials(other, 30, seed=0)[0]
+    values = plan(other, 30, seed=0)
     assert {v["x"] for v in values} <= {0, 5, 10} and {v["n"] for v in values} == {1, 2, 3}
 
 

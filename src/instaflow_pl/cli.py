@@ -392,7 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             cli_main(argv)
     except UserError as err:
-        print(f"instaflow-pl: error: {err}", file=sys.stderr)
+        if not getattr(err, "printed_by_rank_zero", False):  # under DDP, another rank's error is printed once
+            print(f"instaflow-pl: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -7,21 +7,22 @@ A sweep file (``configs/sweeps/*.yaml``) is a W&B sweep configuration: ``method`
 
 - With a W&B server (``WANDB_MODE=online``, logged in): ``instaflow-pl sweep FILE`` creates the sweep and runs an
   agent on it (what ``wandb sweep FILE`` and ``wandb agent ID`` do).
-- Without one: ``instaflow-pl sweep --local FILE --trials N`` samples the same parameters here (grid: every point in
-  order; random: seeded draws from the same distributions; bayes: random draws, with a note), runs each trial as its
-  own ``instaflow-pl fit`` process in ``OUT/trial-NNN`` (the values as command-line overrides, exactly as the W&B
-  agent passes them) and prints a table sorted by the sweep's metric (also ``OUT/summary.md`` and ``summary.json``).
+- Without one: ``instaflow-pl sweep --local FILE --trials N`` asks W&B's own sweep engine (the ``sweeps`` package
+  the W&B server runs: grid, random and bayes with W&B's semantics) for each trial's values, feeding it the finished
+  trials' metrics as the server would, runs each trial as its own ``instaflow-pl fit`` process in ``OUT/trial-NNN``
+  (the values as command-line overrides, exactly as the W&B agent passes them) and prints a table sorted by the
+  sweep's metric (also ``OUT/summary.md`` and ``summary.json``).
 
-Before anything runs, the trial command is parsed with the sampled values, so a parameter that is not a key of the
-command's config is one clear error, not a sweep of failed runs.
+Before anything runs, the trial command is parsed with the first proposed values, so a parameter that is not a key
+of the command's config is one clear error, not a sweep of failed runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +44,6 @@ from instaflow_pl.errors import UserError
 
 METHODS = ("grid", "random", "bayes")
 GOALS = ("minimize", "maximize")
-DISTRIBUTIONS = (
-    "constant",
-    "categorical",
-    "int_uniform",
-    "uniform",
-    "q_uniform",
-    "log_uniform",
-    "log_uniform_values",
-    "q_log_uniform_values",
-    "normal",
-    "log_normal",
-)
-"""The W&B parameter distributions the local runner samples."""
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]
 """W&B's command when a sweep file gives none."""
 ARGS_MACROS = ("${args}", "${args_no_hyphens}", "${args_no_equals}", "${args_json}", "${args_no_boolean_flags}")
@@ -154,8 +143,7 @@ def load_sweep(path: str | Path) -> Sweep:
     parameters = raw.get("parameters")
     if not isinstance(parameters, dict) or not parameters:
         raise UserError(f"{path}: the sweep needs parameters, e.g. model.init_args.optimizer.init_args.lr: {{...}}")
-    for name, spec in parameters.items():
-        _check_spec(path, str(name), spec)
+    _check_parameters(path, method, parameters)
     command = raw.get("command", DEFAULT_COMMAND)
     if not isinstance(command, list) or not all(isinstance(part, str | int | float) for part in command):
         raise UserError(f"{path}: command must be a list of strings, e.g. [${{env}}, ${{program}}, fit, ${{args}}]")
@@ -168,155 +156,114 @@ def load_sweep(path: str | Path) -> Sweep:
     return Sweep(path, method, metric["name"], goal, dict(parameters), command, program, raw.get("project"), raw)
 
 
-def _distribution(spec: dict[str, Any]) -> str:
-    """The spec's distribution, inferred as W&B does when it is not given."""
-    if "parameters" in spec:
-        return "nested"
-    if "distribution" in spec:
-        return spec["distribution"]
-    if "values" in spec:
-        return "categorical"
-    if "value" in spec:
-        return "constant"
-    if isinstance(spec.get("min"), int) and isinstance(spec.get("max"), int):
-        return "int_uniform"
-    return "uniform"
+def _engine():
+    """W&B's sweep engine (the ``sweeps`` package), imported without the pydantic notice it prints on import."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import sweeps
+        from sweeps.params import HyperParameter, HyperParameterSet
+    return sweeps, HyperParameter, HyperParameterSet
 
 
-def _check_spec(path: Path, name: str, spec: Any) -> None:
-    if not isinstance(spec, dict):
-        raise UserError(f"{path}: parameter {name} must be a mapping such as {{values: [...]}}, got {spec!r}")
-    dist = _distribution(spec)
-    if dist == "nested":
-        if not isinstance(spec["parameters"], dict) or not spec["parameters"]:
-            raise UserError(f"{path}: parameter {name}: parameters must be a non-empty mapping")
-        for key, sub in spec["parameters"].items():
-            _check_spec(path, f"{name}.{key}", sub)
-        return
-    if dist not in DISTRIBUTIONS:
-        raise UserError(
-            f"{path}: parameter {name}: distribution {dist!r} is not supported here (use {', '.join(DISTRIBUTIONS)})"
-        )
-    if dist == "categorical":
-        if not isinstance(spec.get("values"), list) or not spec["values"]:
-            raise UserError(f"{path}: parameter {name}: values must be a non-empty list")
-        probabilities = spec.get("probabilities")
-        if probabilities is not None and (
-            not isinstance(probabilities, list) or len(probabilities) != len(spec["values"])
-        ):
-            raise UserError(f"{path}: parameter {name}: probabilities must give one weight per value")
-    elif dist == "constant":
-        if "value" not in spec:
-            raise UserError(f"{path}: parameter {name}: a constant needs value")
-    elif dist in ("normal", "log_normal"):
-        if not isinstance(spec.get("mu", 0.0), int | float) or not isinstance(spec.get("sigma", 1.0), int | float):
-            raise UserError(f"{path}: parameter {name}: mu and sigma must be numbers")
-    else:
-        low, high = spec.get("min"), spec.get("max")
-        if not isinstance(low, int | float) or not isinstance(high, int | float) or low > high:
-            raise UserError(f"{path}: parameter {name}: {dist} needs numbers min <= max, got min={low!r} max={high!r}")
-        if dist in ("log_uniform_values", "q_log_uniform_values") and low <= 0:
-            raise UserError(f"{path}: parameter {name}: {dist} needs min > 0")
-        if dist.startswith("q_") and not (isinstance(spec.get("q", 1), int | float) and spec.get("q", 1) > 0):
-            raise UserError(f"{path}: parameter {name}: q must be a number > 0")
+def _check_parameters(path: Path, method: str, parameters: dict[str, Any]) -> None:
+    """Each parameter against W&B's own schema; for a grid, W&B's rule that every parameter is discrete."""
+    sweeps, hyper_parameter, parameter_set = _engine()
+    for name, spec in parameters.items():
+        if not isinstance(spec, dict):
+            raise UserError(f"{path}: parameter {name} must be a mapping such as {{values: [...]}}, got {spec!r}")
+        try:
+            violations = sweeps.schema_violations_from_proposed_config({"method": method, "parameters": {name: spec}})
+        except (ValueError, TypeError, AssertionError) as err:
+            violations = [str(err)]
+        if violations:
+            reasons = "; ".join(dict.fromkeys(" ".join(v.split()) for v in violations))
+            raise UserError(f"{path}: parameter {name} is not a W&B parameter specification: {reasons}")
+    if method == "grid":
+        discrete = (hyper_parameter.CATEGORICAL, hyper_parameter.CONSTANT, hyper_parameter.INT_UNIFORM)
+        for parameter in parameter_set.from_config(parameters):
+            if parameter.type not in (*discrete, hyper_parameter.Q_UNIFORM):
+                name = parameter.name.replace(parameter_set.NESTING_DELIMITER, ".")
+                raise UserError(
+                    f"{path}: grid search needs values for {name} (its {parameter.type} distribution is continuous)"
+                )
 
 
-# ---- sampling --------------------------------------------------------------------------------------------------------
+# ---- proposals: W&B's engine -----------------------------------------------------------------------------------------
 
 
-def grid_points(sweep: Sweep) -> list[dict[str, Any]]:
-    """Every point of a grid sweep, in W&B's order (the last parameter varies fastest).
+@contextlib.contextmanager
+def _seeded(key: str):
+    """Seed the engine's random sources (``random`` and numpy's global generator) from ``key``, restoring them after."""
+    import numpy as np
 
-    Raises:
-        UserError: a parameter has a continuous distribution (a grid needs values).
-    """
-    names = list(sweep.parameters)
-    axes = [_grid_values(sweep.path, name, sweep.parameters[name]) for name in names]
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes)]
-
-
-def _grid_values(path: Path, name: str, spec: dict[str, Any]) -> list[Any]:
-    dist = _distribution(spec)
-    if dist == "nested":
-        keys = list(spec["parameters"])
-        axes = [_grid_values(path, f"{name}.{key}", spec["parameters"][key]) for key in keys]
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*axes)]
-    if dist == "categorical":
-        return list(spec["values"])
-    if dist == "constant":
-        return [spec["value"]]
-    if dist == "int_uniform":
-        return list(range(int(spec["min"]), int(spec["max"]) + 1))
-    raise UserError(f"{path}: grid search needs values for {name} (its {dist} distribution is continuous)")
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    seed = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
-def sample_point(sweep: Sweep, seed: int, index: int) -> dict[str, Any]:
-    """Random draw ``index`` of every parameter (floats rounded to 4 significant digits).
-
-    Each parameter of each draw has a random stream of its own, seeded by ``(seed, index, name)``: draws do not
-    depend on how many are taken, and adding a parameter leaves the others' values as they were.
-    """
-    return {name: _sample(spec, seed, index, name) for name, spec in sweep.parameters.items()}
-
-
-def _sample(spec: dict[str, Any], seed: int, index: int, name: str) -> Any:
-    dist = _distribution(spec)
-    if dist == "nested":
-        return {key: _sample(sub, seed, index, f"{name}.{key}") for key, sub in spec["parameters"].items()}
-    rng = random.Random(f"{seed}/{index}/{name}")
-    if dist == "constant":
-        return spec["value"]
-    if dist == "categorical":
-        weights = spec.get("probabilities")
-        return rng.choices(spec["values"], weights=weights)[0] if weights else rng.choice(spec["values"])
-    if dist == "int_uniform":
-        return rng.randint(int(spec["min"]), int(spec["max"]))
-    low, high, q = spec.get("min"), spec.get("max"), spec.get("q", 1)
-    if dist == "uniform":
-        value = rng.uniform(low, high)
-    elif dist == "q_uniform":
-        value = round(rng.uniform(low, high) / q) * q
-    elif dist == "log_uniform":  # W&B: min and max are natural logarithms
-        value = math.exp(rng.uniform(low, high))
-    elif dist == "log_uniform_values":
-        value = math.exp(rng.uniform(math.log(low), math.log(high)))
-    elif dist == "q_log_uniform_values":
-        value = round(math.exp(rng.uniform(math.log(low), math.log(high))) / q) * q
-    elif dist == "normal":
-        value = rng.gauss(spec.get("mu", 0.0), spec.get("sigma", 1.0))
-    else:  # log_normal
-        value = math.exp(rng.gauss(spec.get("mu", 0.0), spec.get("sigma", 1.0)))
-    return float(f"{value:.4g}")
+def _engine_run(sweep: Sweep, params: dict[str, Any], state: str, value: float | None):
+    """A trial as the engine sees a W&B run: its config, its state and its final metric."""
+    sweeps, _, _ = _engine()
+    summary = {sweep.metric: value} if value is not None else {}
+    config = {name: {"value": value} for name, value in params.items()}
+    return sweeps.SweepRun(config=config, state=state, summary_metrics=summary)
 
 
-def sample_trials(sweep: Sweep, trials: int | None = None, seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
-    """The parameter values of each trial, and notes on how they were chosen.
+def propose(
+    sweep: Sweep, done: Sequence[TrialResult] = (), pending: Sequence[dict[str, Any]] = (), seed: int = 0
+) -> dict[str, Any] | None:
+    """The next trial's values, from W&B's sweep engine (``sweeps.next_run``), as a W&B sweep server proposes them.
 
     Args:
         sweep: The sweep.
-        trials: How many trials; None: every grid point, or 4 random draws.
-        seed: Seed of the random draws (the same seed gives the same trials, and N trials are the first N of more).
+        done: The trials run so far: the engine sees each as a finished run with its final metric (bayes fits its
+            Gaussian process to these), or as a failed run when it failed.
+        pending: Values proposed but not run yet (a dry run): the engine sees them as pending runs.
+        seed: Seed of the engine's random draws; the draw for trial ``k`` depends on ``(seed, k)`` and on what the
+            engine is shown, so the same seed and the same results give the same trials.
 
     Returns:
-        One dict of parameter values per trial, and notes for the user.
+        Parameter name to value, or None when the sweep is exhausted (a grid whose every point was proposed).
     """
-    notes: list[str] = []
-    if trials is not None and trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
-    if sweep.method == "grid":
-        points = grid_points(sweep)
-        if trials is not None and trials < len(points):
-            notes.append(f"running the first {trials} of the {len(points)} grid points")
-            points = points[:trials]
-        elif trials is not None and trials > len(points):
-            notes.append(f"the grid has only {len(points)} points")
-        return points, notes
-    if sweep.method == "bayes":
-        notes.append("bayes search needs the W&B sweep controller: sampling the same distributions at random here")
-    if trials is None:
-        trials = DEFAULT_RANDOM_TRIALS
-        notes.append(f"{sweep.method} search: {trials} trials (--trials N for more)")
-    return [sample_point(sweep, seed, index) for index in range(trials)], notes
+    sweeps, _, _ = _engine()
+    runs = [
+        _engine_run(sweep, r.params, "finished" if r.returncode == 0 else "failed", r.value(sweep.metric)) for r in done
+    ]
+    runs += [_engine_run(sweep, params, "pending", None) for params in pending]
+    with _seeded(f"{seed}/{len(runs)}"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run = sweeps.next_run(dict(sweep.raw), runs)
+    if run is None:
+        return None
+    return {name: _plain(run.config[name]["value"]) for name in sweep.parameters}
+
+
+def plan(sweep: Sweep, trials: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
+    """The trials proposed before any result is known (what ``--dry-run`` prints): every grid point (or the first
+    ``trials``), or ``trials`` draws (default 4); for bayes, later trials of a real run depend on the results."""
+    count = trials if trials is not None else (None if sweep.method == "grid" else DEFAULT_RANDOM_TRIALS)
+    points: list[dict[str, Any]] = []
+    while count is None or len(points) < count:
+        point = propose(sweep, pending=points, seed=seed)
+        if point is None:
+            break
+        points.append(point)
+    return points
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays turned into Python values, recursively."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return value.tolist() if type(value).__module__ == "numpy" else value
 
 
 # ---- commands --------------------------------------------------------------------------------------------------------
@@ -410,7 +357,7 @@ def check_trial_args(sweep: Sweep, point: dict[str, Any], overrides: Sequence[st
             check_one(name, value)
         raise UserError(f"{sweep.path}: the trial command does not parse: {error}")
     for name, spec in sweep.parameters.items():
-        if _distribution(spec) == "categorical":
+        if isinstance(spec.get("values"), list):
             for value in spec["values"]:
                 if repr(value) != repr(point[name]):
                     check_one(name, value)
@@ -488,15 +435,16 @@ def run_local(
     overrides: Sequence[str] = (),
     dry_run: bool = False,
 ) -> list[TrialResult]:
-    """Run a sweep here: each trial is a fresh ``instaflow-pl`` process in ``out/trial-NNN``.
+    """Run a sweep here: W&B's engine proposes each trial, run as a fresh ``instaflow-pl`` process in
+    ``out/trial-NNN``, and sees its result before proposing the next.
 
     Args:
         sweep: The sweep.
-        trials: How many trials (None: every grid point, or 4 random draws).
-        seed: Seed of the random draws.
+        trials: How many trials (None: every grid point, or 4 for random and bayes).
+        seed: Seed of the engine's random draws.
         out: Folder of the trials and the summary (default ``outputs/sweeps/<name>-<time>``).
         overrides: Command-line overrides for every trial (e.g. ``--trainer.max_steps=2``).
-        dry_run: Print the trial commands and stop.
+        dry_run: Print the commands of the trials proposed before any result, and stop.
 
     Returns:
         The trials' results, in trial order.
@@ -505,7 +453,20 @@ def run_local(
         UserError: a bad sweep file, a parameter the command does not accept, an output folder that already holds a
             sweep, or every trial failed.
     """
-    points, notes = sample_trials(sweep, trials, seed)
+    if trials is not None and trials < 1:
+        raise UserError(f"--trials must be at least 1, got {trials}")
+    notes: list[str] = []
+    if sweep.method == "grid":
+        size = len(plan(sweep, seed=seed))
+        if trials is not None and trials < size:
+            notes.append(f"running the first {trials} of the {size} grid points")
+        elif trials is not None and trials > size:
+            notes.append(f"the grid has only {size} points")
+        total = min(trials or size, size)
+    else:
+        total = trials if trials is not None else DEFAULT_RANDOM_TRIALS
+        if trials is None:
+            notes.append(f"{sweep.method} search: {total} trials (--trials N for more)")
     if out is None:
         out = Path("outputs/sweeps") / f"{sweep.path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     out = Path(out)
@@ -513,11 +474,14 @@ def run_local(
         raise UserError(f"{out} already holds a sweep's trials; choose another --out")
     for note in notes:
         print(f"note: {note}")
-    check_trial_args(sweep, points[0], overrides, out / "trial-001")
+    first = plan(sweep, 1, seed)[0]
+    check_trial_args(sweep, first, overrides, out / "trial-001")
     if dry_run:
-        for i, params in enumerate(points, 1):
+        for i, params in enumerate(plan(sweep, total, seed), 1):
             args = trial_args(local_command(sweep, params), out / f"trial-{i:03d}", overrides)
             print(" ".join(_quote(part) for part in ["instaflow-pl", *args]))
+        if sweep.method == "bayes" and total > 1:
+            print("note: bayes proposes each trial from the results before it; these are its guesses without results")
         return []
     env = {**os.environ}
     env.setdefault("WANDB_MODE", "offline")  # a local sweep needs no server; `wandb sync` uploads the runs later
@@ -525,12 +489,16 @@ def run_local(
     results: list[TrialResult] = []
     interrupted = False
     try:
-        _run_trials(sweep, points, out, overrides, env, results)
+        while len(results) < total:
+            params = propose(sweep, results, seed=seed)
+            if params is None:
+                break
+            results.append(run_trial(sweep, len(results) + 1, total, params, out, overrides, env))
     except KeyboardInterrupt:  # Ctrl-C: summarise the finished trials, then stop
         if not results:
             raise
         interrupted = True
-        notes = [*notes, f"interrupted after {len(results)} of {len(points)} trials"]
+        notes = [*notes, f"interrupted after {len(results)} of {total} trials"]
     table = write_summary(sweep, results, out, seed, notes)
     print(table)
     print(f"summary: {out / 'summary.md'}, {out / 'summary.json'}")
@@ -541,35 +509,38 @@ def run_local(
     return results
 
 
-def _run_trials(
+def run_trial(
     sweep: Sweep,
-    points: list[dict[str, Any]],
+    index: int,
+    total: int,
+    params: dict[str, Any],
     out: Path,
     overrides: Sequence[str],
     env: dict[str, str],
-    results: list[TrialResult],
-) -> None:
-    """Run the trials one after the other, appending each result to ``results`` as it finishes."""
-    prefix = [sys.executable, "-m", "instaflow_pl.cli"]
-    for i, params in enumerate(points, 1):
-        directory = out / f"trial-{i:03d}"
-        directory.mkdir(parents=True)
-        command = [*prefix, *trial_args(local_command(sweep, params), directory, overrides)]
-        shown = ", ".join(f"{_short(name, sweep)}={value}" for name, value in params.items())
-        print(f"trial {i}/{len(points)}: {shown}", flush=True)
-        start = time.monotonic()
-        with (directory / "log.txt").open("w") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-        metrics_file = directory / METRICS_FILE
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        result = TrialResult(i, params, directory, command, code, metrics, time.monotonic() - start)
-        results.append(result)
-        value = result.value(sweep.metric)
-        outcome = f"{sweep.metric}={value:.6g}" if value is not None else f"no {sweep.metric}"
-        if code != 0:
-            last = _last_line(directory / "log.txt")
-            outcome = f"{result.status}: {last} (log: {directory / 'log.txt'})"
-        print(f"  -> {outcome} ({result.seconds:.1f} s)", flush=True)
+) -> TrialResult:
+    """Run trial ``index`` (1-based) with the values ``params`` as its own process, and read its final metrics."""
+    directory = out / f"trial-{index:03d}"
+    directory.mkdir(parents=True)
+    command = [
+        sys.executable,
+        "-m",
+        "instaflow_pl.cli",
+        *trial_args(local_command(sweep, params), directory, overrides),
+    ]
+    shown = ", ".join(f"{_short(name, sweep)}={value}" for name, value in params.items())
+    print(f"trial {index}/{total}: {shown}", flush=True)
+    start = time.monotonic()
+    with (directory / "log.txt").open("w") as log:
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    metrics_file = directory / METRICS_FILE
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    result = TrialResult(index, params, directory, command, code, metrics, time.monotonic() - start)
+    value = result.value(sweep.metric)
+    outcome = f"{sweep.metric}={value:.6g}" if value is not None else f"no {sweep.metric}"
+    if code != 0:
+        outcome = f"{result.status}: {_last_line(directory / 'log.txt')} (log: {directory / 'log.txt'})"
+    print(f"  -> {outcome} ({result.seconds:.1f} s)", flush=True)
+    return result
 
 
 def ranked(sweep: Sweep, results: Sequence[TrialResult]) -> list[TrialResult]:
@@ -649,7 +620,7 @@ def run_wandb(sweep: Sweep, trials: int | None) -> None:
             f"W&B sweeps need a W&B server, and WANDB_MODE={mode}: set WANDB_MODE=online (and `wandb login`), "
             "or add --local to run the trials here"
         )
-    check_trial_args(sweep, sample_trials(sweep, 1)[0][0], (), Path("outputs/sweeps/check"))
+    check_trial_args(sweep, plan(sweep, 1)[0], (), Path("outputs/sweeps/check"))
     import wandb
 
     # The agent starts `instaflow-pl` through /usr/bin/env: make this environment's scripts findable.
@@ -680,7 +651,7 @@ def sweep_main(argv: Sequence[str]) -> None:
     parser.add_argument("sweep", help="sweep file, e.g. configs/sweeps/reflow_lr_tdist.yaml")
     parser.add_argument("--local", action="store_true", help="run the trials here, without a W&B server")
     parser.add_argument("--trials", type=int, default=None, help="number of trials (default: every grid point, or 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random draws (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the engine's draws (default: %(default)s)")
     parser.add_argument("--out", default=None, help="folder of the trials (default: outputs/sweeps/NAME-TIME)")
     parser.add_argument("--dry-run", action="store_true", help="check the sweep and print the trial commands only")
     opts = parser.parse_args(argv)

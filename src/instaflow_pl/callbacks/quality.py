@@ -13,6 +13,7 @@ from torch import nn
 from instaflow_pl.callbacks.grid import module_vae
 from instaflow_pl.conventions import latents_to_images, noise_for_indices
 from instaflow_pl.errors import UserError
+from instaflow_pl.ranks import raise_if_any_rank_failed, rank_zero_first, setup_on_every_rank
 
 
 class SampleQuality(L.Callback):
@@ -71,7 +72,9 @@ class SampleQuality(L.Callback):
         self._features: nn.Module | None = None
         self._clip = None
         self._vae = None
+        self._reference = None
 
+    @setup_on_every_rank
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Check the configured weights before any step runs, not at the first validation (hours later)."""
         if self.fid_features is None and self.inception_weights is not None:
@@ -124,7 +127,7 @@ class SampleQuality(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         """Every metric for every step count."""
-        from instaflow_pl.metrics import FID, CLIPScore, FIDReference
+        from instaflow_pl.metrics import FID, CLIPScore
 
         prompts, x1 = self._evaluation_set(trainer)
         self._shape = tuple(x1.shape[1:])
@@ -132,11 +135,9 @@ class SampleQuality(L.Callback):
         features = self._feature_net()
         fid = None
         if features is not None:
-            if self.fid_reference is not None:
-                source, resolution = Path(self.fid_reference), self.reference_resolution
-            else:
-                source, resolution = self._decode(pl_module, x1.to(pl_module.device)).cpu(), None
-            reference = FIDReference.load_or_compute(source, features, self.cache_dir, resolution=resolution)
+            reference = self._reference
+            if reference is None:
+                reference = self._compute_reference(pl_module, features, x1)[0]
             # Rank zero evaluates alone: a synchronising compute would wait for the other ranks forever.
             fid = FID(features, reference=reference, sync_on_compute=False).to(pl_module.device)
         if self.clip_model is not None and self._clip is None:
@@ -154,10 +155,49 @@ class SampleQuality(L.Callback):
                 results[f"val/clip@{steps}"] = float(clip.compute())
         return results
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Evaluate on rank zero and log through the module, so the numbers reach the loggers and the printed table."""
-        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs) or not trainer.is_global_zero:
+    def _compute_reference(self, pl_module, features: nn.Module, x1: torch.Tensor):
+        """The FID reference statistics (read from the cache, or computed and cached) and their cache file."""
+        from instaflow_pl.metrics import FIDReference
+
+        if self.fid_reference is not None:
+            source, resolution = Path(self.fid_reference), self.reference_resolution
+        else:
+            source, resolution = self._decode(pl_module, x1.to(pl_module.device)).cpu(), None
+        reference = FIDReference.load_or_compute(source, features, self.cache_dir, resolution=resolution)
+        return reference, str(FIDReference.cache_path(self.cache_dir, reference.reference_key, reference.feature_key))
+
+    @torch.no_grad()
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Before the first validation: the FID reference, computed and cached by rank 0 while the other ranks wait,
+        then read from the cache file by them; a failure there ends every rank."""
+        if self._reference is not None or (self.fid_features is None and self.inception_weights is None):
             return
+        from instaflow_pl.metrics import FIDReference
+
+        def compute():
+            was_training = pl_module.training
+            pl_module.eval()
+            try:
+                return self._compute_reference(pl_module, self._feature_net(), self._evaluation_set(trainer)[1])
+            finally:
+                pl_module.train(was_training)
+
+        self._reference = rank_zero_first(compute, FIDReference.load, "SampleQuality's FID reference")
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Evaluate on rank zero and log through the module, so the numbers reach the loggers and the printed table;
+        under DDP an error in the evaluation ends every rank (the others would wait for rank zero forever)."""
+        if trainer.sanity_checking or (trainer.current_epoch % self.every_n_epochs):
+            return
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self._evaluate_and_log(trainer, pl_module)
+            except Exception as err:  # noqa: BLE001 - handed to every rank, then raised
+                error = err
+        raise_if_any_rank_failed(error, "SampleQuality's evaluation")
+
+    def _evaluate_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         started = time.perf_counter()
         was_training = pl_module.training
         pl_module.eval()

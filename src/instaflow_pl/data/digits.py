@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
+from instaflow_pl.ranks import setup_on_every_rank
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 HELD_OUT = 397
@@ -131,6 +132,7 @@ class DigitsDataModule(L.LightningDataModule):
         self._train: DigitsDataset | None = None
         self._val: DigitsDataset | None = None
 
+    @setup_on_every_rank
     def setup(self, stage: str | None = None) -> None:
         """Load the digits (a few milliseconds)."""
         if self._train is None:

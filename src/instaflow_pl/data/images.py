@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, random_split
 from instaflow_pl.data.prompts import read_jsonl
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
+from instaflow_pl.ranks import setup_on_every_rank
 
 METADATA_FILE = "metadata.jsonl"
 
@@ -120,6 +121,7 @@ class ImagePromptDataModule(L.LightningDataModule):
         self._train: Dataset | None = None
         self._val: Dataset | None = None
 
+    @setup_on_every_rank
     def setup(self, stage: str | None = None) -> None:
         """Read the metadata and split it."""
         if self._train is not None:

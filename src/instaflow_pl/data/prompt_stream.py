@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from instaflow_pl.data.prompts import load_prompts
 from instaflow_pl.errors import UserError
+from instaflow_pl.ranks import setup_on_every_rank
 
 
 @dataclass
@@ -78,6 +79,7 @@ class PromptDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.prompts: list[str] = []
 
+    @setup_on_every_rank
     def setup(self, stage: str | None = None) -> None:
         """Read the prompt file."""
         if not self.prompts:

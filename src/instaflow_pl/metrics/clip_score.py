@@ -98,12 +98,17 @@ def load_clip(model: str | Path) -> tuple[nn.Module, Any, CLIPImageConfig]:
     Returns:
         The model (eval mode, frozen), the tokenizer and the image settings.
     """
-    from transformers import CLIPModel, CLIPTokenizer
-
     name = str(model)
     path = Path(name).expanduser()
     local = check_clip_source(name)
     source = str(path) if local else name
+    if not local:
+        from instaflow_pl.hub import require_hub
+
+        cached = require_hub(name, "CLIP model")  # fails in seconds without a network, not after the retries
+        source = str(cached) if cached is not None else name
+    from transformers import CLIPModel, CLIPTokenizer
+
     try:
         clip = CLIPModel.from_pretrained(source)
         tokenizer = CLIPTokenizer.from_pretrained(source)

@@ -24,6 +24,7 @@ from instaflow_pl.faults import crashpoint
 from instaflow_pl.metrics import straightness
 from instaflow_pl.modules.ema import EMA
 from instaflow_pl.modules.lora import LoraOptions, add_lora
+from instaflow_pl.ranks import setup_on_every_rank
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.speed import set_tf32, speed_up
 from instaflow_pl.text import NULL_PROMPT, PromptEncoder
@@ -158,6 +159,7 @@ class FlowModule(L.LightningModule):
 
     # ---- shared pieces ---------------------------------------------------------------------------------------
 
+    @setup_on_every_rank
     def setup(self, stage: str) -> None:
         """Check that the triples fit the velocity's UNet before any step runs; apply the TF32 setting."""
         set_tf32(self.hparams.tf32)

@@ -20,6 +20,7 @@ from instaflow_pl.data.prompt_stream import PromptBatch
 from instaflow_pl.data.prompts import prompts_digest
 from instaflow_pl.data.store import PairRecord, PairStore
 from instaflow_pl.errors import UserError
+from instaflow_pl.ranks import setup_on_every_rank
 from instaflow_pl.speed import set_tf32, speed_up
 from instaflow_pl.teachers import load_teacher
 
@@ -131,6 +132,7 @@ class PairGenerator(L.LightningModule):
             prompts_source=str(source),
         )
 
+    @setup_on_every_rank
     def setup(self, stage: str) -> None:
         """Open (or resume) the dataset folder on rank 0 and decide which shards this rank generates."""
         set_tf32(self.tf32)

@@ -45,8 +45,13 @@ def resolve_model_folder(source: str | Path) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    from instaflow_pl.hub import require_hub
+
     patterns = ["*.json", "*.txt", "*/*.json", "*/*.txt", "unet/*.safetensors", "text_encoder/*.safetensors"]
     patterns += ["vae/*.safetensors"]
+    cached = require_hub(repo_id, "model", patterns)  # fails in seconds without a network, not after the retries
+    if cached is not None:
+        return cached
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
     except Exception as err:  # noqa: BLE001 - any hub failure becomes one line
