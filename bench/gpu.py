@@ -53,6 +53,7 @@ class Setup:
         teacher_steps: DPM-Solver++ steps of the teacher.
         compile_backend: torch.compile backend (``inductor``; ``eager`` for the quick CPU check).
         lpips_batch: Batch of the LPIPS memory check.
+        bf16: Train under bf16 autocast (on a GPU; CPUs without bf16 units emulate it, slowly).
     """
 
     folder: Path
@@ -64,6 +65,7 @@ class Setup:
     teacher_steps: int
     compile_backend: str
     lpips_batch: int
+    bf16: bool = True
 
 
 def _sync(device: str) -> None:
@@ -195,10 +197,9 @@ def train_steps(setup: Setup, module, size: int, steps: int) -> tuple[float, flo
     params = [p for p in module.velocity.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=setup.device == "cuda")
     batch = _batch(setup, size, _shape(module))
-    dtype = torch.bfloat16
 
     def step() -> None:
-        with torch.autocast(setup.device, dtype=dtype):
+        with torch.autocast(setup.device, dtype=torch.bfloat16, enabled=setup.bf16):
             loss = module.compute_loss(batch, module.condition(batch.prompts)).loss
         loss.backward()
         optimizer.step()
@@ -230,7 +231,8 @@ def training(setup: Setup, peak_tflops: float) -> list[Row]:
             rate = size / seconds
             mfu = flops * rate / (peak_tflops * 1e12)
             memory = f"{peak:.1f} GiB" if peak is not None else "(CPU)"
-            label = f"{kind}{'-l2' if kind == 'distill' else ''} bf16, batch {size}: samples/s, peak memory, MFU"
+            precision = "bf16" if setup.bf16 else "fp32"
+            label = f"{kind}{'-l2' if kind == 'distill' else ''} {precision}, batch {size}: samples/s, peak memory, MFU"
             rows.append(Row(f"{label} vs {peak_tflops:g} TFLOPS", f"{rate:.2f}/s, {memory}", f"MFU {mfu:.1%}", None))
             del module
             if setup.device == "cuda":
@@ -311,7 +313,7 @@ def make_setup(tiny: bool, workdir: Path) -> Setup:
         from instaflow_pl.tiny import build_tiny_sd
 
         folder = build_tiny_sd(workdir / "tiny-sd")
-        return Setup(folder, "cpu", "fp32", (2, 4), (1, 4), 2, 5, "eager", 1)
+        return Setup(folder, "cpu", "fp32", (2, 4), (1, 4), 2, 5, "eager", 1, bf16=False)
     if not torch.cuda.is_available():
         sys.exit("bench.gpu needs a CUDA GPU; use --tiny for the CPU check")
     from bench.scale import sd15_folder

@@ -318,7 +318,7 @@ def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: s
 
 def run_case(case: Case, work: Path, src: Path | None) -> None:
     """Run one case in a fresh child process."""
-    result_file = work / "result.json"
+    result_file = work / f"result-{case.stage}-b{case.batch}.json"
     result_file.unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src) if src else "", str(REPO)) if p)
