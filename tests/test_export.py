@@ -203,7 +203,6 @@ def test_velocity_teacher_from_the_export_equals_the_pipeline(exported, pipe):
         assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
-
 _WITHOUT_INSTAFLOW_PL = """
 import importlib.abc, json, sys
 
@@ -255,7 +254,8 @@ def test_stock_diffusers_samples_the_export_exactly_without_instaflow_pl(exporte
         assert (image - ours).abs().max().item() == 0.0, (steps, guidance, output_type)
     card = (exported / "README.md").read_text()
     use = card.split("## Use", 1)[1]
-    assert use.index("DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)") < use.index("instaflow-pl sample")
+    stock = "DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)"
+    assert use.index(stock) < use.index("instaflow-pl sample")
 
 
 def test_export_ships_the_standalone_pipeline_without_project_imports(exported):
@@ -271,6 +271,7 @@ def test_export_ships_the_standalone_pipeline_without_project_imports(exported):
     }
     assert imported == {"__future__", "torch", "diffusers"}, imported
     assert InstaFlowPipeline.from_pretrained(exported).__class__ is InstaFlowPipeline
+
 
 # ---- export errors ------------------------------------------------------------------------------------------------
 
