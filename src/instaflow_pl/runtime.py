@@ -32,6 +32,7 @@ HIDDEN_WARNINGS = (
     r"LightningCLI's args parameter is intended to run from within Python",
     r"Your `IterableDataset` has `__len__` defined",
     r"The '\w+_dataloader' does not have many workers",
+    r"Couldn't infer the batch indices fetched from your dataloader",
 )
 """Library warnings (message regexes) the project's commands do not show: nothing in them is for the user to do."""
 
