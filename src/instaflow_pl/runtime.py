@@ -33,6 +33,7 @@ HIDDEN_WARNINGS = (
     r"Your `IterableDataset` has `__len__` defined",
     r"The '\w+_dataloader' does not have many workers",
     r"Couldn't infer the batch indices fetched from your dataloader",
+    r"The given buffer is not writable, and PyTorch does not support non-writable tensors",
 )
 """Library warnings (message regexes) the project's commands do not show: nothing in them is for the user to do."""
 

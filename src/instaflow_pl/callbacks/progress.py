@@ -31,6 +31,12 @@ class StepProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
 
+    @property
+    def train_description(self) -> str:
+        """``train`` for a step-bounded fit (the bar counts steps), else Lightning's."""
+        trainer = self._trainer
+        return "train" if trainer is not None and is_step_bounded(trainer) else super().train_description
+
     def _fitting(self) -> bool:
         return self.trainer.state.fn == "fit"
 
