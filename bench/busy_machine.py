@@ -72,17 +72,21 @@ def _busy() -> None:
         pass
 
 
-def run_setting(setting: dict, steps: int) -> tuple[float, int]:
-    """Seconds for ``steps`` training steps in a fresh process with ``setting``; and its thread count."""
+def run_setting(setting: dict, steps: int, timeout: float) -> tuple[float, int]:
+    """Seconds for ``steps`` training steps in a fresh process with ``setting`` (``inf`` past ``timeout``); and its
+    thread count."""
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
     env.pop("OMP_NUM_THREADS", None)
     if setting["OMP_WAIT_POLICY"]:
         env["OMP_WAIT_POLICY"] = setting["OMP_WAIT_POLICY"]
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(steps), str(setting["threads"])],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(steps), str(setting["threads"])],
+            env=env, capture_output=True, text=True, check=True, timeout=timeout,
+        ).stdout.split()  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return float("inf"), 0
     return float(out[0]), int(out[1])
 
 
@@ -92,6 +96,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--competitors", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take (import included)")
     parser.add_argument("--json", action="store_true")
     opts = parser.parse_args()
     best: dict[tuple[str, str], float] = {}
@@ -104,7 +109,7 @@ def main() -> None:
             time.sleep(0.5 if busy else 0)
             try:
                 for name, setting in SETTINGS.items():
-                    seconds, threads[name] = run_setting(setting, opts.steps)
+                    seconds, threads[name] = run_setting(setting, opts.steps, opts.timeout)
                     key = (name, "busy" if busy else "idle")
                     best[key] = min(best.get(key, float("inf")), seconds)
             finally:
