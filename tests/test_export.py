@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -104,7 +106,7 @@ def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> None
 
 def test_export_writes_a_diffusers_velocity_folder(exported, reflow_run, tiny_sd):
     index = json.loads((exported / "model_index.json").read_text())
-    assert index["_class_name"] == "InstaFlowPipeline"
+    assert index["_class_name"] == ["instaflow_pipeline", "InstaFlowPipeline"]
     assert {k for k in index if not k.startswith("_")} == {"unet", "vae", "text_encoder", "tokenizer", "scheduler"}
     assert (exported / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     for part in ("vae", "text_encoder", "tokenizer"):
@@ -201,6 +203,76 @@ def test_velocity_teacher_from_the_export_equals_the_pipeline(exported, pipe):
         ours = pipe(PARITY_PROMPTS, latents=x0, **kwargs).images
         reference = teacher.sample(x0.clone(), PARITY_PROMPTS, guidance=guidance).x
         assert (ours - reference).abs().max().item() <= TOLERANCE
+
+
+_WITHOUT_INSTAFLOW_PL = """
+import importlib.abc, json, sys
+
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "instaflow_pl":
+            raise ImportError("instaflow_pl is hidden")
+
+sys.meta_path.insert(0, Hide())
+import torch
+from diffusers import DiffusionPipeline
+
+folder, out = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+x0 = torch.load(folder + "/../x0.pt")
+cases = json.loads(sys.argv[3])
+images = [pipe(PROMPTS, latents=x0, num_inference_steps=s, guidance_scale=g, output_type=o).images for s, g, o in cases]
+torch.save({"class": type(pipe).__module__ + "." + type(pipe).__name__, "images": images,
+            "loaded": [m for m in sys.modules if m.startswith("instaflow_pl")]}, out)
+"""
+
+
+def test_stock_diffusers_samples_the_export_exactly_without_instaflow_pl(exported, pipe, tmp_path):
+    """The folder's own instaflow_pipeline.py, loaded by stock diffusers in a process that cannot import the
+    package, samples exactly what InstaFlowPipeline samples (the file keeps the project's maths)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "received"
+    shutil.copytree(exported, folder)  # as a user who was sent the folder
+    x0 = noise_for_indices(5, range(len(PARITY_PROMPTS)), pipe.latent_shape())
+    torch.save(x0, tmp_path / "x0.pt")
+    cases = [(1, 0.0, "latent"), (1, 3.0, "latent"), (3, 2.0, "latent"), (1, 0.0, "pt")]
+    script = _WITHOUT_INSTAFLOW_PL.replace("PROMPTS", repr(PARITY_PROMPTS))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(tmp_path / "out.pt"), json.dumps(cases)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert got["loaded"] == [] and got["class"].endswith("instaflow_pipeline.InstaFlowPipeline"), got["class"]
+    for (steps, guidance, output_type), image in zip(cases, got["images"], strict=True):
+        ours = pipe(
+            PARITY_PROMPTS, latents=x0, num_inference_steps=steps, guidance_scale=guidance, output_type=output_type
+        ).images
+        assert (image - ours).abs().max().item() == 0.0, (steps, guidance, output_type)
+    card = (exported / "README.md").read_text()
+    use = card.split("## Use", 1)[1]
+    stock = "DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)"
+    assert use.index(stock) < use.index("instaflow-pl sample")
+
+
+def test_export_ships_the_standalone_pipeline_without_project_imports(exported):
+    from instaflow_pl import standalone_pipeline
+
+    shipped = (exported / "instaflow_pipeline.py").read_text()
+    assert shipped == Path(standalone_pipeline.__file__).read_text()
+    imported = {
+        (node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+        for node in ast.walk(ast.parse(shipped))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported == {"__future__", "torch", "diffusers"}, imported
+    assert InstaFlowPipeline.from_pretrained(exported).__class__ is InstaFlowPipeline
 
 
 # ---- export errors ------------------------------------------------------------------------------------------------

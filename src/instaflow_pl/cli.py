@@ -15,9 +15,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from instaflow_pl.runtime import configure_openmp
 
-from instaflow_pl.errors import UserError
+configure_openmp()  # before torch loads (through lightning below): idle OpenMP threads sleep, see instaflow_pl.runtime
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback  # noqa: E402
+
+from instaflow_pl.errors import UserError  # noqa: E402
 
 ALIASES = {"pairs": "predict", "evaluate": "predict"}
 """Friendlier names for LightningCLI subcommands."""
@@ -133,6 +137,27 @@ class InstaFlowCLI(LightningCLI):
             ) from None
         finally:
             self.parser.exit_on_error = True
+
+    def before_instantiate_classes(self) -> None:
+        """Quiet W&B's warnings about settings Lightning passes when the run logs to W&B."""
+        settings = self.config.get(self.config.get("subcommand") or "", self.config)
+        if "Wandb" in str(settings.get("trainer", {}).get("logger", "")):
+            from instaflow_pl.runtime import quiet_wandb
+
+            quiet_wandb()
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # One progress bar per long step, steps out of max_steps for step-bounded fits (unless the config chose one).
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from instaflow_pl.callbacks.progress import StepProgressBar
+
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        chosen = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
+        if config.get("enable_progress_bar", True) is not False and not chosen:
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
         # The trainer method's own arguments (return_predictions, weights_only) exist only after the base class
@@ -382,15 +407,46 @@ def _demo_main(args: Sequence[str]) -> None:
 TOOLS = {"tiny": _tiny_main, "export": _export_main, "sample": _sample_main, "sweep": _sweep_main, "demo": _demo_main}
 """Project commands that are not LightningCLI subcommands."""
 
+COMMANDS = {
+    "fit": "train a ReflowModule (reflow, k-RF) or DistillModule (one-step student) from a config",
+    "validate": "run a trained module's validation (straightness, FID, CLIP score) once",
+    "test": "run a trained module's test loop",
+    "predict": "LightningCLI predict (pair generation is `pairs`)",
+    "pairs": "generate (X0, X1, prompt) pairs with a teacher over every rank (predict with the pairs config)",
+    "export": "turn a training checkpoint into a diffusers-format model folder (loads with stock diffusers)",
+    "sample": "draw an image grid from an exported model folder",
+    "tiny": "write the tiny Stable-Diffusion-format folder (and tiny CLIP) the tiny configs use",
+    "demo": "InstaFlow on handwritten digits, every stage on a CPU: 1-RF -> 2-RF -> one-step student, report",
+    "sweep": "a W&B-format hyperparameter sweep (W&B agent, or local trials with --local)",
+    "evaluate": "the paper's evaluation protocol (FID, CLIP score, speed) on exported models",
+}
+"""Every command with its one-line description (``instaflow-pl --help``)."""
+
+
+def print_help() -> None:
+    """``instaflow-pl --help``: the commands, one line each."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: instaflow-pl COMMAND [options]   (instaflow-pl COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Configs: configs/<setting>/<stage>.yaml (tiny, demo, sd15); `make help` lists the Make targets."]
+    print("\n".join(lines))
+
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``instaflow-pl`` console script."""
+    """Entry point of the ``instaflow-pl`` console script (quiet library output, threads chosen for the machine)."""
+    from instaflow_pl.runtime import configure_threads, quiet
+
     args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print_help()
+        return
+    configure_threads()
     try:
-        if args and args[0] in TOOLS:
-            TOOLS[args[0]](args[1:])
-        else:
-            cli_main(argv)
+        with quiet():
+            if args[0] in TOOLS:
+                TOOLS[args[0]](args[1:])
+            else:
+                cli_main(argv)
     except UserError as err:
         if not getattr(err, "printed_by_rank_zero", False):  # under DDP, another rank's error is printed once
             print(f"instaflow-pl: error: {err}", file=sys.stderr)

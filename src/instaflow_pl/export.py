@@ -2,14 +2,16 @@
 
 ``instaflow-pl export --ckpt CKPT --out DIR`` writes::
 
-    DIR/model_index.json        names InstaFlowPipeline and its components
+    DIR/model_index.json        names InstaFlowPipeline (in instaflow_pipeline.py) and its components
+    DIR/instaflow_pipeline.py   a self-contained copy of the pipeline: stock diffusers loads DIR without instaflow-pl
     DIR/unet/                   the velocity UNet (EMA weights when the run kept an EMA), safetensors
     DIR/vae/ text_encoder/ tokenizer/   copied from the checkpoint's base model
     DIR/scheduler/              a FlowMatchEulerDiscreteScheduler config (informational, see below)
     DIR/instaflow.json          marks DIR as a velocity (k-RF) model: module kind, base model, steps, stages
     DIR/README.md               a short model card
 
-The folder loads with ``InstaFlowPipeline.from_pretrained(DIR)``, with stock
+The folder loads with ``InstaFlowPipeline.from_pretrained(DIR)``, with stock diffusers alone
+(``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)``: diffusers' custom-pipeline mechanism), with stock
 ``UNet2DConditionModel.from_pretrained(DIR, subfolder="unet")``, and with ``load_teacher(DIR)`` (so an export is the
 teacher of the next pair-generation round and the ``base_model`` of the next training stage).
 
@@ -47,7 +49,13 @@ EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 """The subfolders of an exported model."""
 
-EXPORT_FILES = ("model_index.json", "instaflow.json", "README.md", "pytorch_lora_weights.safetensors")
+EXPORT_FILES = (
+    "model_index.json",
+    "instaflow.json",
+    "README.md",
+    "instaflow_pipeline.py",
+    "pytorch_lora_weights.safetensors",
+)
 """The top-level files an export writes (with :data:`COMPONENTS`, everything it owns in its folder)."""
 
 PIPELINE_CLASS = "InstaFlowPipeline"
@@ -69,10 +77,13 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 def checkpoint_safe_globals() -> list[Any]:
     """Non-tensor types found in the training modules' Lightning checkpoints; constructing them runs no user code."""
+    import importlib
+
     import numpy as np
 
     allowed: list[Any] = [pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath]
-    allowed += [np._core.multiarray.scalar, np.dtype]
+    multiarray = importlib.import_module("numpy._core.multiarray")  # numpy 1.26 (pinned by sweeps) has it as a shim
+    allowed += [multiarray.scalar, np.dtype]
     allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
     return allowed
 
@@ -409,6 +420,17 @@ def model_card(info: dict[str, Any]) -> str:
         "",
         "## Use",
         "",
+        "With diffusers alone (no instaflow-pl needed; the pipeline is `instaflow_pipeline.py` in this folder):",
+        "",
+        "```python",
+        "from diffusers import DiffusionPipeline",
+        "",
+        "pipe = DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)",
+        f"image = pipe('a photo of a cat', num_inference_steps={steps or 1}).images[0]",
+        "```",
+        "",
+        "With instaflow-pl:",
+        "",
         "```bash",
         f"instaflow-pl sample --model DIR --prompt 'a photo of a cat' --steps {steps or 1} --out grid.png",
         "```",
@@ -446,6 +468,7 @@ def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: 
     info = export_info(checkpoint, ckpt_path, base, is_ema)
     mark_velocity_folder(tmp, **info)
     (tmp / "README.md").write_text(model_card(info))
+    write_pipeline_file(tmp)
     return info
 
 
@@ -493,6 +516,25 @@ def lora_card(info: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+PIPELINE_FILE = "instaflow_pipeline.py"
+"""The self-contained pipeline file every export ships (a copy of :mod:`instaflow_pl.standalone_pipeline`)."""
+
+
+def write_pipeline_file(folder: Path) -> None:
+    """Ship the self-contained pipeline in ``folder`` and name it in its ``model_index.json``.
+
+    ``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]`` is diffusers' custom-pipeline entry: stock
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` then loads the class from the file (also
+    from a hub repository holding the folder). ``instaflow_pl.pipeline.InstaFlowPipeline`` reads the entry as its own.
+    """
+    from instaflow_pl import standalone_pipeline
+
+    shutil.copyfile(standalone_pipeline.__file__, folder / PIPELINE_FILE)
+    index = _read_json(folder / "model_index.json")
+    index["_class_name"] = [Path(PIPELINE_FILE).stem, PIPELINE_CLASS]
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _replace(tmp: Path, out: Path) -> None:

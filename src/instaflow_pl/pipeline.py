@@ -51,6 +51,16 @@ class InstaFlowPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' ``load_config``, reading an export's custom-pipeline entry (``"_class_name": [file, class]``,
+        which stock diffusers follows to the folder's ``instaflow_pipeline.py``) as this class."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list | tuple):
+            config["_class_name"] = cls.__name__
+        return loaded
+
     @property
     def latent_channels(self) -> int:
         """Channels of the latents the UNet takes."""

@@ -53,4 +53,4 @@ class CheckpointAtSteps(L.Callback):
         step = trainer.global_step
         if step in self.steps:
             path = budget_checkpoint(self.folder(trainer), step)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint (Lightning logs a notice if unset)

@@ -116,8 +116,8 @@ def _finish_wandb() -> None:
 def _config_args(plan: DemoPlan, stage: Stage, *extra: str) -> list[str]:
     args = ["--config", str(plan.configs / stage.config), *extra, *plan.overrides.get(stage.name, [])]
     if in_notebook() and stage.config and not stage.config.startswith("pairs"):
-        # Rich's live bar (Lightning's default) recurses in Jupyter; tqdm draws a notebook widget or text.
-        bar = "lightning.pytorch.callbacks.TQDMProgressBar"
+        # Rich's live bar recurses in Jupyter; tqdm (the project's step bar) draws a notebook widget or text.
+        bar = "instaflow_pl.callbacks.StepProgressBar"
         args += [f"--trainer.callbacks+={bar}", "--trainer.callbacks.init_args.refresh_rate=25"]
     return args
 

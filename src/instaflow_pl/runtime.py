@@ -1,0 +1,170 @@
+"""How the project's own commands run: OpenMP's wait policy, torch's thread count, and quiet output.
+
+Only the ``instaflow-pl`` entry point (:func:`instaflow_pl.cli.main`) uses these; importing the package changes
+nothing for a library user.
+
+* Threads. libgomp's default lets idle threads spin-wait for new work; on a machine shared with other jobs the spinning
+  threads take cores from everyone, and a thread that is descheduled holds every other one at the next barrier (the
+  digits demo's distillation stage took 6.5x its idle time next to two other jobs on 2 cores). The commands run with
+  ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep when idle; set before torch is imported) and one torch thread per core
+  this process may use, so a busy machine slows them roughly by the share of the cores it takes
+  (``bench/busy_machine.py`` measures it). Both can be overridden: ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` (or
+  ``INSTAFLOW_THREADS``) set by the user win.
+* Quiet output. :func:`quiet` hides library lines a user cannot act on (Lightning's eval-mode and logging-interval
+  warnings, its "Tip:" and TPU/HPU lines, the pytree deprecation, transformers' tokenizer length warning, W&B's
+  deprecated-setting and git-root warnings and its metric summary), for the duration of a command only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+
+HIDDEN_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"LightningCLI's args parameter is intended to run from within Python",
+    r"Your `IterableDataset` has `__len__` defined",
+    r"The '\w+_dataloader' does not have many workers",
+    r"Couldn't infer the batch indices fetched from your dataloader",
+    r"The given buffer is not writable, and PyTorch does not support non-writable tensors",
+)
+"""Library warnings (message regexes) the project's commands do not show: nothing in them is for the user to do."""
+
+HIDDEN_LOG_LINES = (
+    "Tip:",
+    "TPU available:",
+    "HPU available:",
+    "GPU available: False",
+    "was configured so",
+    "stopped: `max_steps=",
+    "Token indices sequence length is longer than",
+)
+"""Library log records (substrings) the project's commands do not show. The project's own truncation warning says
+when a prompt was cut."""
+
+HIDDEN_WANDB_WARNINGS = ("The anonymous setting has no effect", "git root ")
+"""W&B terminal warnings about settings Lightning passes, not the user."""
+
+_QUIET_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "transformers.tokenization_utils_base",
+    "transformers.tokenization_utils_tokenizers",
+)
+
+
+def configure_openmp() -> None:
+    """Make idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose.
+
+    Must run before torch is imported: libgomp reads the variable once, when it loads.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return max(os.cpu_count() or 1, 1)
+
+
+def thread_count() -> int:
+    """Torch threads for the project's commands: ``INSTAFLOW_THREADS`` or ``OMP_NUM_THREADS`` if set, else one per
+    available core."""
+    for name in ("INSTAFLOW_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return available_cores()
+
+
+def configure_threads() -> int:
+    """Set torch's intra-op thread count for a command (see :func:`thread_count`); returns it."""
+    import torch
+
+    threads = thread_count()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+class _DropLines(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+_quiet_depth = 0
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Hide library output a user cannot act on while a command runs (restored afterwards)."""
+    global _quiet_depth
+    line_filter = _DropLines(HIDDEN_LOG_LINES)
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    saved_env = {name: os.environ.get(name) for name in ("WANDB_QUIET",)}
+    os.environ.setdefault("WANDB_QUIET", "true")  # no per-run metric summary; the run folder is still printed
+    with warnings.catch_warnings():
+        for pattern in HIDDEN_WARNINGS:
+            warnings.filterwarnings("ignore", message=f".*{pattern}")
+        for logger in loggers:
+            logger.addFilter(line_filter)
+        _quiet_depth += 1
+        try:
+            yield
+        finally:
+            _quiet_depth -= 1
+            for logger in loggers:
+                logger.removeFilter(line_filter)
+            _restore_wandb()
+            for name, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+_wandb_termwarn = None
+
+
+def quiet_wandb() -> None:
+    """Inside :func:`quiet`: hide W&B's warnings about settings Lightning passes (called before a logger starts)."""
+    global _wandb_termwarn
+    if _quiet_depth == 0 or _wandb_termwarn is not None:
+        return
+    import wandb
+
+    original = wandb.termwarn
+
+    def termwarn(string: str, *args, **kwargs):
+        if not any(str(string).startswith(fragment) for fragment in HIDDEN_WANDB_WARNINGS):
+            return original(string, *args, **kwargs)
+        return None
+
+    _wandb_termwarn = original
+    wandb.termwarn = termwarn
+
+
+def _restore_wandb() -> None:
+    global _wandb_termwarn
+    if _wandb_termwarn is not None and _quiet_depth == 0:
+        sys.modules["wandb"].termwarn = _wandb_termwarn
+        _wandb_termwarn = None
+
+
+def hidden(message: str) -> bool:
+    """Whether :func:`quiet` hides a warning with this message (for tests)."""
+    return any(re.search(pattern, message) for pattern in HIDDEN_WARNINGS)

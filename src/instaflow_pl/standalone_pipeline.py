@@ -1,0 +1,183 @@
+"""InstaFlowPipeline for people who have diffusers but not instaflow-pl (shipped in every export).
+
+``instaflow-pl export`` copies this file into the exported folder as ``instaflow_pipeline.py`` and names it in
+``model_index.json`` (``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]``), diffusers' custom-pipeline
+mechanism, so stock diffusers loads the folder (local or on a hub) with::
+
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)
+    image = pipe("a photo of a cat", num_inference_steps=1).images[0]
+
+The file imports only torch and diffusers (the tokenizer and text encoder are transformers objects loaded by
+diffusers). Its sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data)
+on a uniform grid, the UNet called at timestep ``(1 - t) * 1000`` with its output taken as the velocity, and
+classifier-free guidance ``v_uncond + w (v_cond - v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is
+the null prompt). The project's tests require its samples to equal ``instaflow_pl.pipeline.InstaFlowPipeline``'s
+exactly; keep this file free of ``instaflow_pl`` imports.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
+
+UNET_TIME_SCALE = 1000.0
+"""UNet timestep at flow time t = 0 (pure noise)."""
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+"""What ``InstaFlowPipeline.__call__`` can return."""
+
+
+class InstaFlowPipeline(DiffusionPipeline):
+    """One-step (or few-step) text-to-image sampling of an InstaFlow / k-rectified-flow export.
+
+    Args:
+        vae: Decodes the scaled latents to images; None for a pixel-space model (latent = image).
+        text_encoder: CLIP text model; its last hidden state conditions the UNet.
+        tokenizer: CLIP tokenizer (prompts padded or truncated to its ``model_max_length``).
+        unet: The velocity UNet.
+        scheduler: Kept as a record of the timestep range only; the Euler steps below are the sampler.
+    """
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    _optional_components = ["vae"]
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        """The (C, H, W) latent shape of ``height`` x ``width`` images (default: the UNet's sample size)."""
+        config = self.unet.config
+        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        scale = self.vae_scale_factor
+        height = int(size) * scale if height is None else int(height)
+        width = int(size) * scale if width is None else int(width)
+        blocks = getattr(config, "down_block_types", None)
+        multiple = 2 ** (len(blocks) - 1) * scale if blocks else 0
+        if multiple:
+            fits = height > 0 and width > 0 and not (height % multiple or width % multiple)
+        else:  # a fixed-size network
+            fits = (height, width) == (int(size) * scale, int(size) * scale)
+        if not fits:
+            wanted = f"multiples of {multiple}" if multiple else f"{int(size) * scale}"
+            raise ValueError(f"height and width must be {wanted}, got {height} x {width}")
+        return (int(config.in_channels), height // scale, width // scale)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings (B, max_length, D): the text encoder's last hidden state, as Stable Diffusion uses."""
+        max_length = int(self.tokenizer.model_max_length)
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
+        if bool(tokens.attention_mask[:, -1].any()):
+            lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+            if max(lengths) > max_length:
+                logger.warning(f"prompts longer than {max_length} tokens were truncated")
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(tokens.input_ids.to(device))[0]
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """The UNet's velocity at flow time ``t`` (B,): timestep ``(1 - t) * 1000``, output in float32."""
+        dtype = next(self.unet.parameters()).dtype
+        timestep = (1.0 - t) * UNET_TIME_SCALE
+        out = self.unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype), return_dict=False)[0]
+        return out.float()
+
+    @torch.no_grad()
+    def sample_latents(
+        self, x0: torch.Tensor, prompts: list[str], num_inference_steps: int = 1, guidance_scale: float = 0.0
+    ) -> torch.Tensor:
+        """Euler steps from noise ``x0`` (t = 0) to data (t = 1), guided when ``guidance_scale > 1``."""
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (1 or less means none), got {guidance_scale}")
+        embeds = self.encode(prompts)
+        guided = guidance_scale > 1.0
+        if guided:  # unconditional first, then conditional, in one batch
+            null = self.encode([""])
+            embeds = torch.cat([null.expand_as(embeds), embeds])
+        grid = [k / num_inference_steps for k in range(num_inference_steps + 1)]
+        x = x0
+        for t, t_next in zip(grid, grid[1:], strict=False):
+            t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+            if guided:
+                uncond, cond = self.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), embeds).chunk(2)
+                v = uncond + float(guidance_scale) * (cond - uncond)
+            else:
+                v = self.velocity(x, t_batch, embeds)
+            x = x + (t_next - t) * v.to(x.dtype)
+        return x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents to images in about [-1, 1] (``latents / scaling_factor + shift_factor`` through the VAE)."""
+        if self.vae is None:
+            return latents
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        unscaled = latents / getattr(config, "scaling_factor", 1.0) + shift
+        return self.vae.decode(unscaled.to(self.vae.dtype), return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 1,
+        guidance_scale: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Generate images for ``prompt``.
+
+        Args:
+            prompt: One prompt or a list of prompts.
+            num_inference_steps: Euler steps from noise to data (1 for a distilled InstaFlow student).
+            guidance_scale: Classifier-free guidance ``w`` (>= 0); 1 or less means none (conditional branch only).
+            height: Image height in pixels (default: the UNet's sample size times the VAE's scale factor).
+            width: Image width in pixels (same default).
+            num_images_per_prompt: Images per prompt.
+            latents: The noise X0, shape (B, C, H, W) with B = prompts x images per prompt; drawn from
+                ``generator`` when absent.
+            generator: Generator(s) of the noise when ``latents`` is absent.
+            output_type: ``pil``, ``np`` or ``pt`` (images in [0, 1]), or ``latent`` (the scaled latents X1).
+            return_dict: Return an ``ImagePipelineOutput`` (else a one-tuple).
+
+        Returns:
+            ``ImagePipelineOutput(images=...)`` or ``(images,)``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        shape = (len(prompts), *self.latent_shape(height, width))
+        device = self._execution_device
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
+        x1 = self.sample_latents(latents.to(device), prompts, num_inference_steps, guidance_scale)
+        if output_type == "latent":
+            images = x1
+        else:
+            images = self.image_processor.postprocess(self.decode(x1), output_type=output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -1,0 +1,89 @@
+"""Quiet, readable runs: the command listing, hidden library noise, the step progress bar, threads."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from instaflow_pl import runtime
+from instaflow_pl.callbacks.progress import StepProgressBar
+from instaflow_pl.cli import COMMANDS, main
+
+
+def test_help_lists_every_command_with_a_description(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    names = ("fit", "validate", "test", "predict", "pairs", "export", "sample", "tiny", "demo", "sweep", "evaluate")
+    for name in names:
+        line = next((line for line in out.splitlines() if line.split()[:1] == [name]), None)
+        assert line is not None and len(line.split()) > 3, name
+    assert "FID, CLIP score, speed" in COMMANDS["evaluate"]
+
+
+def test_quiet_hides_library_noise_only_while_a_command_runs(caplog):
+    noise = "Found 463 module(s) in eval mode at the start of training. This may lead to unexpected behavior"
+    tip = "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger]"
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with runtime.quiet():
+            warnings.warn(noise, UserWarning, stacklevel=1)
+            warnings.warn("prompt_dropout must be in [0, 1]", UserWarning, stacklevel=1)  # the project's own: kept
+            log.info(tip)
+            log.info("Seed set to 0")
+        warnings.warn(noise, UserWarning, stacklevel=1)  # outside a command: a library user sees it
+        log.info(tip)
+    assert [str(w.message)[:20] for w in caught] == ["prompt_dropout must ", noise[:20]]
+    assert [r.getMessage() for r in caplog.records] == ["Seed set to 0", tip]
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.layer(batch[0]).square().mean()
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_step_bounded_fit_shows_steps_out_of_max_steps(tmp_path):
+    bar = StepProgressBar()
+    trainer = L.Trainer(
+        max_steps=7, max_epochs=-1, callbacks=[bar], logger=False, enable_checkpointing=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(_Tiny(), DataLoader(TensorDataset(torch.randn(6, 2)), batch_size=2))  # 3 batches an epoch, 3 epochs
+    shown = str(bar.train_progress_bar)
+    assert bar.train_progress_bar.total == 7 and bar.train_progress_bar.n == 7, shown
+    assert shown.startswith("train") and "7/7" in shown and "it/s" in shown and "Epoch" not in shown
+
+
+def test_thread_count_is_one_per_core_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("INSTAFLOW_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.thread_count() == runtime.available_cores() >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.thread_count() == 3
+    monkeypatch.setenv("INSTAFLOW_THREADS", "1")
+    assert runtime.thread_count() == 1
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_openmp_wait_policy_is_passive_unless_the_user_chose(monkeypatch, policy):
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    runtime.configure_openmp()
+    assert os.environ["OMP_WAIT_POLICY"] == (policy or "PASSIVE")
