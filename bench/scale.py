@@ -60,8 +60,9 @@ CASES = (
     "unet-step",
     "lpips-naive",
     "lpips-lean",
+    "lpips-lean-fp32",
 )
-MICRO = ("unet-step", "lpips-naive", "lpips-lean")
+MICRO = ("unet-step", "lpips-naive", "lpips-lean", "lpips-lean-fp32")
 """Parts measured alone, at each batch size, for the memory each sample adds (no Trainer, no validation)."""
 
 
@@ -133,8 +134,8 @@ def micro(result_file: Path, name: str, batch: int) -> None:
     """Measure what one part adds at ``batch``: RSS high-water mark over the loaded state, for one forward and backward.
 
     ``unet-step``: the UNet velocity's loss and backward in bf16 autocast with gradient checkpointing, 92M parameters
-    trainable (as the fits). ``lpips-naive`` / ``lpips-lean``: the LPIPS distance alone (VAE decode at 512 px with
-    grad on the student's side, then VGG), naive or with the lean options.
+    trainable (as the fits). ``lpips-naive`` / ``lpips-lean`` / ``lpips-lean-fp32``: the LPIPS distance alone (VAE
+    decode at 512 px with grad on the student's side, then VGG), naive, with the lean options, or with them but fp32.
     """
     import torch
 
@@ -160,7 +161,8 @@ def micro(result_file: Path, name: str, batch: int) -> None:
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae")
-        options = LEAN_LPIPS if name == "lpips-lean" else {}
+        # lpips-lean-fp32: checkpointing and resize without bf16 (CPUs without bf16 units emulate it, slowly)
+        options = {"lpips-lean": LEAN_LPIPS, "lpips-lean-fp32": {**LEAN_LPIPS, "lpips_dtype": "fp32"}}.get(name, {})
         distance = LPIPSDistance(
             vae,
             pretrained=False,
