@@ -54,6 +54,7 @@ class Setup:
         compile_backend: torch.compile backend (``inductor``; ``eager`` for the quick CPU check).
         lpips_batch: Batch of the LPIPS memory check.
         bf16: Train under bf16 autocast (on a GPU; CPUs without bf16 units emulate it, slowly).
+        rounds: Timed repetitions of each measurement (the best counts).
     """
 
     folder: Path
@@ -66,6 +67,7 @@ class Setup:
     compile_backend: str
     lpips_batch: int
     bf16: bool = True
+    rounds: int = 3
 
 
 def _sync(device: str) -> None:
@@ -133,11 +135,11 @@ def pairs(setup: Setup, batch: int = 8) -> list[Row]:
         ).images
 
     ours(), theirs()  # warm-up
-    t_pipe, t_ours = _best(theirs, setup.device), _best(ours, setup.device)
+    t_pipe, t_ours = _best(theirs, setup.device, setup.rounds), _best(ours, setup.device, setup.rounds)
     error = ((ours().float() - theirs().float()).abs().max() / theirs().float().abs().max()).item()
     speed_up(teacher.model.unet, compile=True, backend=setup.compile_backend)
-    ours(), ours()  # compile and warm up
-    t_compiled = _best(ours, setup.device)
+    ours()  # compile
+    t_compiled = _best(ours, setup.device, setup.rounds)
     rate = {name: batch / t for name, t in (("pipe", t_pipe), ("ours", t_ours), ("compiled", t_compiled))}
     label = f"pairs {setup.teacher_dtype}, DPM++ {setup.teacher_steps} steps, CFG 6, batch {batch}, images/s"
     return [
@@ -207,7 +209,7 @@ def train_steps(setup: Setup, module, size: int, steps: int) -> tuple[float, flo
         module.ema.update(module.velocity)
 
     _reset_peak(setup.device)
-    step(), step()
+    step()
     seconds = _best(step, setup.device, rounds=steps)
     return seconds, _peak_gib(setup.device)
 
@@ -285,7 +287,7 @@ def _latency_at(setup: Setup, teacher, size: int) -> Row:
         return teacher.sample(x0, prompts, guidance=6.0).x
 
     student(), guided()
-    t_student, t_teacher = _best(student, setup.device), _best(guided, setup.device)
+    t_student, t_teacher = _best(student, setup.device, setup.rounds), _best(guided, setup.device, setup.rounds)
     return Row(
         f"latency batch {size}: 1-step student vs {setup.teacher_steps}-step CFG teacher",
         f"{t_student * 1e3:.1f} ms",
@@ -313,7 +315,7 @@ def make_setup(tiny: bool, workdir: Path) -> Setup:
         from instaflow_pl.tiny import build_tiny_sd
 
         folder = build_tiny_sd(workdir / "tiny-sd")
-        return Setup(folder, "cpu", "fp32", (2, 4), (1, 4), 2, 5, "eager", 1, bf16=False)
+        return Setup(folder, "cpu", "fp32", (2, 4), (1,), 1, 2, "eager", 1, bf16=False, rounds=1)
     if not torch.cuda.is_available():
         sys.exit("bench.gpu needs a CUDA GPU; use --tiny for the CPU check")
     from bench.scale import sd15_folder

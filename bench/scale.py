@@ -225,7 +225,7 @@ def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
 
 
 def _fit_config(
-    base: str, work: Path, name: str, batch: int, model_args: dict[str, Any], accel: str, steps: int
+    base: str, work: Path, name: str, batch: int, model_args: dict[str, Any], accel: str, steps: int, precision: str
 ) -> dict:
     import yaml
 
@@ -244,6 +244,7 @@ def _fit_config(
         enable_progress_bar=False,
         default_root_dir=root,
         accumulate_grad_batches=1,
+        precision=precision,
     )
     trainer["callbacks"][0]["init_args"].update(dirpath=f"{root}/checkpoints", every_n_train_steps=steps)
     trainer["callbacks"].append({"class_path": "bench.scale.StepTimer"})
@@ -253,7 +254,15 @@ def _fit_config(
     return config
 
 
-def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: str, steps: int = 1) -> list[Case]:
+def plan(
+    work: Path,
+    folder: Path,
+    batches: list[int],
+    only: list[str],
+    accel: str,
+    steps: int = 1,
+    precision: str = "bf16-mixed",
+) -> list[Case]:
     """The cases to run, in order (reflow's checkpoint feeds export; reflow's pairs feed the fits)."""
     pairs_dir = work / "pairs"
     cases = [
@@ -301,7 +310,8 @@ def plan(work: Path, folder: Path, batches: list[int], only: list[str], accel: s
     for key, (base, model_args, label) in fits.items():
         for batch in batches:
             name = f"{key}-b{batch}"
-            config = _fit_config(base, work, name, batch, {"base_model": str(folder), **model_args}, accel, steps)
+            model = {"base_model": str(folder), **model_args}
+            config = _fit_config(base, work, name, batch, model, accel, steps, precision)
             config["data"]["init_args"].update(path=data["path"])
             yaml_file = _write_yaml(work / f"{name}.yaml", config)
             cases.append(Case(f"{label}, batch {batch}", key, batch, ["fit", "--config", str(yaml_file)]))
@@ -367,6 +377,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--steps", type=int, default=1, help="training steps per fit (memory peaks in the first; more for times)"
     )
+    parser.add_argument(
+        "--precision",
+        default="bf16-mixed",
+        help="trainer precision of the fits (the configs' bf16-mixed; 32-true on CPUs without bf16 units, where bf16 "
+        "is emulated and slow: fp32 activations are larger, so its peaks are upper bounds)",
+    )
     parser.add_argument("--src", type=Path, default=None, help="measure another checkout's package (its src/)")
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "scale.json", help="results JSON")
@@ -378,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     only = list(opts.only)
     if not (work / "pairs" / "index.json").is_file():
         only.append("pairs")  # every fit reads the pairs
-    cases = plan(work, folder, opts.batches, only, opts.accelerator, opts.steps)
+    cases = plan(work, folder, opts.batches, only, opts.accelerator, opts.steps, opts.precision)
     for case in cases:
         print(f"running {case.name} ...", flush=True)
         run_case(case, work, opts.src)

@@ -24,7 +24,7 @@ def test_gpu_benchmark_runs_at_tiny_shapes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     names = [row["benchmark"] for row in report["rows"]]
-    for part in ("pairs", "compile", "reflow fp32, batch 2", "distill-l2 fp32, batch 4", "distill-lpips", "latency"):
+    for part in ("pairs", "compile", "reflow fp32, batch 2", "distill-l2 fp32, batch 4", "distill-lpips", "latency batch 1"):
         assert any(part in name for name in names), part
     pairs = report["rows"][0]
     error = float(pairs["benchmark"].split("rel. err ")[1].rstrip(")"))
