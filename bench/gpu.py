@@ -247,7 +247,7 @@ def training(setup: Setup, peak_tflops: float) -> list[Row]:
 
 def lpips_memory(setup: Setup) -> list[Row]:
     """Peak memory of a distill-lpips step, naive against lean (GPU memory; on CPU only that both run)."""
-    lean = {"lpips_checkpointing": True, "lpips_dtype": "bf16", "lpips_resize": 224}
+    lean = {"lpips_checkpointing": True, "lpips_dtype": "bf16" if setup.bf16 else "fp32", "lpips_resize": 224}
     peaks = {}
     for name, options in (("naive", {}), ("lean", lean)):
         module = _module("distill", setup.folder, distance={"lpips": 1.0, "l2": 1.0}, lpips_pretrained=False, **options)
