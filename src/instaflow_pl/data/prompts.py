@@ -77,14 +77,19 @@ def _from_parquet(path: Path, column: str) -> list[str]:
     return [str(v) for v in pq.read_table(path, columns=[column]).column(column).to_pylist()]
 
 
-def _from_coco(path: Path) -> list[str]:
+def _coco_annotations(path: Path) -> list:
+    """The ``annotations`` list of a COCO captions file (one clear error if it is not one)."""
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON; a COCO captions file holds {{'annotations': [...]}}") from None
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise UserError(f"{path} has no 'annotations' list; is it a COCO captions file (captions_*.json)?")
-    return [str(a["caption"]).strip() for a in data["annotations"] if isinstance(a, dict) and "caption" in a]
+    return data["annotations"]
+
+
+def _from_coco(path: Path) -> list[str]:
+    return [str(a["caption"]).strip() for a in _coco_annotations(path) if isinstance(a, dict) and "caption" in a]
 
 
 def coco_captions_per_image(path: str | Path) -> list[str]:
@@ -103,14 +108,8 @@ def coco_captions_per_image(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"captions file not found: {path}; check the path (e.g. annotations/captions_val2017.json)")
-    try:
-        data = json.loads(_read_text(path))
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON; a COCO captions file holds {{'annotations': [...]}}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise UserError(f"{path} has no 'annotations' list; is it a COCO captions file (captions_*.json)?")
     first: dict[int, tuple[float, int, str]] = {}
-    for position, item in enumerate(data["annotations"]):
+    for position, item in enumerate(_coco_annotations(path)):
         if not isinstance(item, dict) or "caption" not in item or "image_id" not in item:
             continue
         rank = (float(item.get("id", float("inf"))), position)
