@@ -25,7 +25,7 @@ class Recorder(nn.Module):
 def make_cond(batch=3):
     return TextCondition(
         torch.arange(batch, dtype=torch.float32).view(batch, 1, 1).expand(batch, 2, 2) + 1.0,
-        null=torch.zeros(1, 2, 2),
+        null=TextCondition(torch.zeros(1, 2, 2)),
     )
 
 

@@ -115,7 +115,7 @@ def test_folder_that_is_not_diffusers_format(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "solver, message", [("rk5", "does not fit a Stable Diffusion teacher"), ("euler", "choose one of dpm")]
+    "solver, message", [("rk5", "does not fit a Stable Diffusion teacher"), ("euler", "choose auto or one of dpm")]
 )
 def test_unknown_or_wrong_solver(tiny_sd, solver, message):
     with pytest.raises(UserError, match=message):
@@ -135,8 +135,9 @@ def test_text_condition_shapes(tiny_sd):
     teacher = load_teacher(tiny_sd)
     cond: TextCondition = teacher.encoder.condition(["a", "b", "c"])
     assert cond.embeds.shape == (3, 77, 32)
-    assert cond.null.shape == (1, 77, 32)
-    assert torch.equal(cond.unconditional().embeds[2], cond.null[0])
+    assert cond.null.embeds.shape == (1, 77, 32)
+    assert cond.pooled is None, "Stable Diffusion 1.x takes no pooled embedding"
+    assert torch.equal(cond.unconditional().embeds[2], cond.null.embeds[0])
 
 
 def test_v_prediction_teacher_matches_pipeline(tiny_sd, tmp_path):

@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from instaflow_pl.conventions import latents_to_images
 from instaflow_pl.errors import UserError
+from instaflow_pl.families import family_of_network
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, UNetVelocity
@@ -95,10 +96,16 @@ class InstaFlowPipeline(DiffusionPipeline):
 
         ``guidance_scale <= 1`` evaluates the conditional branch only (no guidance), as in diffusers.
         """
-        field = ClassifierFreeGuidance(UNetVelocity(self.unet), guidance_scale)
-        encoder = PromptEncoder(self.tokenizer, self.text_encoder)
-        cond = encoder.condition(list(prompts), with_null=field.active)
+        field = ClassifierFreeGuidance(UNetVelocity(self.unet, pixels_per_latent=self.vae_scale_factor), guidance_scale)
+        cond = self.prompt_encoder().condition(list(prompts), with_null=field.active)
         return LatentODE("euler", num_inference_steps).solve(field, x0, cond).x
+
+    def prompt_encoder(self) -> PromptEncoder:
+        """The family's prompt encoder over this pipeline's tokenizers and text encoders."""
+        family = family_of_network(self.unet)
+        names = family.text_parts + family.optional_text_parts
+        parts = {name: getattr(self, name, None) for name in names}
+        return family.encoder_from_parts(parts, dict(self.config), dict(self.unet.config))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode scaled latents to images in [-1, 1] with the VAE (the project's latent convention).

@@ -163,6 +163,166 @@ def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> P
     return _save_sd_folder(out, unet, vae, tiny_text_config(vocab_size))
 
 
+def _tiny_vae(sample_size: int, latent_channels: int = 4, **extra):
+    """A two-block VAE (2 pixels per latent pixel) with ``latent_channels`` channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=latent_channels,
+        norm_num_groups=16,
+        sample_size=sample_size * 2,
+        **extra,
+    )
+
+
+def _clip_towers(out: Path, names: tuple[str, ...], widths: tuple[int, ...], projection: bool) -> list:
+    """Tiny CLIP text towers (random, seeded by the caller), and the tiny tokenizer written once per name."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    towers = []
+    for name, width in zip(names, widths, strict=True):
+        vocab_size = write_tiny_tokenizer(out / name.replace("text_encoder", "tokenizer"))
+        config = CLIPTextConfig(**{**tiny_text_config(vocab_size), "hidden_size": width, "projection_dim": width})
+        with_projection = projection or name == "text_encoder_2"
+        towers.append((CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config))
+    return towers
+
+
+def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
+    """Write a tiny SDXL-format folder with random weights: a UNet with SDXL's added text-and-time embedding, CLIP-L
+    (width 16) and CLIP-G with projection (width 32), their tokenizers, a VAE and SDXL's Euler scheduler.
+
+    Args:
+        out_dir: Folder to create (must not hold anything else).
+        seed: Seed of the random weights, so two builds are identical.
+        sample_size: Latent height and width (the VAE maps them to images twice as large).
+
+    Returns:
+        The folder's path.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    out = Path(out_dir)
+    _refuse_foreign(out)
+    torch.manual_seed(seed)
+    text_encoder, text_encoder_2 = _clip_towers(out, ("text_encoder", "text_encoder_2"), (16, 32), projection=False)
+    time_width = 8
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_width,
+        projection_class_embeddings_input_dim=6 * time_width + 32,
+    )
+    # SDXL base's scheduler settings.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(sample_size),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def build_tiny_sd3(out_dir: str | Path, seed: int = 0, sample_size: int = 8, with_t5: bool = True) -> Path:
+    """Write a tiny SD3-format folder with random weights: an MMDiT transformer on 16-channel latents (patch 2),
+    CLIP-L (width 16) and CLIP-G (width 32) with projections, a small T5 encoder (width 64, so the CLIP states are
+    zero-padded as in SD3), tokenizers (T5's is the tiny CLIP tokenizer), a VAE with a shift factor and SD3's
+    flow-matching scheduler (shift 3).
+
+    Args:
+        out_dir: Folder to create (must not hold anything else).
+        seed: Seed of the random weights, so two builds are identical.
+        sample_size: Latent height and width (the VAE maps them to images twice as large).
+        with_t5: Write ``text_encoder_3``/``tokenizer_3`` (without: the folder a user saves memory with).
+
+    Returns:
+        The folder's path.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    out = Path(out_dir)
+    _refuse_foreign(out)
+    torch.manual_seed(seed)
+    text_encoder, text_encoder_2 = _clip_towers(out, ("text_encoder", "text_encoder_2"), (16, 32), projection=True)
+    joint = 64
+    t5 = tokenizer_3 = None
+    if with_t5:
+        vocab_size = write_tiny_tokenizer(out / "tokenizer_3", max_length=256)
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=vocab_size,
+                d_model=joint,
+                d_ff=128,
+                d_kv=16,
+                num_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False,
+            )
+        )
+        tokenizer_3 = CLIPTokenizer.from_pretrained(out / "tokenizer_3")
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=joint,
+        caption_projection_dim=32,
+        pooled_projection_dim=16 + 32,
+        pos_embed_max_size=32,
+    )
+    # SD3 medium's VAE latent convention and scheduler shift.
+    vae = _tiny_vae(
+        sample_size, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
 SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
 """The CLIP ViT-L/14 text tower of Stable Diffusion 1.5 (its vocabulary is 49,408 tokens)."""
 

@@ -79,22 +79,22 @@ class EvaluatedBatch:
     images: torch.Tensor
 
 
-def _check_model(spec: ModelToEvaluate) -> tuple[str, str]:
-    """(kind, fingerprint) of a model folder; one line for a folder that is not a model."""
-    from instaflow_pl.solver import METHODS, SCHEDULERS
-    from instaflow_pl.teachers import SD_KIND, fingerprint, model_kind, parse_dtype, resolve_model_folder
-    from instaflow_pl.teachers.teacher import resolve_solver_name
+def _check_model(spec: ModelToEvaluate) -> tuple[str, str, str]:
+    """(kind, fingerprint, solver) of a model folder; one line for a folder that is not a model."""
+    from instaflow_pl.families import family_of_folder
+    from instaflow_pl.teachers import fingerprint, model_kind, parse_dtype, resolve_model_folder
 
     root = resolve_model_folder(spec.folder)
     kind = model_kind(root)
-    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+    family = family_of_folder(root)
+    for part in (family.network_folder, *family.text_parts, "scheduler"):
         if not (root / part).is_dir():
             raise UserError(
                 f"{root} is not a model to evaluate: it has no {part}/ subfolder (give an exported folder or a "
-                "Stable Diffusion folder: unet, text_encoder, tokenizer, scheduler)"
+                f"released {family.name} folder: {family.network_folder}, {', '.join(family.text_parts)}, scheduler)"
             )
-    solver = resolve_solver_name(kind, spec.solver)
-    allowed = SCHEDULERS if kind == SD_KIND else METHODS
+    solver = family.solver_name(kind, spec.solver)
+    allowed = family.allowed_solvers(kind)
     if solver not in allowed:
         raise UserError(
             f"solver {solver!r} does not fit {root} ({kind} model): choose auto or one of {', '.join(allowed)}"
@@ -104,7 +104,7 @@ def _check_model(spec: ModelToEvaluate) -> tuple[str, str]:
     if not spec.guidance or min(spec.guidance) < 0:
         raise UserError(f"guidance of {spec.folder} must be a non-empty list of weights >= 0, got {spec.guidance}")
     parse_dtype(spec.dtype)
-    return kind, fingerprint(root)
+    return kind, fingerprint(root), solver
 
 
 class Evaluation(L.LightningModule):
@@ -175,13 +175,10 @@ class Evaluation(L.LightningModule):
         self.models = [m if isinstance(m, ModelToEvaluate) else ModelToEvaluate(**m) for m in models]
         self.rows: list[RowSpec] = []
         for spec in self.models:
-            kind, print_ = _check_model(spec)
-            from instaflow_pl.teachers.teacher import resolve_solver_name
-
+            kind, print_, solver = _check_model(spec)
             name = spec.name or Path(spec.folder).name
             for steps in spec.steps:
                 for guidance in spec.guidance:
-                    solver = resolve_solver_name(kind, spec.solver)
                     row = RowSpec(name, str(spec.folder), kind, print_, solver, int(steps), float(guidance), spec.dtype)
                     self.rows.append(row)
         self.output_dir = output_dir

@@ -8,15 +8,24 @@ import re
 from pathlib import Path
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.families.base import SD_KIND, VELOCITY_KIND
 
 KIND_FILE = "instaflow.json"
 """Marker file of folders written by this project; holds ``{"kind": "velocity", ...}``."""
 
 FOLDER_FORMAT_VERSION = 1
-SD_KIND = "sd"
-VELOCITY_KIND = "velocity"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_FINGERPRINT_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+_FINGERPRINT_PARTS = (
+    "unet",
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "scheduler",
+)
 
 
 def resolve_model_folder(source: str | Path) -> Path:

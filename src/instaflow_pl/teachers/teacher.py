@@ -5,21 +5,21 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.solver import METHODS, SCHEDULERS, LatentODE, ODESolution, SchedulerODE, make_scheduler
-from instaflow_pl.teachers.folder import SD_KIND, VELOCITY_KIND, fingerprint, model_kind, resolve_model_folder
+from instaflow_pl.families import Family, family_of_folder, pixels_per_latent
+from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
+from instaflow_pl.teachers.folder import fingerprint, model_kind, resolve_model_folder
 from instaflow_pl.text import PromptEncoder
-from instaflow_pl.velocity import ClassifierFreeGuidance, UNetPredictor, UNetVelocity
+from instaflow_pl.velocity import ClassifierFreeGuidance
 from instaflow_pl.velocity.networks import LatentGeometry, latent_geometry, load_network
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 """Accepted names of weight dtypes."""
-
-DEFAULT_SOLVER = {SD_KIND: "dpm++", VELOCITY_KIND: "euler"}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -36,11 +36,14 @@ class Teacher(nn.Module):
         encoder: Prompt encoder (frozen).
         model: ``f(x, t, cond)``: a velocity (for ``LatentODE``) or a diffusers predictor (for ``SchedulerODE``).
         solver: The solver that integrates ``model`` from noise to data.
-        kind: ``sd`` (diffusion model through its scheduler) or ``velocity`` (a k-rectified flow).
+        kind: ``sd`` (a released folder, through its scheduler or, for SD3, its shifted time grid) or ``velocity``
+            (a k-rectified flow written by this project).
         source: Where the teacher came from (folder or hub id).
         fingerprint: SHA-256 of the teacher's weights and configs.
         geometry: The latents the UNet takes (native shape, allowed sizes).
         solver_name: The solver's name (scheduler or ODE method), as recorded in dataset manifests.
+        family: The model family (:mod:`instaflow_pl.families`).
+        scheduler_config: The folder's scheduler config (to build the same solver at other step counts).
     """
 
     def __init__(
@@ -53,6 +56,8 @@ class Teacher(nn.Module):
         fingerprint: str,
         geometry: LatentGeometry,
         solver_name: str = "",
+        family: Family | None = None,
+        scheduler_config: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.encoder = encoder
@@ -64,6 +69,8 @@ class Teacher(nn.Module):
         self.geometry = geometry
         self.latent_shape = geometry.shape
         self.solver_name = solver_name
+        self.family = family
+        self.scheduler_config = scheduler_config or {}
 
     def check_latent_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
         """Validate a (C, H, W) latent shape against the UNet; return it as a tuple."""
@@ -80,7 +87,9 @@ class Teacher(nn.Module):
         import copy
 
         other = copy.copy(self)
-        if isinstance(self.solver, LatentODE):
+        if self.family is not None:
+            other.solver = self.family.make_solver(self.kind, self.solver_name, steps, self.scheduler_config)
+        elif isinstance(self.solver, LatentODE):
             other.solver = LatentODE(self.solver.method, steps)
         else:
             other.solver = SchedulerODE(copy.deepcopy(self.solver.scheduler), steps)
@@ -99,23 +108,6 @@ class Teacher(nn.Module):
         return self.solver.solve(field, x0, cond, return_trajectory=return_trajectory)
 
 
-def resolve_solver_name(kind: str, solver: str) -> str:
-    """The solver a teacher of ``kind`` uses for ``solver`` (``auto`` picks the kind's default)."""
-    return DEFAULT_SOLVER[kind] if solver == "auto" else solver
-
-
-def _make_solver(kind: str, name: str, steps: int, scheduler_config: dict) -> LatentODE | SchedulerODE:
-    if kind == SD_KIND:
-        if name not in SCHEDULERS:
-            raise UserError(
-                f"solver {name!r} does not fit a Stable Diffusion teacher: choose one of {', '.join(SCHEDULERS)}"
-            )
-        return SchedulerODE(make_scheduler(name, scheduler_config), steps)
-    if name not in METHODS:
-        raise UserError(f"solver {name!r} does not fit a velocity teacher: choose one of {', '.join(METHODS)}")
-    return LatentODE(name, steps)
-
-
 def load_teacher(
     source: str | Path,
     solver: str = "auto",
@@ -125,43 +117,41 @@ def load_teacher(
 ) -> Teacher:
     """Load a teacher from a diffusers-format folder (or hub id).
 
-    A Stable Diffusion folder gives a diffusion teacher solved through a diffusers scheduler; a folder marked as a
-    velocity model (``instaflow.json``) gives a k-rectified-flow teacher solved by the LatentODE.
+    A released SD or SDXL folder gives a diffusion teacher solved through a diffusers scheduler; a released SD3
+    folder a flow solved by the LatentODE on its scheduler's shifted time grid; a folder marked as a velocity model
+    (``instaflow.json``) a k-rectified-flow teacher solved by the LatentODE. The folder's family
+    (:mod:`instaflow_pl.families`) says which parts it needs and how they are called.
 
     Args:
         source: Folder path or hub id.
-        solver: ``auto`` (DPM-Solver++ for SD, Euler for velocity), a scheduler name (``dpm++``, ``ddim``,
-            ``euler-discrete``, ``pndm``, ``unipc``) or an ODE method (``euler``, ``midpoint``, ``heun``, ``rk4``).
+        solver: ``auto`` (DPM-Solver++ for SD and SDXL, Euler for SD3 and velocity folders), a scheduler name
+            (``dpm++``, ``ddim``, ``euler-discrete``, ``pndm``, ``unipc``; SD and SDXL) or an ODE method (``euler``,
+            ``midpoint``, ``heun``, ``rk4``; SD3 and velocity folders).
         steps: Number of solver steps.
-        dtype: Weight dtype of UNet and text encoder: ``fp32``, ``fp16`` or ``bf16``.
+        dtype: Weight dtype of the network and text encoders: ``fp32``, ``fp16`` or ``bf16``.
         device: Where to put the weights.
     """
-    from transformers import CLIPTextModel, CLIPTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
     torch_dtype = parse_dtype(dtype)
     root = resolve_model_folder(source)
     kind = model_kind(root)
-    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        if not (root / part).is_dir():
-            raise UserError(f"{root} has no {part}/ subfolder; a teacher folder needs unet, text_encoder, tokenizer")
+    family = family_of_folder(root)
+    family.check_folder(root)
+    if not (root / "scheduler").is_dir():
+        raise UserError(f"{root} has no scheduler/ subfolder; a teacher folder needs its scheduler config")
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    solver_name = resolve_solver_name(kind, solver)
-    solver_obj = _make_solver(kind, solver_name, steps, scheduler_config)
-    unet = load_network(root, "unet", torch_dtype)
-    text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", torch_dtype=torch_dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    model = UNetVelocity(unet) if kind == VELOCITY_KIND else UNetPredictor(unet)
+    solver_name = family.solver_name(kind, solver)
+    solver_obj = family.make_solver(kind, solver_name, steps, scheduler_config)
+    network = load_network(root, family.network_folder, torch_dtype)
     teacher = Teacher(
-        encoder=PromptEncoder(tokenizer, text_encoder),
-        model=model,
+        encoder=family.load_encoder(root, torch_dtype),
+        model=family.teacher_model(network, kind, pixels_per_latent(root)),
         solver=solver_obj,
         kind=kind,
         source=str(source),
         fingerprint=fingerprint(root),
-        geometry=latent_geometry(unet),
+        geometry=latent_geometry(network),
         solver_name=solver_name,
+        family=family,
+        scheduler_config=scheduler_config,
     )
     return teacher.to(device)

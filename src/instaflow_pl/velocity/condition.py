@@ -1,33 +1,69 @@
-"""Conditioning that travels with a batch: prompt embeddings and the null (empty-prompt) embedding."""
+"""Conditioning that travels with a batch: what the prompts became, and the null (empty-prompt) condition."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
 
 @dataclass
 class TextCondition:
-    """Text conditioning of a batch.
+    """Text conditioning of a batch, in whatever parts a model family needs.
+
+    Every tensor has the batch first. Stable Diffusion 1.x/2.x uses ``embeds`` only; SDXL and SD3 add ``pooled``
+    (see :mod:`instaflow_pl.families`, where each family says how its network takes these parts).
 
     Attributes:
-        embeds: Prompt embeddings, shape (B, L, D).
-        null: Embedding of the empty prompt "", shape (1, L, D); needed for classifier-free guidance.
+        embeds: Token embeddings, (B, L, D): the text encoder's hidden states (SDXL: CLIP-L and CLIP-G joined;
+            SD3: both CLIPs, padded to T5's width, followed by the T5 tokens).
+        pooled: Pooled prompt embedding, (B, P), for families that take one (SDXL: CLIP-G's; SD3: both CLIPs').
+        null: The condition of the null prompt (batch 1), needed for classifier-free guidance.
     """
 
     embeds: torch.Tensor
-    null: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    null: TextCondition | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The tensors this condition holds, by field name (the null condition is not one of them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "null"}
+        return {name: value for name, value in out.items() if value is not None}
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TextCondition:
+        """A condition whose tensors are ``fn`` of these (the null condition is carried along, mapped too)."""
+        null = None if self.null is None else self.null.map(fn)
+        return TextCondition(**{name: fn(value) for name, value in self.parts().items()}, null=null)
+
+    def rows(self, index: int | slice | torch.Tensor) -> TextCondition:
+        """The condition of some samples of the batch (``index`` as in tensor indexing; keeps a batch dimension)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return TextCondition(**{name: value[index] for name, value in self.parts().items()}, null=self.null)
+
+    @staticmethod
+    def stack(rows: list[TextCondition], null: TextCondition | None = None) -> TextCondition:
+        """Join batches of conditions (all of the same kind) along the batch."""
+        names = rows[0].parts().keys()
+        return TextCondition(**{name: torch.cat([r.parts()[name] for r in rows]) for name in names}, null=null)
+
+    def with_null(self, null: TextCondition | None) -> TextCondition:
+        """The same condition with ``null`` as its null condition."""
+        return TextCondition(**self.parts(), null=null)
+
     def unconditional(self) -> TextCondition:
         """The same batch conditioned on the null prompt."""
         if self.null is None:
-            raise ValueError("this TextCondition has no null embedding; encode it with with_null=True for guidance")
-        return TextCondition(self.null.expand_as(self.embeds), self.null)
+            raise ValueError("this TextCondition has no null condition; encode it with with_null=True for guidance")
+        size = len(self)
+        return TextCondition(
+            **{name: value.expand(size, *value.shape[1:]) for name, value in self.null.parts().items()}, null=self.null
+        )
 
     def concat(self, other: TextCondition) -> TextCondition:
         """Stack two conditions along the batch (self first)."""
-        return TextCondition(torch.cat([self.embeds, other.embeds]), self.null)
+        return TextCondition.stack([self, other], null=self.null)

@@ -18,11 +18,15 @@ from instaflow_pl.errors import UserError
 
 
 def _classes() -> dict[str, type]:
-    from diffusers import UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 
     from instaflow_pl.velocity.mlp import MLPVelocityNet
 
-    return {"UNet2DConditionModel": UNet2DConditionModel, "MLPVelocityNet": MLPVelocityNet}
+    return {
+        "UNet2DConditionModel": UNet2DConditionModel,
+        "SD3Transformer2DModel": SD3Transformer2DModel,
+        "MLPVelocityNet": MLPVelocityNet,
+    }
 
 
 def network_class(name: str | None, source: str = "the model") -> type:
@@ -89,9 +93,10 @@ class LatentGeometry:
 
 
 def latent_geometry(network: nn.Module) -> LatentGeometry:
-    """The latent geometry of a UNet-like network, from its config."""
+    """The latent geometry of a network (UNet, SD3 transformer, demo MLP), from its config."""
     config = network.config
     size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
     blocks = getattr(config, "down_block_types", None)
-    down_factor = 2 ** (len(blocks) - 1) if blocks else 0
+    patch = getattr(config, "patch_size", None)
+    down_factor = 2 ** (len(blocks) - 1) if blocks else int(patch) if patch else 0
     return LatentGeometry(int(config.in_channels), int(size), down_factor)

@@ -1,4 +1,5 @@
-"""Velocities and predictors built on a UNet-like network (a diffusers ``UNet2DConditionModel`` or the demo MLP)."""
+"""Velocities and predictors built on a family's denoising network (a diffusers UNet or SD3 transformer, or the
+demo's MLP). How the network is called is its family's business (:mod:`instaflow_pl.families`)."""
 
 from __future__ import annotations
 
@@ -8,57 +9,73 @@ from torch import nn
 from instaflow_pl.conventions import unet_timestep
 from instaflow_pl.velocity.condition import TextCondition
 
+DEFAULT_PIXELS_PER_LATENT = 8
+"""The VAE downsampling of every released SD, SDXL and SD3 model (used when a folder does not say)."""
+
 
 class UNetPredictor(nn.Module):
-    """A diffusers UNet (or a network with its calling convention) called as ``f(x, timestep, cond)``.
+    """A family's network called as ``f(x, timestep, cond)``, returning its raw output.
 
-    This is how a Stable Diffusion teacher (epsilon- or v-prediction) is evaluated inside its scheduler. Inputs are
-    cast to the UNet's dtype and the output is returned in float32, so solvers step in full precision.
+    This is how a diffusion teacher (epsilon- or v-prediction) is evaluated inside its scheduler. Inputs are cast to
+    the network's dtype and the output is returned in float32, so solvers step in full precision.
 
     Args:
-        unet: The UNet, or any network from :mod:`instaflow_pl.velocity.networks`.
+        unet: The network (attribute ``unet`` whatever its class, so checkpoints keep one layout).
+        family: Its family; None: found from the network.
+        pixels_per_latent: Image pixels per latent pixel (SDXL's size conditioning needs it).
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, family=None, pixels_per_latent: int = DEFAULT_PIXELS_PER_LATENT):
         super().__init__()
+        from instaflow_pl.families import family_of_network
+
         self.unet = unet
+        self.family = family if family is not None else family_of_network(unet)
+        self.pixels_per_latent = int(pixels_per_latent)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
-        """Evaluate the UNet at diffusers ``timestep`` (scalar or per sample)."""
+        """Evaluate the network at diffusers ``timestep`` (scalar or per sample)."""
         dtype = next(self.unet.parameters()).dtype  # (ModelMixin.dtype walks every module)
-        out = self.unet(x.to(dtype), timestep, encoder_hidden_states=cond.embeds.to(dtype), return_dict=False)[0]
-        return out.float()
+        cond = cond.map(lambda v: v.to(dtype))
+        return self.family.call(self.unet, x.to(dtype), timestep, cond, self.pixels_per_latent).float()
 
 
 class UNetVelocity(UNetPredictor):
-    """The velocity ``v(x, t, cond)`` of a rectified flow whose network is a diffusers UNet.
+    """The velocity ``v(x, t, cond)`` of a rectified flow built on a family's network.
 
-    Flow time ``t`` (0 = noise, 1 = data) is given to the UNet as timestep ``(1 - t) * 1000`` and the UNet's output
-    is the velocity itself.
+    Flow time ``t`` (0 = noise, 1 = data) is given to the network as timestep ``(1 - t) * 1000``; the velocity is the
+    network's output times the family's sign (+1 for UNets, whose reflowed output is the velocity; -1 for SD3, whose
+    flow-matching output points from data to noise).
 
     Args:
-        unet: The UNet-like network (initialised from a Stable Diffusion teacher or a k-rectified flow).
+        unet: The network (initialised from a teacher or a k-rectified flow).
+        family: Its family; None: found from the network.
+        pixels_per_latent: Image pixels per latent pixel.
     """
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """Evaluate the velocity at flow time ``t`` (scalar or per sample)."""
-        return super().forward(x, unet_timestep(t), cond)
+        out = super().forward(x, unet_timestep(t), cond)
+        return out if self.family.velocity_sign == 1.0 else self.family.velocity_sign * out
 
 
 class PretrainedUNetVelocity(UNetVelocity):
-    """A UNet velocity initialised from a diffusers-format folder (an SD teacher or an exported k-RF).
+    """A velocity initialised from a diffusers-format folder (a released teacher or an exported k-RF).
 
     Args:
-        folder: Model folder holding ``unet/``.
-        subfolder: Subfolder of the UNet.
-        gradient_checkpointing: Trade compute for memory (for SD-size UNets).
+        folder: Model folder; its family says where the network is (``unet/`` or ``transformer/``).
+        subfolder: Subfolder of the network (null: the family's).
+        gradient_checkpointing: Trade compute for memory (for SD-size networks).
     """
 
-    def __init__(self, folder: str, subfolder: str = "unet", gradient_checkpointing: bool = False):
+    def __init__(self, folder: str, subfolder: str | None = None, gradient_checkpointing: bool = False):
+        from instaflow_pl.families import family_of_folder, pixels_per_latent
         from instaflow_pl.teachers.folder import resolve_model_folder
         from instaflow_pl.velocity.networks import load_network
 
-        unet = load_network(resolve_model_folder(folder), subfolder=subfolder)
+        root = resolve_model_folder(folder)
+        family = family_of_folder(root)
+        unet = load_network(root, subfolder=subfolder or family.network_folder)
         if gradient_checkpointing:
             if unet._supports_gradient_checkpointing:
                 unet.enable_gradient_checkpointing()
@@ -66,5 +83,5 @@ class PretrainedUNetVelocity(UNetVelocity):
                 from lightning.pytorch.utilities import rank_zero_warn
 
                 rank_zero_warn(f"{type(unet).__name__} has no gradient checkpointing; training without it")
-        super().__init__(unet)
+        super().__init__(unet, family=family, pixels_per_latent=pixels_per_latent(root))
         self.folder = str(folder)

@@ -1,0 +1,140 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer trained by flow matching, i.e. already a rectified flow (a 1-RF).
+
+Our convention maps exactly onto SD3's: sigma = 1 - t, the network's timestep is sigma * 1000 (the same number as a
+UNet's (1 - t) * 1000), and our velocity (data - noise) is minus the network's output. The scheduler's shifted
+sigma schedule becomes a LatentODE ``time_grid``, so the SD3 teacher is solved by the same LatentODE as every k-RF.
+Reflowed SD3 transformers keep SD3's output convention, so an export is still an SD3 folder for stock diffusers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from instaflow_pl.errors import UserError
+from instaflow_pl.families.base import Family
+from instaflow_pl.solver.ode import METHODS
+from instaflow_pl.text import PromptEncoder, clip_states
+from instaflow_pl.velocity.condition import TextCondition
+
+T5_TOKENS = 256
+"""Tokens of the T5 prompt (diffusers' ``max_sequence_length`` default for SD3)."""
+
+
+class SD3PromptEncoder(PromptEncoder):
+    """SD3's prompt encoding, as ``StableDiffusion3Pipeline.encode_prompt``: CLIP-L and CLIP-G penultimate states
+    joined along the width and zero-padded to the joint width, followed by T5's tokens; the pooled embedding is both
+    CLIPs' projections joined. Without T5 (``text_encoder_3`` left out to save memory) its tokens are zeros, as in
+    diffusers.
+
+    Args:
+        tokenizers: CLIP-L's, CLIP-G's and T5's tokenizers (T5's may be None).
+        text_encoders: CLIP-L and CLIP-G (``CLIPTextModelWithProjection``) and T5 (``T5EncoderModel`` or None).
+        joint_dim: Width of the joint token sequence (the transformer's ``joint_attention_dim``).
+        t5_tokens: Tokens of the T5 part.
+        cache_mb: Memory for cached conditions (see :class:`~instaflow_pl.text.PromptEncoder`).
+    """
+
+    def __init__(self, tokenizers, text_encoders, joint_dim: int, t5_tokens: int = T5_TOKENS, cache_mb: float = 0.0):
+        super().__init__(cache_mb=cache_mb)
+        self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizers
+        self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoders
+        self.joint_dim = int(joint_dim)
+        self.t5_tokens = int(t5_tokens)
+        self.freeze()
+
+    def encode_batch(self, prompts: list[str]) -> TextCondition:
+        """(B, 77 + t5_tokens, joint_dim) token states and the (B, P_L + P_G) pooled embedding."""
+        states_l, pooled_l = clip_states(self, self.tokenizer, self.text_encoder, prompts, layer=-2)
+        states_g, pooled_g = clip_states(self, self.tokenizer_2, self.text_encoder_2, prompts, layer=-2)
+        clip = torch.cat([states_l, states_g], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
+        if self.text_encoder_3 is None:
+            t5 = clip.new_zeros(len(prompts), self.t5_tokens, self.joint_dim)
+        else:
+            t5 = self.text_encoder_3(self.tokenize(self.tokenizer_3, prompts, self.t5_tokens))[0].to(clip.dtype)
+        return TextCondition(torch.cat([clip, t5], dim=-2), pooled=torch.cat([pooled_l, pooled_g], dim=-1))
+
+
+class StableDiffusion3(Family):
+    """Stable Diffusion 3 and 3.5 (``SD3Transformer2DModel``)."""
+
+    name = "sd3"
+    title = "Stable Diffusion 3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    network_folder = "transformer"
+    text_parts = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")
+    optional_text_parts = ("tokenizer_3", "text_encoder_3")
+    default_classes: ClassVar[dict[str, tuple[str, str]]] = {
+        "tokenizer": ("transformers", "CLIPTokenizer"),
+        "tokenizer_2": ("transformers", "CLIPTokenizer"),
+        "tokenizer_3": ("transformers", "T5TokenizerFast"),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
+        "text_encoder_3": ("transformers", "T5EncoderModel"),
+    }
+    velocity_sign = -1.0
+    teacher_is_flow = True
+    teacher_solvers = tuple(METHODS)
+    default_teacher_solver = "euler"
+    latent_channels = 16
+
+    def owns_network(self, network: nn.Module) -> bool:
+        """An ``SD3Transformer2DModel``."""
+        return type(network).__name__ == "SD3Transformer2DModel"
+
+    def network_inputs(
+        self, network: nn.Module, x: torch.Tensor, cond: TextCondition, pixels_per_latent: int
+    ) -> dict[str, Any]:
+        """The joint token states and the pooled projections."""
+        if cond.pooled is None:
+            raise ValueError("an SD3 transformer needs pooled projections; encode prompts with the SD3 encoder")
+        return {"encoder_hidden_states": cond.embeds, "pooled_projections": cond.pooled}
+
+    def call(
+        self, network: nn.Module, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition, pixels_per_latent: int
+    ) -> torch.Tensor:
+        """The transformer's output (it points from data to noise) at timestep sigma * 1000, one per sample."""
+        timestep = torch.as_tensor(timestep, device=x.device)
+        timestep = timestep.expand(x.shape[0]) if timestep.ndim == 0 else timestep
+        inputs = self.network_inputs(network, x, cond, pixels_per_latent)
+        return network(hidden_states=x, timestep=timestep, **inputs, return_dict=False)[0]
+
+    def encoder_from_parts(
+        self, parts: dict[str, Any], index: dict[str, Any], network_config: dict[str, Any], cache_mb: float = 0.0
+    ):
+        """An :class:`SD3PromptEncoder` (zero T5 tokens when the folder has no ``text_encoder_3``)."""
+        tokenizers = (parts["tokenizer"], parts["tokenizer_2"], parts.get("tokenizer_3"))
+        encoders = (parts["text_encoder"], parts["text_encoder_2"], parts.get("text_encoder_3"))
+        if (tokenizers[2] is None) != (encoders[2] is None):
+            have, lack = (
+                ("text_encoder_3", "tokenizer_3") if tokenizers[2] is None else ("tokenizer_3", "text_encoder_3")
+            )
+            raise UserError(f"the SD3 folder has {have}/ but no {lack}/: T5 needs both (or neither, for zeros)")
+        return SD3PromptEncoder(
+            tokenizers, encoders, joint_dim=network_config["joint_attention_dim"], cache_mb=cache_mb
+        )
+
+    def flow_solver(self, name: str, steps: int, scheduler_config: dict[str, Any]):
+        """The LatentODE on the scheduler's shifted sigmas: ``time_grid = 1 - sigmas`` (ending at t = 1)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from instaflow_pl.solver import LatentODE
+
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        if scheduler.config.use_dynamic_shifting:
+            raise UserError(
+                "the SD3 folder's scheduler uses dynamic (resolution-dependent) shifting, which needs an image size; "
+                "set use_dynamic_shifting: false and a fixed shift in scheduler/scheduler_config.json"
+            )
+        scheduler.set_timesteps(steps)
+        return LatentODE(name, time_grid=[1.0 - float(s) for s in scheduler.sigmas])
+
+    def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
+        """The tiny SD3 folder of :func:`instaflow_pl.tiny.build_tiny_sd3`."""
+        from instaflow_pl.tiny import build_tiny_sd3
+
+        return build_tiny_sd3(out, seed=seed, sample_size=sample_size)
