@@ -46,8 +46,19 @@ from instaflow_pl.errors import UserError
 EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
 """Module kinds whose checkpoints export, and the stage each one is."""
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-"""The subfolders of an exported model."""
+COMPONENTS = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "scheduler",
+)
+"""The subfolders an exported model may have (which ones: its family's, see :mod:`instaflow_pl.families`)."""
 
 EXPORT_FILES = (
     "model_index.json",
@@ -62,12 +73,7 @@ PIPELINE_CLASS = "InstaFlowPipeline"
 LORA_KIND = "lora"
 """``instaflow.json``'s kind for a LoRA export (adapters for the base model, not a whole model folder)."""
 LORA_FORMATS = ("merged", "file")
-_COPIED = ("vae", "text_encoder", "tokenizer")
-_DEFAULT_CLASSES = {
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-}
+_VAE_CLASS = ["diffusers", "AutoencoderKL"]
 _SCHEDULER_CLASS = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
@@ -183,10 +189,11 @@ def unet_state(checkpoint: dict[str, Any], source: str) -> tuple[dict[str, torch
 
 
 def _base_weights(base: Path, keys: set[str], source: str) -> dict[str, torch.Tensor]:
-    """The base model's UNet weights for ``keys`` (LoRA's ``.base_layer`` names map to the plain layer names)."""
+    """The base model's network weights for ``keys`` (LoRA's ``.base_layer`` names map to the plain layer names)."""
+    from instaflow_pl.families import family_of_folder
     from instaflow_pl.velocity.networks import load_network
 
-    network = load_network(base, "unet")
+    network = load_network(base, family_of_folder(base).network_folder)
     plain = network.state_dict()
     out = {}
     for key in keys:
@@ -311,8 +318,8 @@ def check_target(out: Path, force: bool) -> None:
 def _copy_component(base: Path, name: str, dest: Path) -> None:
     source = base / name
     if not source.is_dir():
-        raise UserError(f"base model {base} has no {name}/ subfolder; export needs its vae, text_encoder, tokenizer")
-    if name != "tokenizer" and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in source.iterdir()):
+        raise UserError(f"base model {base} has no {name}/ subfolder; export needs its vae, text encoders, tokenizers")
+    if not name.startswith("tokenizer") and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in source.iterdir()):
         raise UserError(f"base model {base} has no weights in {name}/; download the full model folder first")
     shutil.copytree(source, dest / name)  # follows symlinks (hub caches): the export stands alone
 
@@ -323,26 +330,32 @@ def is_pixel_space(root: Path) -> bool:
     return "unet" in index and "vae" not in index
 
 
-def _components(base: Path) -> tuple[str, ...]:
-    """The parts copied from the base model: all of them, less the VAE of a pixel-space model (the digits demo).
+def _components(base: Path, family) -> tuple[str, ...]:
+    """The parts copied from the base model: its VAE (not for a pixel-space model, the digits demo) and the text
+    parts its family needs (and the optional ones it has, e.g. SD3's T5).
 
     A folder whose model index lists a VAE must have it: a missing ``vae/`` is an error, not pixel space.
     """
-    return tuple(name for name in _COPIED if name != "vae" or not is_pixel_space(base))
+    vae = () if is_pixel_space(base) else ("vae",)
+    optional = tuple(name for name in family.optional_text_parts if (base / name).is_dir())
+    return (*vae, *family.text_parts, *optional)
 
 
-def _model_index(base: Path, unet_class: type) -> dict[str, Any]:
+def _model_index(base: Path, network_class: type, family) -> dict[str, Any]:
     import diffusers
 
     base_index = _read_json(base / "model_index.json")
     index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
-    for name in _components(base):
+    for name in _components(base, family):
         entry = base_index.get(name)
         valid = isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
-        index[name] = entry if valid else _DEFAULT_CLASSES[name]
-    library = "diffusers" if unet_class.__module__.startswith("diffusers") else unet_class.__module__
-    index["unet"] = [library, unet_class.__name__]
+        index[name] = entry if valid else (_VAE_CLASS if name == "vae" else list(family.default_classes[name]))
+    library = "diffusers" if network_class.__module__.startswith("diffusers") else network_class.__module__
+    index[family.network_folder] = [library, network_class.__name__]
     index["scheduler"] = _SCHEDULER_CLASS
+    for key in family.pipeline_config:  # e.g. SDXL's force_zeros_for_empty_prompt: the null prompt stays the same
+        if key in base_index:
+            index[key] = base_index[key]
     return dict(sorted(index.items()))
 
 
@@ -373,11 +386,18 @@ def export_info(checkpoint: dict[str, Any], ckpt_path: Path, base: Path, is_ema:
         "data": data_path(checkpoint),
         "metrics": recorded_metrics(checkpoint),
         "exported_from": str(ckpt_path.resolve()),
-        "sampler": "LatentODE euler; t=0 noise, t=1 data; UNet timestep (1 - t) * 1000; output = velocity",
+        "family": checkpoint_family(checkpoint, str(ckpt_path)).name,
+        "sampler": sampler_note(checkpoint_family(checkpoint, str(ckpt_path))),
     }
     if module == "DistillModule":
         info["student_steps"] = int(hparams.get("student_steps", 1))
     return info
+
+
+def sampler_note(family) -> str:
+    """How an export of ``family`` is sampled, in one line (recorded in ``instaflow.json``)."""
+    sign = "output = velocity" if family.velocity_sign == 1.0 else "velocity = -output (SD3's flow-matching sign)"
+    return f"LatentODE euler; t=0 noise, t=1 data; network timestep (1 - t) * 1000; {sign}"
 
 
 def _pairs_summary(data: str | None) -> str | None:
@@ -456,26 +476,36 @@ def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: 
 
     from instaflow_pl.teachers import mark_velocity_folder
 
+    family = checkpoint_family(checkpoint, source)
     unet, is_ema = build_unet(checkpoint, source, base)
     # Shards of at most 1 GB: safetensors serialises a whole file in memory before writing it.
-    unet.save_pretrained(tmp / "unet", safe_serialization=True, max_shard_size="1GB")
-    unet_class = type(unet)
+    unet.save_pretrained(tmp / family.network_folder, safe_serialization=True, max_shard_size="1GB")
+    network_class = type(unet)
     del unet
-    for name in _components(base):
+    for name in _components(base, family):
         _copy_component(base, name, tmp)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(_model_index(base, unet_class), indent=2) + "\n")
+    (tmp / "model_index.json").write_text(json.dumps(_model_index(base, network_class, family), indent=2) + "\n")
     info = export_info(checkpoint, ckpt_path, base, is_ema)
     mark_velocity_folder(tmp, **info)
     (tmp / "README.md").write_text(model_card(info))
-    write_pipeline_file(tmp)
+    if family.standalone_pipeline:
+        write_pipeline_file(tmp)
     return info
+
+
+def checkpoint_family(checkpoint: dict[str, Any], source: str):
+    """The model family of a checkpoint's velocity (``sd`` for checkpoints from before families were recorded)."""
+    from instaflow_pl.families import family_named
+    from instaflow_pl.modules.base import CHECKPOINT_KEY
+
+    return family_named(checkpoint[CHECKPOINT_KEY].get("family", "sd"), source)
 
 
 def _write_lora_file(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: Path, source: str) -> dict:
     """Write the adapters (EMA weights when kept) as diffusers' ``pytorch_lora_weights.safetensors``, which
     ``pipe.load_lora_weights(DIR)`` loads onto a pipeline of the base model."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     from instaflow_pl.modules.base import CHECKPOINT_KEY
     from instaflow_pl.modules.lora import LoraOptions, diffusers_lora_layers
@@ -483,10 +513,12 @@ def _write_lora_file(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, bas
     lora = LoraOptions.parse(checkpoint[CHECKPOINT_KEY].get("lora"))
     if lora is None:
         raise UserError(f"{source} did not train LoRA adapters; export it without --lora-format file")
+    family = checkpoint_family(checkpoint, source)
     weights, is_ema = unet_state(checkpoint, source)
     metadata = {"r": lora.rank, "lora_alpha": lora.alpha or lora.rank, "target_modules": lora.target_modules}
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=diffusers_lora_layers(weights), unet_lora_adapter_metadata=metadata
+    pipeline, prefix = family.lora_pipeline, family.network_folder  # e.g. StableDiffusion3Pipeline, transformer
+    getattr(diffusers, pipeline).save_lora_weights(
+        tmp, **{f"{prefix}_lora_layers": diffusers_lora_layers(weights), f"{prefix}_lora_adapter_metadata": metadata}
     )
     info = export_info(checkpoint, ckpt_path, base, is_ema) | {"lora": lora.to_dict()}
     (tmp / "instaflow.json").write_text(json.dumps({"kind": LORA_KIND, **info}, indent=2, sort_keys=True) + "\n")

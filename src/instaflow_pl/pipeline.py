@@ -34,21 +34,66 @@ class InstaFlowPipeline(DiffusionPipeline):
     UNet is called at timestep ``(1 - t) * 1000`` and returns the velocity. The scheduler is kept only as a record
     of the timestep range: stepping is the LatentODE's.
 
+    The same class samples every family's exports (SD 1.x/2.x, SDXL, SD3): the network's family
+    (:mod:`instaflow_pl.families`) says how prompts are encoded and the network is called.
+
     Args:
         vae: Decodes the scaled latents to images; None for a pixel-space model (the digits demo: latent = image).
         text_encoder: CLIP text model (frozen).
         tokenizer: CLIP tokenizer.
-        unet: The velocity UNet (or another network with its calling convention, e.g. the demo's MLP).
+        unet: The velocity UNet (or another network with its calling convention, e.g. the demo's MLP); None for
+            a transformer family (SD3).
         scheduler: Any diffusers scheduler (not used for stepping).
+        text_encoder_2: The second text encoder (SDXL, SD3: CLIP-G).
+        tokenizer_2: Its tokenizer.
+        text_encoder_3: The third text encoder (SD3: T5; None means zeros, as in diffusers).
+        tokenizer_3: Its tokenizer.
+        transformer: The velocity transformer of SD3 exports (instead of ``unet``).
+        force_zeros_for_empty_prompt: SDXL: the null prompt's condition is zeros (copied from the base folder).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
 
-    _optional_components = ["vae"]
+    _optional_components = [
+        "vae",
+        "unet",
+        "transformer",
+        "text_encoder_2",
+        "tokenizer_2",
+        "text_encoder_3",
+        "tokenizer_3",
+    ]
 
-    def __init__(self, vae: AutoencoderKL | None, text_encoder, tokenizer, unet: ModelMixin, scheduler):
+    def __init__(
+        self,
+        vae: AutoencoderKL | None,
+        text_encoder,
+        tokenizer,
+        unet: ModelMixin | None,
+        scheduler,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        transformer: ModelMixin | None = None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        if (unet is None) == (transformer is None):
+            raise UserError("an InstaFlowPipeline needs exactly one velocity network: a unet or a transformer")
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+            transformer=transformer,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -63,21 +108,26 @@ class InstaFlowPipeline(DiffusionPipeline):
         return loaded
 
     @property
+    def network(self) -> ModelMixin:
+        """The velocity network: the UNet, or SD3's transformer."""
+        return self.unet if self.unet is not None else self.transformer
+
+    @property
     def latent_channels(self) -> int:
-        """Channels of the latents the UNet takes."""
-        return int(self.unet.config.in_channels)
+        """Channels of the latents the network takes."""
+        return int(self.network.config.in_channels)
 
     @property
     def default_size(self) -> int:
         """Image height and width by default: the UNet's sample size times the VAE's scale factor."""
-        size = self.unet.config.sample_size
+        size = self.network.config.sample_size
         return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
 
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
         """The (C, H, W) latent shape of images of ``height`` x ``width`` (defaults: :attr:`default_size`)."""
         height = self.default_size if height is None else int(height)
         width = self.default_size if width is None else int(width)
-        geometry = latent_geometry(self.unet)
+        geometry = latent_geometry(self.network)
         scale = self.vae_scale_factor
         shape = (self.latent_channels, height // scale, width // scale)
         if height <= 0 or width <= 0 or height % scale or width % scale or not geometry.fits(shape):
@@ -96,16 +146,17 @@ class InstaFlowPipeline(DiffusionPipeline):
 
         ``guidance_scale <= 1`` evaluates the conditional branch only (no guidance), as in diffusers.
         """
-        field = ClassifierFreeGuidance(UNetVelocity(self.unet, pixels_per_latent=self.vae_scale_factor), guidance_scale)
+        velocity = UNetVelocity(self.network, pixels_per_latent=self.vae_scale_factor)
+        field = ClassifierFreeGuidance(velocity, guidance_scale)
         cond = self.prompt_encoder().condition(list(prompts), with_null=field.active)
         return LatentODE("euler", num_inference_steps).solve(field, x0, cond).x
 
     def prompt_encoder(self) -> PromptEncoder:
         """The family's prompt encoder over this pipeline's tokenizers and text encoders."""
-        family = family_of_network(self.unet)
+        family = family_of_network(self.network)
         names = family.text_parts + family.optional_text_parts
         parts = {name: getattr(self, name, None) for name in names}
-        return family.encoder_from_parts(parts, dict(self.config), dict(self.unet.config))
+        return family.encoder_from_parts(parts, dict(self.config), dict(self.network.config))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode scaled latents to images in [-1, 1] with the VAE (the project's latent convention).

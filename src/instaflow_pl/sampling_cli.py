@@ -12,7 +12,6 @@ import torch
 
 from instaflow_pl.errors import UserError
 
-_REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer")
 
 
 @dataclass
@@ -81,8 +80,11 @@ def velocity_folder(model: str) -> Path:
             "flows such as the folders `instaflow-pl export` writes, not from a Stable Diffusion folder"
         )
     from instaflow_pl.export import is_pixel_space
+    from instaflow_pl.families import family_of_folder
 
-    parts = [p for p in _REQUIRED_PARTS if p != "vae" or not is_pixel_space(root)]  # the digits demo has no VAE
+    family = family_of_folder(root)
+    parts = [family.network_folder, *family.text_parts]
+    parts += [] if is_pixel_space(root) else ["vae"]  # the digits demo has no VAE
     for part in parts:
         if not (root / part).is_dir():
             raise UserError(f"{root} has no {part}/ subfolder; a velocity model needs {', '.join(parts)}")

@@ -37,6 +37,7 @@ class Manifest:
         shard_size: Samples per shard (the last may hold fewer).
         prompts_sha256: SHA-256 of the prompt list (after limit and repeats).
         prompts_source: The prompt file (informational).
+        family: The teacher's model family (``sd``, ``sdxl``, ``sd3``): only its models can train on the data.
         format_version: Version of this layout.
     """
 
@@ -55,6 +56,7 @@ class Manifest:
     shard_size: int
     prompts_sha256: str
     prompts_source: str = ""
+    family: str = "sd"
     format_version: int = field(default=FORMAT_VERSION)
 
     @property

@@ -53,6 +53,12 @@ class Family:
     """The solver pair generation uses for a released folder when the config says ``auto``."""
     latent_channels: ClassVar[int]
     """Channels of the family's latents (SD, SDXL: 4; SD3: 16)."""
+    pipeline_config: ClassVar[tuple[str, ...]] = ()
+    """``model_index.json`` settings an export copies from its base folder (SDXL: ``force_zeros_for_empty_prompt``)."""
+    lora_pipeline: ClassVar[str]
+    """The diffusers pipeline class whose ``save_lora_weights``/``load_lora_weights`` handle this family's LoRA."""
+    standalone_pipeline: ClassVar[bool] = False
+    """Exports ship the self-contained ``instaflow_pipeline.py`` (stock diffusers with ``trust_remote_code``)."""
 
     # ---- networks -------------------------------------------------------------------------------------------
 

@@ -52,6 +52,8 @@ class StableDiffusion(Family):
     }
     teacher_solvers = tuple(SCHEDULERS)
     default_teacher_solver = "dpm++"
+    lora_pipeline = "StableDiffusionPipeline"
+    standalone_pipeline = True
     latent_channels = 4
 
     def owns_network(self, network: nn.Module) -> bool:

@@ -80,6 +80,7 @@ class StableDiffusion3(Family):
     teacher_is_flow = True
     teacher_solvers = tuple(METHODS)
     default_teacher_solver = "euler"
+    lora_pipeline = "StableDiffusion3Pipeline"
     latent_channels = 16
 
     def owns_network(self, network: nn.Module) -> bool:

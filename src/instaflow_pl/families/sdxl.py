@@ -62,6 +62,8 @@ class StableDiffusionXL(Family):
     }
     teacher_solvers = tuple(SCHEDULERS)
     default_teacher_solver = "dpm++"
+    lora_pipeline = "StableDiffusionXLPipeline"
+    pipeline_config = ("force_zeros_for_empty_prompt",)
     latent_channels = 4
 
     def owns_network(self, network: nn.Module) -> bool:

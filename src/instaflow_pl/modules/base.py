@@ -64,8 +64,9 @@ class FlowModule(L.LightningModule):
     """Shared machinery of the training modules (not used on its own).
 
     Args:
-        base_model: Diffusers-format folder of the model being trained from (an SD teacher or a k-RF): its
-            tokenizer and text encoder encode the prompts, and its UNet initialises the velocity by default.
+        base_model: Diffusers-format folder of the model being trained from (a released SD, SDXL or SD3 folder, or
+            a k-RF export): its tokenizers and text encoders encode the prompts, and its network (UNet or SD3
+            transformer) initialises the velocity by default. Its family (:mod:`instaflow_pl.families`) says how.
         velocity: The velocity network ``v(x, t, cond)``; null: a UNet velocity initialised from ``base_model``.
             Any ``nn.Module`` honouring the contract works.
         optimizer: Optimizer factory (AdamW, lr 1e-5 by default).
@@ -165,7 +166,14 @@ class FlowModule(L.LightningModule):
         set_tf32(self.hparams.tf32)
         manifest = getattr(self.trainer.datamodule, "manifest", None) if self.trainer else None
         if manifest is not None and isinstance(self.velocity, UNetVelocity):
-            check_latent_shape(self.velocity.unet, manifest.latent_shape, source=str(self.trainer.datamodule.path))
+            source = str(self.trainer.datamodule.path)
+            family = self.velocity.family.name
+            if manifest.family != family:
+                raise UserError(
+                    f"the triples in {source} come from an {manifest.family} teacher, but the model being trained is "
+                    f"an {family} model; generate pairs with a teacher of the model's family"
+                )
+            check_latent_shape(self.velocity.unet, manifest.latent_shape, source=source)
 
     def sampling_weights(self) -> contextlib.AbstractContextManager[nn.Module]:
         """A context in which the velocity holds the weights validation, sampling and export use: the EMA's when
@@ -314,6 +322,7 @@ class FlowModule(L.LightningModule):
         record: dict[str, Any] = {"module": type(self).__name__, "format_version": CHECKPOINT_FORMAT}
         if isinstance(self.velocity, UNetVelocity):
             record["unet_config"] = json.loads(self.velocity.unet.to_json_string())  # plain types: weights_only loads
+            record["family"] = self.velocity.family.name
         record["lora"] = self.hparams.get("lora")
         omitted = self.frozen_base_keys()
         record["base_weights_omitted"] = bool(omitted)
@@ -325,6 +334,12 @@ class FlowModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another module kind's checkpoint; restore the parts left out from this module."""
         check_checkpoint_kind(checkpoint, type(self).__name__)
+        recorded = checkpoint[CHECKPOINT_KEY].get("family", "sd")
+        if isinstance(self.velocity, UNetVelocity) and recorded != self.velocity.family.name:
+            raise UserError(
+                f"the checkpoint holds an {recorded} model, but this run's base_model is an "
+                f"{self.velocity.family.name} model; resume with the base_model the checkpoint was trained from"
+            )
         state = checkpoint["state_dict"]
         omitted = self.frozen_base_keys()
         for key, value in self.state_dict().items():

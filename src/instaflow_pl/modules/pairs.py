@@ -130,6 +130,7 @@ class PairGenerator(L.LightningModule):
             shard_size=self.shard_size,
             prompts_sha256=prompts_digest(prompts),
             prompts_source=str(source),
+            family=self.teacher.family.name,
         )
 
     @setup_on_every_rank
