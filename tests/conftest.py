@@ -79,11 +79,13 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> sub
     return subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=REPO)
 
 
-def write_dataset(root: Path, count: int = 40, shard_size: int = 8, shape=(4, 8, 8), seed: int = 0) -> Path:
+def write_dataset(
+    root: Path, count: int = 40, shard_size: int = 8, shape=(4, 8, 8), seed: int = 0, family: str = "sd"
+) -> Path:
     """A finished triples dataset with random X1 (written through the package's store)."""
     from instaflow_pl.data.synthetic import write_random_triples
 
-    return write_random_triples(root, count, shard_size, shape, seed)
+    return write_random_triples(root, count, shard_size, shape, seed, family)
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,9 @@ def random_prompts(count: int) -> list[str]:
 
 
 def random_triples_manifest(
-    count: int, latent_shape: Sequence[int] = (4, 8, 8), shard_size: int = 256, seed: int = 0
+    count: int, latent_shape: Sequence[int] = (4, 8, 8), shard_size: int = 256, seed: int = 0, family: str = "sd"
 ) -> Manifest:
-    """The manifest of a random-X1 dataset (teacher ``random``, no solver)."""
+    """The manifest of a random-X1 dataset (teacher ``random`` of model family ``family``, no solver)."""
     return Manifest(
         teacher="random",
         teacher_kind="sd",
@@ -41,14 +41,20 @@ def random_triples_manifest(
         shard_size=shard_size,
         prompts_sha256=prompts_digest(random_prompts(count)),
         prompts_source="random",
+        family=family,
     )
 
 
 def write_random_triples(
-    root: str | Path, count: int, shard_size: int = 256, latent_shape: Sequence[int] = (4, 8, 8), seed: int = 0
+    root: str | Path,
+    count: int,
+    shard_size: int = 256,
+    latent_shape: Sequence[int] = (4, 8, 8),
+    seed: int = 0,
+    family: str = "sd",
 ) -> Path:
     """Write a finished dataset of ``count`` triples with standard-normal X1 to ``root``; return ``root``."""
-    manifest = random_triples_manifest(count, latent_shape, shard_size, seed)
+    manifest = random_triples_manifest(count, latent_shape, shard_size, seed, family)
     store = PairStore(root, manifest)
     store.open()
     prompts = random_prompts(count)
