@@ -152,7 +152,74 @@ def _missing_lpips_weights(i: Inputs) -> list:
     return i.fit("--model.init_args.distance={l2: 1.0, lpips: 1.0}", config=DISTILL, base=i.velocity)
 
 
+def _tiny(i: Inputs, family: str, drop: str | None = None) -> Path:
+    from instaflow_pl import tiny
+
+    folder = getattr(tiny, f"build_tiny_{family}")(i.case / family)
+    if drop is not None:
+        shutil.rmtree(folder / drop)
+    return folder
+
+
+def _unknown_family(i: Inputs) -> list:
+    folder = Path(shutil.copytree(i.sd, i.case / "kandinsky"))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "KandinskyPipeline"}))
+    return i.fit(base=folder)
+
+
+def _family_pairs(i: Inputs, teacher: Path, *extra: str) -> list:
+    return pairs_args(teacher, i.prompts, i.case / "out", *extra)
+
+
+def _pairs_of_another_family(i: Inputs) -> list:
+    return i.fit(base=_tiny(i, "sdxl"))  # the shared dataset comes from an SD teacher
+
+
+def _checkpoint_of_another_family(i: Inputs) -> list:
+    data = write_dataset(i.case / "sdxl-pairs", count=16, shard_size=8, family="sdxl")
+    return i.fit(f"--ckpt_path={i.reflow_ckpt}", base=_tiny(i, "sdxl"), data=data)
+
+
 CATALOG = [
+    # model families
+    BadInput(
+        "unknown-family",
+        _unknown_family,
+        ("KandinskyPipeline (model_index.json _class_name)", "not a known family", "StableDiffusion3Pipeline (sd3)"),
+    ),
+    BadInput(
+        "sdxl-folder-without-text-encoder-2",
+        lambda i: _family_pairs(i, _tiny(i, "sdxl", drop="text_encoder_2")),
+        ("has no text_encoder_2/ subfolder", "a Stable Diffusion XL folder needs"),
+    ),
+    BadInput(
+        "sd3-folder-without-tokenizer-2",
+        lambda i: _family_pairs(i, _tiny(i, "sd3", drop="tokenizer_2"), "--model.init_args.solver=auto"),
+        ("has no tokenizer_2/ subfolder", "a Stable Diffusion 3 folder needs"),
+    ),
+    BadInput(
+        "pairs-of-another-family",
+        _pairs_of_another_family,
+        ("come from an sd teacher", "an sdxl model", "generate pairs with a teacher of the model's family"),
+    ),
+    BadInput(
+        "checkpoint-of-another-family",
+        _checkpoint_of_another_family,  # the CLI restores the checkpoint's base_model, so the data no longer fits
+        ("come from an sdxl teacher", "the model being trained is an sd model"),
+    ),
+    BadInput(
+        "latent-channels-of-another-family",
+        lambda i: _family_pairs(
+            i, _tiny(i, "sd3"), "--model.init_args.solver=auto", "--model.init_args.latent_shape=[4,8,8]"
+        ),
+        ("latent shape [4, 8, 8] does not fit", "[16, H, W]"),
+    ),
+    BadInput(
+        "solver-of-another-family",
+        lambda i: _family_pairs(i, _tiny(i, "sd3"), "--model.init_args.solver=ddim"),
+        ("solver 'ddim' does not fit a Stable Diffusion 3 teacher", "euler"),
+    ),
     # configs and the command line
     BadInput("unknown-yaml-key", _unknown_yaml_key, ("model.init_args", "'t_distributon' is not accepted", "spelling")),
     BadInput("unknown-trainer-key", _unknown_trainer_key, ("'trainer.max_stepz'", "check the spelling")),

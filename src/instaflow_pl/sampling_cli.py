@@ -13,7 +13,6 @@ import torch
 from instaflow_pl.errors import UserError
 
 
-
 @dataclass
 class SampleRequest:
     """What ``instaflow-pl sample`` draws.
