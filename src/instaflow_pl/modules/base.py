@@ -85,6 +85,8 @@ class FlowModule(L.LightningModule):
             dropped with a warning and counted in ``train/skipped_batches``).
         prompt_cache_mb: Keep the text embeddings of recent prompts (this many MB): worth it when prompts repeat
             (a small caption set, the digits demo); 0 encodes every batch afresh.
+        text_dtype: Weight dtype of the frozen text encoders: ``fp32``, ``bf16`` or ``fp16`` (SD3's T5-XXL is
+            19 GB in fp32, 9.5 GB in bf16).
         lora: Train LoRA adapters instead of the network's weights, e.g. ``{rank: 16, alpha: 16}`` (see
             LoraOptions); EMA and optimizer state then cover the adapters only. Export merges them by default.
         compile: ``torch.compile`` the velocity network (same loss to float tolerance; the first steps compile).
@@ -108,6 +110,7 @@ class FlowModule(L.LightningModule):
         val_guidance: float = 1.0,
         on_nonfinite: str = "stop",
         prompt_cache_mb: float = 0.0,
+        text_dtype: str = "fp32",
         lora: LoraOptions | None = None,
         compile: bool = False,
         channels_last: bool = False,
@@ -138,7 +141,9 @@ class FlowModule(L.LightningModule):
                 param.requires_grad_(False)
         if lora is not None:
             add_lora(self.velocity, lora)
-        self.encoder = PromptEncoder.from_folder(base_model, cache_mb=prompt_cache_mb)
+        from instaflow_pl.teachers import parse_dtype
+
+        self.encoder = PromptEncoder.from_folder(base_model, parse_dtype(text_dtype), cache_mb=prompt_cache_mb)
         self.ema = EMA(self.velocity, ema_decay) if ema_decay > 0 else None
         if isinstance(self.velocity, UNetVelocity):
             speed_up(self.velocity.unet, compile=compile, channels_last=channels_last)
