@@ -97,3 +97,40 @@ def test_other_family_data_and_checkpoints_are_refused(run, tiny_sd, tmp_path):
     sd_module = ReflowModule(base_model=str(tiny_sd), ema_decay=0.0, val_steps=[1])
     with pytest.raises(UserError, match=f"the checkpoint holds an {family} model, but this run's base_model is an sd"):
         sd_module.on_load_checkpoint(state)
+
+
+def test_lora_file_loads_in_the_family_pipeline_and_equals_the_merged_export(run, tmp_path):
+    """LoRA on SDXL's UNet and SD3's transformer: stock ``load_lora_weights`` (the family's pipeline class) gives the
+    velocity of the merged export and of the module's own EMA model (relative error <= 1e-5, alpha != rank)."""
+    from test_scale import adam
+    from test_scale import fit as fit_lora
+
+    from instaflow_pl.velocity import UNetVelocity
+
+    family, base, *_ = run
+    _, shape, pipeline_class, network_folder, network_class = FAMILIES[family]
+    data = write_dataset(tmp_path / "pairs", count=12, shard_size=4, shape=shape, family=family)
+    module = ReflowModule(str(base), lora={"rank": 2, "alpha": 3.0}, ema_decay=0.5, val_steps=[1], optimizer=adam)
+    trainer = fit_lora(module, data, tmp_path / "fit")
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    export_checkpoint(tmp_path / "lora.ckpt", tmp_path / "merged")
+    export_checkpoint(tmp_path / "lora.ckpt", tmp_path / "lora", lora_format="file")
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.0, 0.7])
+    cond = module.condition(PROMPTS)
+    with torch.no_grad():
+        merged = UNetVelocity(
+            getattr(diffusers, network_class).from_pretrained(tmp_path / "merged", subfolder=network_folder)
+        )
+        pipe = getattr(diffusers, pipeline_class).from_pretrained(base)
+        network = getattr(pipe, network_folder)
+        before = UNetVelocity(network, pixels_per_latent=2)(x, t, cond)
+        pipe.load_lora_weights(tmp_path / "lora")
+        loaded = UNetVelocity(network, pixels_per_latent=2)(x, t, cond)
+        exported = UNetVelocity(merged.unet, pixels_per_latent=2)(x, t, cond)
+        with module.sampling_weights() as velocity:
+            ours = velocity(x, t, cond)
+    scale = ours.abs().max()
+    assert (exported - ours).abs().max() / scale <= 1e-5, "the merged export is the EMA LoRA model"
+    assert (loaded - exported).abs().max() / scale <= 1e-5, "stock load_lora_weights gives the merged velocity"
+    assert (before - loaded).abs().max() / scale > 1e-4, "the adapters changed the velocity"
