@@ -117,17 +117,13 @@ def _training_step_seconds(
 ) -> tuple[float, list[float]]:
     """Median seconds of one reflow training step of the tiny UNet (forward, backward, AdamW) on one batch."""
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     from instaflow_pl.text import PromptEncoder
     from instaflow_pl.velocity import UNetVelocity
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     model = UNetVelocity(unet).train()
-    encoder = PromptEncoder(
-        CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-        CLIPTextModel.from_pretrained(folder, subfolder="text_encoder"),
-    )
+    encoder = PromptEncoder.from_folder(str(folder))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> float:

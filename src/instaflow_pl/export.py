@@ -42,22 +42,12 @@ from typing import Any
 import torch
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.families import PARTS
 
 EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
 """Module kinds whose checkpoints export, and the stage each one is."""
 
-COMPONENTS = (
-    "unet",
-    "transformer",
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "tokenizer",
-    "tokenizer_2",
-    "tokenizer_3",
-    "scheduler",
-)
+COMPONENTS = PARTS
 """The subfolders an exported model may have (which ones: its family's, see :mod:`instaflow_pl.families`)."""
 
 EXPORT_FILES = (

@@ -21,6 +21,14 @@ from instaflow_pl.families.sdxl import StableDiffusionXL
 FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion3(), StableDiffusionXL(), StableDiffusion())}
 """The families by name, most specific first (``sd`` takes any UNet the others do not claim)."""
 KIND_FILE = "instaflow.json"
+PARTS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        part
+        for family in FAMILIES.values()
+        for part in (family.network_folder, "vae", *family.text_parts, *family.optional_text_parts, "scheduler")
+    )
+)
+"""Every subfolder a model folder of some family may hold."""
 
 
 def family_named(name: str, source: str = "the config") -> Family:
@@ -44,6 +52,8 @@ def family_of_folder(root: Path) -> Family:
     name = read_model_index(root).get("_class_name")
     if isinstance(name, list):  # a custom pipeline entry ([file, class]): this project's older exports
         name = name[-1]
+    if name is None:  # hand-written folders without a class name were always read as Stable Diffusion
+        return FAMILIES["sd"]
     for family in FAMILIES.values():
         if name in family.pipeline_classes:
             return family
@@ -60,6 +70,7 @@ def family_of_network(network: nn.Module) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "PARTS",
     "SD_KIND",
     "VELOCITY_KIND",
     "Family",

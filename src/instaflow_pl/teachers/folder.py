@@ -15,6 +15,7 @@ KIND_FILE = "instaflow.json"
 
 FOLDER_FORMAT_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# In this order (a dataset's manifest keeps the digest, so reordering would refuse every resume).
 _FINGERPRINT_PARTS = (
     "unet",
     "transformer",
