@@ -1,15 +1,19 @@
-# instaflow-pl: `make help` lists the targets. Stage targets default to the tiny configs (seconds on a CPU);
-# pass CONFIG=configs/sd15/pairs.yaml (etc.) for the real recipe.
+# instaflow-pl: `make help` lists the targets. Stage targets default to the tiny configs (seconds on a CPU) of
+# FAMILY (sd, sdxl or sd3; default sd): configs/tiny/*.yaml for sd, configs/tiny/$(FAMILY)/*.yaml otherwise.
+# Pass CONFIG=configs/sd15/pairs.yaml (or configs/sdxl/..., configs/sd3/...) for the real recipe.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG :=
+FAMILY := sd
+TINY_CONFIGS := configs/tiny$(if $(filter-out sd,$(FAMILY)),/$(FAMILY))
+TINY_RUNS := outputs/tiny/$(if $(filter-out sd,$(FAMILY)),$(FAMILY)-)
 export WANDB_MODE ?= offline
 
-.PHONY: help install test lint format bench bench-scale bench-gpu demo demo-setup demo-1rf demo-pairs-1rf demo-2rf \
-	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep evaluate clean
+.PHONY: help install test lint format bench bench-scale bench-gpu bench-prompt demo demo-setup demo-1rf demo-pairs-1rf \
+	demo-2rf 	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep evaluate clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -39,6 +43,9 @@ bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process
 bench-scale: $(STAMP) ## Memory and step time of every stage at SD 1.5 shapes (random weights; ~30 min on 2 cores)
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
+bench-prompt: $(STAMP) ## SD3 prompt-encoding cost vs the network step (T5-XXL at real width, few layers)
+	$(BIN)/python -m bench.prompt_cost $(BENCH_ARGS)
+
 bench-gpu: $(STAMP) ## One-GPU benchmark at SD 1.5 shapes (<= 8 min on a GPU): throughput, memory, MFU, latency
 	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
 
@@ -48,27 +55,28 @@ demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outp
 demo-%: $(STAMP) ## One demo stage: demo-setup, demo-1rf, demo-pairs-1rf, demo-2rf, demo-pairs-2rf, demo-distill-2rf, demo-distill-1rf, demo-report
 	$(BIN)/instaflow-pl demo --stage $* $(DEMO_ARGS)
 
-tiny: $(STAMP) ## Write the tiny SD-format folder the tiny configs use (outputs/tiny/sd) and a tiny CLIP (outputs/tiny/clip)
-	$(BIN)/instaflow-pl tiny outputs/tiny/sd --clip outputs/tiny/clip
+tiny: $(STAMP) ## Write the tiny folder of FAMILY=sd|sdxl|sd3 (outputs/tiny/FAMILY) the tiny configs use, and a tiny CLIP
+	$(BIN)/instaflow-pl tiny outputs/tiny/$(FAMILY) --family $(FAMILY) --clip outputs/tiny/clip
 
-pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/pairs.yaml by default
-	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),configs/tiny/pairs.yaml)
+pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/pairs.yaml by default (FAMILY=sdxl: tiny/sdxl/...)
+	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),$(TINY_CONFIGS)/pairs.yaml)
 
 reflow: $(STAMP) ## Reflow (k-RF -> (k+1)-RF): CONFIG=configs/tiny/reflow.yaml by default (needs make pairs)
-	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),configs/tiny/reflow.yaml)
+	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),$(TINY_CONFIGS)/reflow.yaml)
 
 distill: $(STAMP) ## One-step distillation: CONFIG=configs/tiny/distill.yaml by default (needs pairs from the 2-RF)
-	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),configs/tiny/distill.yaml)
+	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),$(TINY_CONFIGS)/distill.yaml)
 
 # export / sample: MODEL is the exported model folder (written by export, read by sample); FORCE=1 replaces outputs.
-CKPT := outputs/tiny/reflow/checkpoints
-MODEL := outputs/tiny/2rf
+# Their defaults follow FAMILY: outputs/tiny/reflow, outputs/tiny/2rf (sd); outputs/tiny/sdxl-reflow, ... (sdxl).
+CKPT := $(TINY_RUNS)reflow/checkpoints
+MODEL := $(TINY_RUNS)2rf
 PROMPT := a photo of a cat
 STEPS := 1
 GUIDANCE := 0
 SEED := 0
 N := 4
-OUT := outputs/tiny/samples.png
+OUT := $(TINY_RUNS)samples.png
 FORCE :=
 
 export: $(STAMP) ## Export a checkpoint (or newest in a folder) to a model folder: CKPT=outputs/tiny/reflow/checkpoints MODEL=outputs/tiny/2rf [FORCE=1]

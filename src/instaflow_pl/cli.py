@@ -1,10 +1,11 @@
 """The ``instaflow-pl`` command: LightningCLI subcommands (fit, validate, test, predict) plus project tools.
 
-``instaflow-pl pairs ...`` is ``instaflow-pl predict ...`` (pair generation); ``instaflow-pl tiny DIR`` writes the
-tiny Stable-Diffusion-format folder the tiny configs use; ``instaflow-pl export --ckpt CKPT --out DIR`` turns a
-training checkpoint into a diffusers-format velocity folder and ``instaflow-pl sample --model DIR ...`` draws an
-image grid from one; ``instaflow-pl sweep --local SWEEP.yaml`` runs a W&B-format sweep offline, trial by trial.
-``instaflow-pl evaluate --config configs/eval/coco5k.yaml`` is ``predict`` with the evaluation module (FID, CLIP).
+``instaflow-pl pairs ...`` is ``instaflow-pl predict ...`` (pair generation); ``instaflow-pl tiny [--family F] DIR``
+writes the tiny folder of a model family (sd, sdxl, sd3) that the tiny configs use; ``instaflow-pl export --ckpt CKPT
+--out DIR`` turns a training checkpoint into a diffusers-format velocity folder and ``instaflow-pl sample --model DIR
+...`` draws an image grid from one; ``instaflow-pl sweep --local SWEEP.yaml`` runs a W&B-format sweep offline, trial
+by trial. ``instaflow-pl evaluate --config configs/eval/coco5k.yaml`` is ``predict`` with the evaluation module (FID,
+CLIP).
 """
 
 from __future__ import annotations
@@ -360,19 +361,42 @@ def _run_cli(args: Sequence[str] | None, run: bool) -> InstaFlowCLI:
 def _tiny_main(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="instaflow-pl tiny",
-        description="Write a tiny Stable-Diffusion-format folder with random weights.",
+        description="Write a tiny diffusers-format folder of a model family with random weights: what the tiny "
+        "configs (configs/tiny/, configs/tiny/sdxl/, configs/tiny/sd3/) train and sample in seconds on a CPU.",
     )
-    parser.add_argument("out", nargs="?", default="outputs/tiny/sd", help="folder to write (default: %(default)s)")
+    parser.add_argument(
+        "out", nargs="?", default=None, help="folder to write (default: outputs/tiny/FAMILY, e.g. outputs/tiny/sd)"
+    )
+    parser.add_argument(
+        "--family",
+        default="sd",
+        metavar="FAMILY",
+        help="model family: sd (Stable Diffusion 1.x/2.x, CLIP + UNet), sdxl (two CLIPs + SDXL UNet) or sd3 "
+        "(CLIP-L, CLIP-G, T5 + MMDiT transformer on 16-channel latents); default: %(default)s",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
     parser.add_argument("--clip", default=None, help="also write a tiny CLIP folder here (for val/clip@n)")
     opts = parser.parse_args(args)
-    from instaflow_pl.tiny import build_tiny_clip, build_tiny_sd
+    from instaflow_pl.families import family_named, family_of_folder
+    from instaflow_pl.tiny import build_tiny_clip
 
-    if (Path(opts.out) / "model_index.json").exists() and not opts.force:
-        print(f"{opts.out} already holds a model (use --force to rebuild)")
+    family = family_named(opts.family, "--family")
+    out = Path(opts.out if opts.out is not None else f"outputs/tiny/{family.name}")
+    if (out / "model_index.json").exists():
+        try:
+            held = family_of_folder(out).name
+        except UserError:  # unreadable: --force rebuilds it
+            held = None
+        if held is not None and held != family.name:
+            raise UserError(
+                f"{out} holds a model of the {held} family, not {family.name}; write the {family.name} one to "
+                f"another folder (default: outputs/tiny/{family.name})"
+            )
+    if (out / "model_index.json").exists() and not opts.force:
+        print(f"{out} already holds a model (use --force to rebuild)")
     else:
-        print(f"wrote {build_tiny_sd(opts.out, seed=opts.seed)}")
+        print(f"wrote {family.build_tiny(out, seed=opts.seed)}")
     if opts.clip is not None:
         if (Path(opts.clip) / "config.json").exists() and not opts.force:
             print(f"{opts.clip} already holds a CLIP model (use --force to rebuild)")
@@ -415,7 +439,7 @@ COMMANDS = {
     "pairs": "generate (X0, X1, prompt) pairs with a teacher over every rank (predict with the pairs config)",
     "export": "turn a training checkpoint into a diffusers-format model folder (loads with stock diffusers)",
     "sample": "draw an image grid from an exported model folder",
-    "tiny": "write the tiny Stable-Diffusion-format folder (and tiny CLIP) the tiny configs use",
+    "tiny": "write a tiny model folder (--family sd, sdxl or sd3) and tiny CLIP for the tiny configs",
     "demo": "InstaFlow on handwritten digits, every stage on a CPU: 1-RF -> 2-RF -> one-step student, report",
     "sweep": "a W&B-format hyperparameter sweep (W&B agent, or local trials with --local)",
     "evaluate": "the paper's evaluation protocol (FID, CLIP score, speed) on exported models",
