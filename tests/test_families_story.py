@@ -42,9 +42,9 @@ def test_story_per_family(family, tmp_path):
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     results: dict[str, float] = {}
 
-    pairs("pairs", folder, tmp_path / "pairs", prompts_file, "--model.init_args.guidance=1.0",
-          "--model.init_args.solver=auto")  # fmt: skip
-    before, after, ckpt = fit("reflow", folder, tmp_path / "pairs", tmp_path / "reflow", steps=200, lr=1e-3)
+    # the family's tiny configs (configs/tiny/<family>/), their folders swapped for this test's
+    pairs(f"{family}/pairs", folder, tmp_path / "pairs", prompts_file, "--model.init_args.guidance=1.0")
+    before, after, ckpt = fit(f"{family}/reflow", folder, tmp_path / "pairs", tmp_path / "reflow", steps=200, lr=1e-3)
     results.update(
         mse1_init=before["val/mse@1"],
         mse1_2rf=after["val/mse@1"],
@@ -60,8 +60,10 @@ def test_story_per_family(family, tmp_path):
     assert type(stock).__name__ == STOCK[family]
     teacher = load_teacher(tmp_path / "2rf")
     assert teacher.kind == "velocity" and teacher.family.name == family
-    pairs("pairs_2rf", tmp_path / "2rf", tmp_path / "pairs-2rf", prompts_file)
-    d_before, d_after, _ = fit("distill", tmp_path / "2rf", tmp_path / "pairs-2rf", tmp_path / "distill", 150, 1e-3)
+    pairs(f"{family}/pairs_2rf", tmp_path / "2rf", tmp_path / "pairs-2rf", prompts_file)
+    d_before, d_after, _ = fit(
+        f"{family}/distill", tmp_path / "2rf", tmp_path / "pairs-2rf", tmp_path / "distill", 150, 1e-3
+    )
     results.update(mse1_2rf_own=d_before["val/mse@1"], mse1_student=d_after["val/mse@1"])
     print(f"{family} story:", {k: round(v, 4) for k, v in results.items()})
     assert d_after["val/mse@1"] < 0.75 * d_before["val/mse@1"], results
