@@ -55,10 +55,11 @@ def resolve_model_folder(source: str | Path) -> Path:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    from instaflow_pl.families import PARTS
     from instaflow_pl.hub import require_hub
 
-    patterns = ["*.json", "*.txt", "*/*.json", "*/*.txt", "unet/*.safetensors", "text_encoder/*.safetensors"]
-    patterns += ["vae/*.safetensors"]
+    patterns = ["*.json", "*.txt", "*/*.json", "*/*.txt", "*/*.model"]  # configs, vocabularies, T5's spiece.model
+    patterns += [f"{part}/*.safetensors" for part in PARTS]  # every family's weights (unet or transformer, encoders)
     cached = require_hub(repo_id, "model", patterns)  # fails in seconds without a network, not after the retries
     if cached is not None:
         return cached
