@@ -297,6 +297,8 @@ def test_family_configs_instantiate_on_the_tiny_folders(family_folder, tmp_path,
     assert cli.model.velocity.family.name == family
     assert cli.datamodule.expected_latent_shape == native
     assert cli.model.hparams.gradient_checkpointing and cli.model.velocity.unet.is_gradient_checkpointing
+    text_dtype = torch.bfloat16 if family == "sd3" else torch.float32  # T5-XXL: 9.5 GB in bf16
+    assert next(cli.model.encoder.parameters()).dtype == text_dtype
     root = config["trainer"]["default_root_dir"]
     assert root == f"outputs/{family}/{stage}"
     assert cli.trainer.checkpoint_callback.dirpath.endswith(f"{root}/checkpoints"), "interpolation resolved"
