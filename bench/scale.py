@@ -14,7 +14,8 @@ Cases (``--only`` picks some):
   LoRA (rank 4 on the attention projections).
 * ``export``: the reflow checkpoint to a diffusers folder.
 * ``distill-l2`` / ``distill-lpips``: the one-step student with ``{l2: 1}`` or ``{lpips: 1, l2: 1}``, naive or lean
-  LPIPS (VAE decoder gradient checkpointing, bf16 decode, ``lpips_resize`` 224), batch 1 and 2.
+  LPIPS (VAE decoder gradient checkpointing, bf16 decode, ``lpips_resize`` 224), batch 1 and 2;
+  ``distill-lpips-lean-fp32`` the lean options without bf16.
 
 Activations per sample are the difference between batch 2 and batch 1. Results go to ``--out`` (JSON) and a
 markdown table on stdout. At SD size each fit step takes tens of seconds on a CPU: the whole run is about half an
@@ -57,6 +58,7 @@ CASES = (
     "distill-l2",
     "distill-lpips",
     "distill-lpips-lean",
+    "distill-lpips-lean-fp32",
     "unet-step",
     "lpips-naive",
     "lpips-lean",
@@ -302,6 +304,17 @@ def plan(
             "distill.yaml",
             {"freeze": FROZEN_MOST, "distance": {"lpips": 1.0, "l2": 1.0}, "lpips_pretrained": False, **LEAN_LPIPS},
             "distill lpips lean, 92M",
+        ),
+        "distill-lpips-lean-fp32": (  # checkpointing and resize without bf16 (emulated, slowly, on CPUs without bf16)
+            "distill.yaml",
+            {
+                "freeze": FROZEN_MOST,
+                "distance": {"lpips": 1.0, "l2": 1.0},
+                "lpips_pretrained": False,
+                **LEAN_LPIPS,
+                "lpips_dtype": "fp32",
+            },
+            "distill lpips lean fp32 (checkpointing + resize 224), 92M",
         ),
     }
     for key in MICRO:
