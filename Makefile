@@ -12,7 +12,7 @@ TINY_CONFIGS := configs/tiny$(if $(filter-out sd,$(FAMILY)),/$(FAMILY))
 TINY_RUNS := outputs/tiny/$(if $(filter-out sd,$(FAMILY)),$(FAMILY)-)
 export WANDB_MODE ?= offline
 
-.PHONY: help install test lint format bench bench-scale bench-gpu bench-prompt demo demo-setup demo-1rf demo-pairs-1rf \
+.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt demo demo-setup demo-1rf demo-pairs-1rf \
 	demo-2rf 	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep evaluate clean
 
 help: ## List the targets
@@ -26,7 +26,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the package with dev tools (once; redone when pyproject.toml changes)
 
-test: $(STAMP) ## Run the test suite (CPU, no network)
+test: $(STAMP) ## Run the test suite CI runs (CPU, no network; ~10 min on 2 cores): fast tests and those marked ci
+	$(BIN)/pytest -q -m "not slow or ci"
+
+test-all: $(STAMP) ## Run every test, the slow ones too (~35 min on 2 cores: resume, DDP, notebook, family stories)
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff check and format check

@@ -17,7 +17,7 @@ from instaflow_pl.export import export_checkpoint
 from instaflow_pl.metrics import straightness
 from instaflow_pl.teachers import load_teacher
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ci]  # the method end to end: worth its ~2 minutes in CI
 
 PROMPTS = ["a photo of a cat", "a red car in the city", "a small bird sitting on a tree", "a blue flower"]
 RESULTS: dict[str, float] = {}
