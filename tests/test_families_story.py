@@ -51,7 +51,7 @@ def test_story_per_family(family, tmp_path):
         s_teacher=teacher_straightness(folder, tmp_path / "pairs"),
         s_2rf=after["val/straightness"],
     )
-    print(f"{family} story:", {k: round(v, 4) for k, v in results.items()})
+    print(f"{family} story:", {k: float(f"{v:.4g}") for k, v in results.items()})
     assert after["val/mse@1"] < 0.25 * before["val/mse@1"], results
     assert after["val/straightness"] < 0.25 * results["s_teacher"], results
 
@@ -65,6 +65,6 @@ def test_story_per_family(family, tmp_path):
         f"{family}/distill", tmp_path / "2rf", tmp_path / "pairs-2rf", tmp_path / "distill", 150, 1e-3
     )
     results.update(mse1_2rf_own=d_before["val/mse@1"], mse1_student=d_after["val/mse@1"])
-    print(f"{family} story:", {k: round(v, 4) for k, v in results.items()})
+    print(f"{family} story:", {k: float(f"{v:.4g}") for k, v in results.items()})
     assert d_after["val/mse@1"] < 0.75 * d_before["val/mse@1"], results
     assert torch.isfinite(torch.tensor(list(results.values()))).all()
