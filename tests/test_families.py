@@ -24,8 +24,22 @@ LATENT_HW = (4, 12)  # unlike the tiny folders' native 8 x 8, and not square
 PIXELS = 2  # the tiny VAEs' pixels per latent pixel
 
 
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).norm() / reference.norm()).item()
+def check_parity(label: str, ours: torch.Tensor, pipe, x0: torch.Tensor, steps: int, guidance: float) -> None:
+    """``ours`` equals the stock pipeline's latents from ``x0`` to a relative error <= 1e-5 (printed: pytest -s)."""
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(
+        PROMPTS,
+        latents=x0.clone(),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="latent",
+        height=LATENT_HW[0] * PIXELS,
+        width=LATENT_HW[1] * PIXELS,
+    ).images
+    error = ((ours - reference).norm() / reference.norm()).item()
+    print(f"{label} guidance {guidance}: relative error {error:.2e}")
+    assert error <= 1e-5
+    assert not torch.allclose(ours[0], ours[1]), "the two prompts must give different latents"
 
 
 @pytest.fixture(scope="module")
@@ -53,21 +67,8 @@ def test_sdxl_teacher_matches_stable_diffusion_xl_pipeline(tiny_sdxl, solver, sc
     x0 = noise_for_indices(0, [0, 1], (4, *LATENT_HW))
     ours = teacher.sample(x0.clone(), PROMPTS, guidance=guidance).x
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    pipe.set_progress_bar_config(disable=True)
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    reference = pipe(
-        PROMPTS,
-        latents=x0.clone(),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        output_type="latent",
-        height=LATENT_HW[0] * PIXELS,
-        width=LATENT_HW[1] * PIXELS,
-    ).images
-    error = relative_error(ours, reference)
-    print(f"sdxl {solver} guidance {guidance}: relative error {error:.2e}")  # pytest -s shows the figures
-    assert error <= 1e-5
-    assert not torch.allclose(ours[0], ours[1]), "the two prompts must give different latents"
+    check_parity(f"sdxl {solver}", ours, pipe, x0, steps, guidance)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
@@ -80,21 +81,8 @@ def test_sd3_teacher_matches_stable_diffusion_3_pipeline(tiny_sd3, guidance):
     ours = teacher.sample(x0.clone(), PROMPTS, guidance=guidance).x
     without_t5 = {} if (tiny_sd3 / "text_encoder_3").is_dir() else {"text_encoder_3": None, "tokenizer_3": None}
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, **without_t5)  # how users drop T5
-    pipe.set_progress_bar_config(disable=True)
     assert pipe.scheduler.config.shift == 3.0
-    reference = pipe(
-        PROMPTS,
-        latents=x0.clone(),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        output_type="latent",
-        height=LATENT_HW[0] * PIXELS,
-        width=LATENT_HW[1] * PIXELS,
-    ).images
-    error = relative_error(ours, reference)
-    print(f"sd3 {'with' if not without_t5 else 'without'} T5 guidance {guidance}: relative error {error:.2e}")
-    assert error <= 1e-5
-    assert not torch.allclose(ours[0], ours[1]), "the two prompts must give different latents"
+    check_parity(f"sd3 {'without' if without_t5 else 'with'} T5", ours, pipe, x0, steps, guidance)
 
 
 def test_sd3_time_grid_is_the_shifted_schedule(tiny_sd3):
