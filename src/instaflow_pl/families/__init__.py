@@ -13,14 +13,20 @@ from pathlib import Path
 from torch import nn
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.families.base import SD_KIND, VELOCITY_KIND, Family, pixels_per_latent, read_model_index
+from instaflow_pl.families.base import (
+    KIND_FILE,
+    SD_KIND,
+    VELOCITY_KIND,
+    Family,
+    pixels_per_latent,
+    read_model_index,
+)
 from instaflow_pl.families.sd import StableDiffusion
 from instaflow_pl.families.sd3 import StableDiffusion3
 from instaflow_pl.families.sdxl import StableDiffusionXL
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (StableDiffusion3(), StableDiffusionXL(), StableDiffusion())}
 """The families by name, most specific first (``sd`` takes any UNet the others do not claim)."""
-KIND_FILE = "instaflow.json"
 PARTS: tuple[str, ...] = tuple(
     dict.fromkeys(
         part

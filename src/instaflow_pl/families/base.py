@@ -22,6 +22,8 @@ SD_KIND = "sd"
 """A folder as its authors released it: a diffusion (or, for SD3, flow-matching) model with its own scheduler."""
 VELOCITY_KIND = "velocity"
 """A folder this project wrote (``instaflow.json``): a rectified flow sampled with the Euler LatentODE."""
+KIND_FILE = "instaflow.json"
+"""Marker file of folders written by this project; holds ``{"kind": "velocity", "family": ..., ...}``."""
 
 
 class Family:
@@ -51,8 +53,6 @@ class Family:
     """Solvers that fit a released (``sd`` kind) folder of this family."""
     default_teacher_solver: ClassVar[str]
     """The solver pair generation uses for a released folder when the config says ``auto``."""
-    latent_channels: ClassVar[int]
-    """Channels of the family's latents (SD, SDXL: 4; SD3: 16)."""
     pipeline_config: ClassVar[tuple[str, ...]] = ()
     """``model_index.json`` settings an export copies from its base folder (SDXL: ``force_zeros_for_empty_prompt``)."""
     lora_pipeline: ClassVar[str]

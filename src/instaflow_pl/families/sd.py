@@ -54,7 +54,6 @@ class StableDiffusion(Family):
     default_teacher_solver = "dpm++"
     lora_pipeline = "StableDiffusionPipeline"
     standalone_pipeline = True
-    latent_channels = 4
 
     def owns_network(self, network: nn.Module) -> bool:
         """Any UNet-like network the other families do not claim (SD's UNet, the demo's MLP)."""

@@ -81,7 +81,6 @@ class StableDiffusion3(Family):
     teacher_solvers = tuple(METHODS)
     default_teacher_solver = "euler"
     lora_pipeline = "StableDiffusion3Pipeline"
-    latent_channels = 16
 
     def owns_network(self, network: nn.Module) -> bool:
         """An ``SD3Transformer2DModel``."""

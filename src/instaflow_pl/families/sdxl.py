@@ -64,7 +64,6 @@ class StableDiffusionXL(Family):
     default_teacher_solver = "dpm++"
     lora_pipeline = "StableDiffusionXLPipeline"
     pipeline_config = ("force_zeros_for_empty_prompt",)
-    latent_channels = 4
 
     def owns_network(self, network: nn.Module) -> bool:
         """A UNet with SDXL's added text-and-time embedding."""

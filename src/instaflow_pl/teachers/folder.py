@@ -8,10 +8,7 @@ import re
 from pathlib import Path
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.families.base import SD_KIND, VELOCITY_KIND
-
-KIND_FILE = "instaflow.json"
-"""Marker file of folders written by this project; holds ``{"kind": "velocity", ...}``."""
+from instaflow_pl.families.base import KIND_FILE, SD_KIND, VELOCITY_KIND
 
 FOLDER_FORMAT_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

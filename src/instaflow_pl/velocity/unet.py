@@ -36,7 +36,8 @@ class UNetPredictor(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """Evaluate the network at diffusers ``timestep`` (scalar or per sample)."""
         dtype = next(self.unet.parameters()).dtype  # (ModelMixin.dtype walks every module)
-        cond = cond.map(lambda v: v.to(dtype))
+        if cond.embeds.dtype != dtype:
+            cond = cond.map(lambda v: v.to(dtype))
         return self.family.call(self.unet, x.to(dtype), timestep, cond, self.pixels_per_latent).float()
 
 
