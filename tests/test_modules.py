@@ -324,3 +324,55 @@ def test_nonfinite_loss_can_skip_the_batch(tiny_sd, tmp_path):
         fit.fit(module, datamodule=TriplesDataModule(str(root), batch_size=4))
     assert module.skipped_batches == 1
     assert torch.isfinite(module.velocity.c).all() and torch.isfinite(module.ema.state_dict()["module.c"]).all()
+
+
+class HugeLossReflow(ReflowModule):
+    """Reflow whose loss is scaled by 1e6, so every gradient is far above any clipping threshold."""
+
+    def compute_loss(self, batch, cond):
+        out = super().compute_loss(batch, cond)
+        out.loss = out.loss * 1e6
+        return out
+
+
+def _fused_adamw(params):
+    return torch.optim.AdamW(params, lr=1e-3, fused=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gradient_clipping_clips_with_a_fused_optimizer(tiny_sd, tmp_path, precision):
+    """The recipes' combination (fused AdamW, clipping at 1.0, bf16-mixed) steps, and the step uses the clipped
+    gradient: after one AdamW step, exp_avg = (1 - beta1) * gradient, whose global norm is then 0.1 * 1.0."""
+    data = TriplesDataModule(write_dataset(tmp_path / "pairs", count=8), batch_size=4)
+    module = HugeLossReflow(tiny_sd, velocity=ConstantVelocity(), optimizer=_fused_adamw, ema_decay=0.0)
+    trainer(tmp_path, 1, precision=precision, gradient_clip_val=1.0, limit_val_batches=0).fit(module, data)
+    state = module.trainer.optimizers[0].state[module.velocity.c]
+    assert module.trainer.optimizers[0].defaults["fused"]
+    assert torch.linalg.vector_norm(state["exp_avg"]).item() == pytest.approx(0.1, rel=1e-4)
+
+
+def test_gradient_clipping_by_value_clips_each_entry(tiny_sd, tmp_path):
+    data = TriplesDataModule(write_dataset(tmp_path / "pairs", count=8), batch_size=4)
+    module = HugeLossReflow(tiny_sd, velocity=ConstantVelocity(), optimizer=_fused_adamw, ema_decay=0.0)
+    trainer(tmp_path, 1, gradient_clip_val=0.5, gradient_clip_algorithm="value", limit_val_batches=0).fit(module, data)
+    exp_avg = module.trainer.optimizers[0].state[module.velocity.c]["exp_avg"]
+    assert exp_avg.abs().max().item() == pytest.approx(0.05, rel=1e-5)
+
+
+def test_a_gradient_scaler_with_a_fused_optimizer_and_clipping_is_one_line():
+    """16-mixed on a GPU has a gradient scaler, and a fused AdamW unscales only inside its step: refused in one line
+    (Lightning turns 16-mixed into bf16-mixed on CPUs, so the trainer is a stand-in here)."""
+    from types import SimpleNamespace
+
+    from instaflow_pl.modules.base import check_clipping
+
+    fused = _fused_adamw([nn.Parameter(torch.zeros(2))])
+    scaled = SimpleNamespace(scaler=torch.amp.GradScaler("cpu"))
+    stand_in = SimpleNamespace(gradient_clip_val=1.0, precision="16-mixed", precision_plugin=scaled, optimizers=[fused])
+    with pytest.raises(UserError, match="fused=true unscales them only inside its step") as info:
+        check_clipping(stand_in)
+    assert "\n" not in str(info.value)
+    check_clipping(SimpleNamespace(**{**vars(stand_in), "gradient_clip_val": None}))  # no clipping: fine
+    check_clipping(SimpleNamespace(**{**vars(stand_in), "precision_plugin": SimpleNamespace(scaler=None)}))  # bf16
+    foreach = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], foreach=True)
+    check_clipping(SimpleNamespace(**{**vars(stand_in), "optimizers": [foreach]}))  # unscaled by Lightning first

@@ -87,3 +87,18 @@ def test_openmp_wait_policy_is_passive_unless_the_user_chose(monkeypatch, policy
         monkeypatch.setenv("OMP_WAIT_POLICY", policy)
     runtime.configure_openmp()
     assert os.environ["OMP_WAIT_POLICY"] == (policy or "PASSIVE")
+
+
+def test_a_fit_prints_parameters_per_part_and_no_flops(tiny_sd, tmp_path, caplog):
+    from conftest import REPO, write_dataset
+
+    data = write_dataset(tmp_path / "pairs", count=16)
+    with caplog.at_level(logging.INFO):
+        main(["fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+              f"--data.init_args.path={data}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+              "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              "--model.init_args.tf32=true"])  # fmt: skip
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "velocity" in text and "trainable 792 K, frozen 41.9 K, total 834 K" in text, text
+    assert "FLOPs" not in text and "Flops" not in text and "Skipping setting a default" not in text
+    assert text.count("tf32: true has no effect on cpu") == 1

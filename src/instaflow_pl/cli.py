@@ -149,15 +149,20 @@ class InstaFlowCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # One progress bar per long step, steps out of max_steps for step-bounded fits (unless the config chose one).
-        from lightning.pytorch.callbacks import ProgressBar
+        from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
         from instaflow_pl.callbacks.progress import StepProgressBar
+        from instaflow_pl.callbacks.summary import ParameterSummary
 
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
         chosen = any(isinstance(c, ProgressBar) for c in [*configured, *callbacks])
         if config.get("enable_progress_bar", True) is not False and not chosen:
             callbacks = [*callbacks, StepProgressBar()]
+        # Parameters per part, without Lightning's FLOPs column (0: our modules have no example input)
+        summarized = any(isinstance(c, ModelSummary) for c in [*configured, *callbacks])
+        if config.get("enable_model_summary", True) is not False and not summarized:
+            callbacks = [*callbacks, ParameterSummary()]
         return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):

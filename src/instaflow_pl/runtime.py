@@ -45,6 +45,7 @@ HIDDEN_LOG_LINES = (
     "was configured so",
     "stopped: `max_steps=",
     "Token indices sequence length is longer than",
+    "Trainer already configured with model summary callbacks",
 )
 """Library log records (substrings) the project's commands do not show. The project's own truncation warning says
 when a prompt was cut."""

@@ -27,8 +27,17 @@ def speed_up(
     return network
 
 
-def set_tf32(enabled: bool) -> None:
-    """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions (a process-wide setting of torch)."""
+def set_tf32(enabled: bool, device: torch.device | str | None = None) -> None:
+    """Allow (or forbid) TF32 for float32 matmuls and cuDNN convolutions (a process-wide setting of torch).
+
+    TF32 is a feature of NVIDIA Ampere+ GPUs: asked for on another ``device`` it is left off, with one line that says
+    so (on CPUs, torch's "high" matmul precision would otherwise let oneDNN compute float32 matmuls in bfloat16).
+    """
+    if enabled and device is not None and torch.device(device).type != "cuda":
+        from lightning.pytorch.utilities import rank_zero_info
+
+        rank_zero_info(f"tf32: true has no effect on {torch.device(device).type} (an Ampere+ GPU feature); ignored")
+        enabled = False
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     torch.set_float32_matmul_precision("high" if enabled else "highest")

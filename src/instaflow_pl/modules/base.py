@@ -168,7 +168,7 @@ class FlowModule(L.LightningModule):
     @setup_on_every_rank
     def setup(self, stage: str) -> None:
         """Check that the triples fit the velocity's UNet before any step runs; apply the TF32 setting."""
-        set_tf32(self.hparams.tf32)
+        set_tf32(self.hparams.tf32, self.trainer.strategy.root_device if self._trainer else None)
         manifest = getattr(self.trainer.datamodule, "manifest", None) if self.trainer else None
         if manifest is not None and isinstance(self.velocity, UNetVelocity):
             source = str(self.trainer.datamodule.path)
@@ -288,6 +288,22 @@ class FlowModule(L.LightningModule):
             if longest:
                 self.log("val/straightness", straightness(solution).mean(), sync_dist=True, batch_size=size)
 
+    def on_fit_start(self) -> None:
+        """Refuse, before the first step, the one optimizer setup whose gradients cannot be clipped."""
+        check_clipping(self.trainer)
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm=None
+    ) -> None:
+        """Clip the gradients of ``optimizer``'s parameters before its step (``trainer.gradient_clip_val``).
+
+        Done here rather than by Lightning's precision plugin, which refuses any optimizer that unscales gradients
+        itself (``AdamW(fused=True)``) even under bf16-mixed, where no gradient scaler exists. Without a scaler, or
+        with one that has already unscaled the gradients (a non-fused optimizer), the gradients are the true ones and
+        are clipped by their global norm (or by value); :func:`check_clipping` refuses the remaining case.
+        """
+        clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         """The optimizer over trainable velocity parameters, with the configured schedule."""
         params = [p for p in self.velocity.parameters() if p.requires_grad]
@@ -373,6 +389,33 @@ def seeded_rng(seed: int, device: torch.device | str = "cpu"):
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, value: float | None, algorithm: Any = None) -> None:
+    """Clip the gradients of every parameter ``optimizer`` steps: by their global norm (default) or by value."""
+    if not value:
+        return
+    grads = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:  # a skipped batch: no backward ran
+        return
+    if str(getattr(algorithm, "value", algorithm)) == "value":
+        torch.nn.utils.clip_grad_value_(grads, value)
+    else:
+        torch.nn.utils.clip_grad_norm_(grads, value)
+
+
+def check_clipping(trainer: L.Trainer) -> None:
+    """One line for the setup that cannot clip: a gradient scaler (``precision: 16-mixed``) with an optimizer that
+    unscales inside its own step (fused AdamW), whose gradients are still scaled when clipping would run."""
+    if not trainer.gradient_clip_val or getattr(trainer.precision_plugin, "scaler", None) is None:
+        return
+    for optimizer in trainer.optimizers:
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise UserError(
+                f"precision {trainer.precision} scales gradients, and {type(optimizer).__name__} with fused=true "
+                "unscales them only inside its step, so gradient_clip_val cannot clip them; use precision "
+                "bf16-mixed (no scaler), set the optimizer's fused: false, or drop gradient_clip_val"
+            )
 
 
 def check_latent_shape(unet: nn.Module, shape: Sequence[int], source: str = "the triples") -> None:

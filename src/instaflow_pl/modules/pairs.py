@@ -136,7 +136,7 @@ class PairGenerator(L.LightningModule):
     @setup_on_every_rank
     def setup(self, stage: str) -> None:
         """Open (or resume) the dataset folder on rank 0 and decide which shards this rank generates."""
-        set_tf32(self.tf32)
+        set_tf32(self.tf32, self.trainer.strategy.root_device)
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "prompts"):
             raise UserError("pair generation needs a PromptDataModule (data: class_path: ...PromptDataModule)")
