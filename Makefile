@@ -40,8 +40,8 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process
-	$(BIN)/python bench/run.py
+bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process [BENCH_ARGS=--quick: tiny sizes, < 1 min]
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 bench-scale: $(STAMP) ## Memory and step time of every stage at SD 1.5 shapes (random weights; ~30 min on 2 cores)
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)

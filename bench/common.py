@@ -10,7 +10,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,10 @@ class Row:
         ratio: measured / baseline in the direction where bigger is better, unless the goal says otherwise.
         goal_min: The ratio must be at least this (None: no lower bound).
         goal_max: The ratio must be at most this (None: no upper bound).
+        timing: The goal is about speed, so noisy on a busy machine (False: a check of the computation or of memory,
+            which ``--quick`` applies too).
+        applied: Whether the goal counts (``--quick`` shows timing goals without applying them).
+        failed: The benchmark that should have produced this row crashed: a missed goal whatever the ratio.
     """
 
     benchmark: str
@@ -154,22 +158,39 @@ class Row:
     ratio: float | None
     goal_min: float | None = None
     goal_max: float | None = None
+    timing: bool = True
+    applied: bool = True
+    failed: bool = False
+
+    @classmethod
+    def failure(cls, name: str) -> Row:
+        """The row standing for a benchmark that crashed (it counts as a missed goal)."""
+        return cls(f"{name}: FAILED (see traceback above)", "-", "-", None, failed=True)
+
+    def quick(self) -> Row:
+        """This row as ``--quick`` reports it: a timing goal is shown but not applied."""
+        return replace(self, applied=False) if self.timing else self
 
     @property
     def goal(self) -> str:
         """The goal as text (``-`` for an informational row)."""
         if self.goal_min is not None and self.goal_max is not None:
-            return f"{self.goal_min:g}x .. {self.goal_max:g}x"
-        if self.goal_min is not None:
-            return f">= {self.goal_min:g}x"
-        if self.goal_max is not None:
-            return f"<= {self.goal_max:g}x"
-        return "-"
+            text = f"{self.goal_min:g}x .. {self.goal_max:g}x"
+        elif self.goal_min is not None:
+            text = f">= {self.goal_min:g}x"
+        elif self.goal_max is not None:
+            text = f"<= {self.goal_max:g}x"
+        else:
+            return "-"
+        return text if self.applied else f"({text}, not applied)"
 
     @property
     def met(self) -> bool | None:
-        """Whether the goal is met (None for an informational row or a failed measurement)."""
-        if self.ratio is None or (self.goal_min is None and self.goal_max is None):
+        """Whether the goal is met: False for a failed benchmark, None for an informational row or a goal not
+        applied."""
+        if self.failed:
+            return False
+        if not self.applied or self.ratio is None or (self.goal_min is None and self.goal_max is None):
             return None
         low_ok = self.goal_min is None or self.ratio >= self.goal_min
         high_ok = self.goal_max is None or self.ratio <= self.goal_max
@@ -181,6 +202,6 @@ def markdown_table(rows: Sequence[Row]) -> str:
     lines = ["| benchmark | measured | baseline | ratio | goal | met? |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
-        met = {True: "yes", False: "NO", None: "-"}[row.met]
+        met = "FAILED" if row.failed else {True: "yes", False: "NO", None: "-"}[row.met]
         lines.append(f"| {row.benchmark} | {row.measured} | {row.baseline} | {ratio} | {row.goal} | {met} |")
     return "\n".join(lines)

@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             lambda: lpips_memory(setup),
             lambda: latency(setup),
         ):
-            rows += part()
+            rows += [row.quick() if opts.tiny else row for row in part()]  # tiny figures: goals not applied
             print(markdown_table(rows[-1:]), flush=True)
     table = markdown_table(rows)
     print(f"\n## {name}, torch {torch.__version__}\n\n{table}")

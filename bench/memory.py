@@ -47,6 +47,10 @@ class MemoryConfig:
     timeout_s: float = 120.0
 
 
+QUICK = MemoryConfig(base_count=256)
+"""``bench/run.py --quick``: 256 and 2560 samples (80 MiB; the 1x stream still holds several batches)."""
+
+
 def _current_rss() -> int:
     """Resident set size of this process now, in bytes."""
     with open("/proc/self/statm") as handle:
@@ -189,6 +193,7 @@ def run(workdir: Path, threads: int, cfg: MemoryConfig = MemoryConfig()) -> list
             f"{small_peak / MiB:.0f} MiB ({sizes['1x'] / MiB:.0f} MiB data)",
             big_peak / small_peak,
             goal_max=1.1,
+            timing=False,
         ),
         Row(
             "memory: extra RSS growth / extra data (10x vs 1x)",

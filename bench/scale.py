@@ -18,12 +18,15 @@ Cases (``--only`` picks some):
   ``distill-lpips-lean-fp32`` the lean options without bf16.
 
 Activations per sample are the difference between batch 2 and batch 1. Results go to ``--out`` (JSON) and a
-markdown table on stdout. At SD size each fit step takes tens of seconds on a CPU: the whole run is about half an
-hour on 2 cores.
+markdown table on stdout; the exit status is 1 when a case failed. At SD size each fit step takes tens of seconds on
+a CPU: the whole run is about half an hour on 2 cores. ``--tiny`` runs every case the same way on the tiny SD folder
+(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about two minutes: a check that every case
+still runs (the tests do), whose figures mean nothing.
 
 Usage::
 
-    .venv/bin/python -m bench.scale [--only reflow export] [--batches 1 2] [--src OTHER_CHECKOUT/src] [--out FILE]
+    .venv/bin/python -m bench.scale [--tiny] [--only reflow export] [--batches 1 2] [--src OTHER_CHECKOUT/src]
+                                    [--out FILE]
 """
 
 from __future__ import annotations
@@ -66,6 +69,12 @@ CASES = (
 )
 MICRO = ("unet-step", "lpips-naive", "lpips-lean", "lpips-lean-fp32")
 """Parts measured alone, at each batch size, for the memory each sample adds (no Trainer, no validation)."""
+
+
+def latent_shape(folder: Path) -> list[int]:
+    """(C, H, W) of the latents the folder's UNet takes natively (from its config)."""
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    return [int(config["in_channels"]), int(config["sample_size"]), int(config["sample_size"])]
 
 
 def cache_folder() -> Path:
@@ -132,12 +141,14 @@ def child(result_file: Path, args: list[str]) -> None:
     result_file.write_text(json.dumps(result))
 
 
-def micro(result_file: Path, name: str, batch: int) -> None:
+def micro(result_file: Path, name: str, batch: int, folder: Path) -> None:
     """Measure what one part adds at ``batch``: RSS high-water mark over the loaded state, for one forward and backward.
 
     ``unet-step``: the UNet velocity's loss and backward in bf16 autocast with gradient checkpointing, 92M parameters
     trainable (as the fits). ``lpips-naive`` / ``lpips-lean`` / ``lpips-lean-fp32``: the LPIPS distance alone (VAE
     decode at 512 px with grad on the student's side, then VGG), naive, with the lean options, or with them but fp32.
+    ``folder`` is the model folder (the random SD 1.5 one, or the tiny one); latents and text embeddings take its
+    shapes.
     """
     import torch
 
@@ -145,14 +156,15 @@ def micro(result_file: Path, name: str, batch: int) -> None:
     from instaflow_pl.modules.losses import LPIPSDistance
     from instaflow_pl.velocity import PretrainedUNetVelocity, TextCondition
 
-    folder = sd15_folder()
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 4, 64, 64, generator=generator)
+    shape = latent_shape(folder)
+    x = torch.randn(batch, *shape, generator=generator)
     if name == "unet-step":
         velocity = PretrainedUNetVelocity(str(folder), gradient_checkpointing=True)
         for param_name, param in velocity.named_parameters():
             param.requires_grad_(not any(param_name.startswith(prefix) for prefix in FROZEN_MOST))
-        cond = TextCondition(torch.randn(batch, 77, 768, generator=generator))
+        width = int(velocity.unet.config.cross_attention_dim)
+        cond = TextCondition(torch.randn(batch, 77, width, generator=generator))
 
         def step() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -173,7 +185,7 @@ def micro(result_file: Path, name: str, batch: int) -> None:
             resize=options.get("lpips_resize"),
         )
         pred = x.clone().requires_grad_(True)
-        target = torch.randn(batch, 4, 64, 64, generator=generator)
+        target = torch.randn(batch, *shape, generator=generator)
 
         def step() -> None:
             distance(pred, target).sum().backward()
@@ -227,7 +239,15 @@ def _write_yaml(path: Path, config: dict[str, Any]) -> Path:
 
 
 def _fit_config(
-    base: str, work: Path, name: str, batch: int, model_args: dict[str, Any], accel: str, steps: int, precision: str
+    base: str,
+    work: Path,
+    name: str,
+    batch: int,
+    model_args: dict[str, Any],
+    accel: str,
+    steps: int,
+    precision: str,
+    shape: list[int],
 ) -> dict:
     import yaml
 
@@ -252,7 +272,7 @@ def _fit_config(
     trainer["callbacks"].append({"class_path": "bench.scale.StepTimer"})
     init = config["model"]["init_args"]
     init.update(warmup_steps=0, val_steps=[1, 2], **model_args)
-    config["data"]["init_args"].update(batch_size=batch, num_workers=0, val_fraction=0.25)
+    config["data"]["init_args"].update(batch_size=batch, num_workers=0, val_fraction=0.25, expected_latent_shape=shape)
     return config
 
 
@@ -267,6 +287,7 @@ def plan(
 ) -> list[Case]:
     """The cases to run, in order (reflow's checkpoint feeds export; reflow's pairs feed the fits)."""
     pairs_dir = work / "pairs"
+    shape = latent_shape(folder)
     cases = [
         Case(
             "pairs (fp32 teacher, DPM++ 2 steps, guidance 6)",
@@ -282,6 +303,7 @@ def plan(
                 f"--model.init_args.output_dir={pairs_dir}",
                 "--model.init_args.steps=2",
                 "--model.init_args.teacher_dtype=fp32",
+                f"--model.init_args.latent_shape={shape}",
                 "--model.init_args.shard_size=4",
                 f"--data.init_args.prompts={REPO / 'configs/tiny/prompts.txt'}",
                 "--data.init_args.batch_size=2",
@@ -290,7 +312,6 @@ def plan(
             ],
         )
     ]
-    data = {"path": str(pairs_dir), "expected_latent_shape": [4, 64, 64]}
     fits = {
         "reflow": ("reflow.yaml", {"freeze": FROZEN_MOST}, "reflow, 92M of 860M trainable"),
         "reflow-lora": ("reflow.yaml", {"lora": LORA}, "reflow, LoRA rank 4"),
@@ -319,13 +340,13 @@ def plan(
     }
     for key in MICRO:
         for batch in batches:
-            cases.append(Case(f"{key} alone, batch {batch}", key, batch, ["--micro", key, str(batch)]))
+            cases.append(Case(f"{key} alone, batch {batch}", key, batch, ["--micro", key, str(batch), str(folder)]))
     for key, (base, model_args, label) in fits.items():
         for batch in batches:
             name = f"{key}-b{batch}"
             model = {"base_model": str(folder), **model_args}
-            config = _fit_config(base, work, name, batch, model, accel, steps, precision)
-            config["data"]["init_args"].update(path=data["path"])
+            config = _fit_config(base, work, name, batch, model, accel, steps, precision, shape)
+            config["data"]["init_args"].update(path=str(pairs_dir))
             yaml_file = _write_yaml(work / f"{name}.yaml", config)
             cases.append(Case(f"{label}, batch {batch}", key, batch, ["fit", "--config", str(yaml_file)]))
         if key == "reflow":
@@ -375,39 +396,50 @@ def table(cases: list[Case]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the arguments and run the cases (or, with ``--child``, one command)."""
+def main(argv: list[str] | None = None) -> int:
+    """Parse the arguments and run the cases (or, with ``--child``, one command); return the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         child(Path(argv[1]), argv[3:])
-        return
+        return 0
     if argv[:1] == ["--micro"]:
-        micro(Path(argv[3]), argv[1], int(argv[2]))
-        return
+        micro(Path(argv[4]), argv[1], int(argv[2]), Path(argv[3]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="every case on the tiny SD folder (latents 4x8x8; fp32 and batch 1 unless --precision and --batches say "
+        "otherwise): a check that each case runs, in about two minutes; its figures mean nothing",
+    )
     parser.add_argument("--only", nargs="+", default=list(CASES), choices=CASES, help="cases to run (pairs first)")
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2], help="per-step batch sizes of the fits")
+    parser.add_argument(
+        "--batches", nargs="+", type=int, default=None, help="per-step batch sizes of the fits (default 1 2; --tiny: 1)"
+    )
     parser.add_argument(
         "--steps", type=int, default=1, help="training steps per fit (memory peaks in the first; more for times)"
     )
     parser.add_argument(
         "--precision",
-        default="bf16-mixed",
-        help="trainer precision of the fits (the configs' bf16-mixed; 32-true on CPUs without bf16 units, where bf16 "
-        "is emulated and slow: fp32 activations are larger, so its peaks are upper bounds)",
+        default=None,
+        help="trainer precision of the fits (default: the configs' bf16-mixed; --tiny: 32-true. 32-true on CPUs "
+        "without bf16 units, where bf16 is emulated and slow: fp32 activations are larger, so its peaks are upper "
+        "bounds)",
     )
     parser.add_argument("--src", type=Path, default=None, help="measure another checkout's package (its src/)")
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "scale.json", help="results JSON")
     parser.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one)")
     opts = parser.parse_args(argv)
-    folder = sd15_folder()
     work = opts.keep or Path(tempfile.mkdtemp(prefix="instaflow-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    folder = _tiny_folder(work) if opts.tiny else sd15_folder()
+    batches = opts.batches or ([1] if opts.tiny else [1, 2])
+    precision = opts.precision or ("32-true" if opts.tiny else "bf16-mixed")
     only = list(opts.only)
     if not (work / "pairs" / "index.json").is_file():
         only.append("pairs")  # every fit reads the pairs
-    cases = plan(work, folder, opts.batches, only, opts.accelerator, opts.steps, opts.precision)
+    cases = plan(work, folder, batches, only, opts.accelerator, opts.steps, precision)
     for case in cases:
         print(f"running {case.name} ...", flush=True)
         run_case(case, work, opts.src)
@@ -416,7 +448,19 @@ def main(argv: list[str] | None = None) -> None:
     opts.out.write_text(json.dumps([asdict(c) for c in cases], indent=2))
     print(table(cases))
     print(f"\nresults: {opts.out}; work folder: {work}")
+    failed = [case.name for case in cases if case.result.get("status") != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)} (see {work / 'child.log'})")
+    return 1 if failed else 0
+
+
+def _tiny_folder(work: Path) -> Path:
+    """The tiny SD folder, built in the work folder (once)."""
+    from instaflow_pl.tiny import build_tiny_sd
+
+    folder = work / "tiny-sd"
+    return folder if (folder / "model_index.json").is_file() else build_tiny_sd(folder)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

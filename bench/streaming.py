@@ -48,6 +48,10 @@ class StreamingConfig:
     train_steps: int = 12
 
 
+QUICK = StreamingConfig(count=512, rounds=1, train_steps=2)
+"""``bench/run.py --quick``: 512 samples, one round, two timed training steps."""
+
+
 @dataclass
 class Epoch:
     """One streamed epoch.
