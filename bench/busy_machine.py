@@ -1,17 +1,21 @@
-"""How much a busy machine slows the project's commands, before and after choosing threads and OpenMP's wait policy.
+"""The demo's training step under each OpenMP thread policy, idle and next to CPU-bound processes.
 
-The workload is the digits demo's training step (its residual-MLP velocity: width 256, 4 blocks; batch 256, AdamW),
-run in a fresh process per setting so the OpenMP runtime reads its environment when it loads (as ``instaflow-pl``
-sets ``OMP_WAIT_POLICY`` before torch loads). Each setting is timed alone and next to ``--competitors`` CPU-bound
-processes (busy loops), interleaved, best of ``--rounds``. A setting that slows "in proportion" takes about
-``(threads + competitors) / cores`` times as long when busy (2 threads and one competitor on 2 cores: 1.5x);
-libgomp's default spin-waiting makes it much worse.
+The workload is the digits demo's real training stage: ``instaflow-pl fit --config configs/demo/1rf.yaml`` (its
+residual-MLP velocity, batch 256, AdamW, EMA, the prompt cache, Lightning's loop) for ``--steps`` steps, each run in a
+fresh process so the OpenMP runtime reads its environment when it loads, as the ``instaflow-pl`` command does. The
+time is that of the steps after the first ``--warmup``, read by a callback (imports and setup are not counted). Each
+candidate is timed alone and next to ``--competitors`` CPU-bound processes (busy loops), interleaved, best of
+``--rounds``.
+
+Why it matters: libgomp's idle threads either spin (fast hand-offs, but a spinning thread takes a core from a
+neighbour, and a descheduled one holds every other thread at the next barrier) or sleep (a wake-up on every small
+parallel region: the demo's steps are thousands of small ops). ``GOMP_SPINCOUNT`` spins a while, then sleeps.
 
 Usage::
 
-    PYTHONPATH=src .venv/bin/python bench/busy_machine.py [--steps 150] [--rounds 2] [--competitors 1]
+    .venv/bin/python -m bench.busy_machine [--steps 300] [--rounds 2] [--competitors 1] [--only NAME ...] [--json F]
 
-Absolute times on a shared machine mean little; compare the ratios printed for each setting in the same run.
+Absolute times on a shared machine mean little; compare the ratios printed for each candidate in the same run.
 """
 
 from __future__ import annotations
@@ -22,49 +26,47 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
-SETTINGS = {
-    "before (libgomp default wait, torch default threads)": {"OMP_WAIT_POLICY": None, "threads": None},
-    "after (OMP_WAIT_POLICY=PASSIVE, one thread per core)": {"OMP_WAIT_POLICY": "PASSIVE", "threads": "cores"},
-    "PASSIVE, 1 thread (reference)": {"OMP_WAIT_POLICY": "PASSIVE", "threads": 1},
+from lightning.pytorch.callbacks import Callback
+
+REPO = Path(__file__).resolve().parents[1]
+CORES = str(len(os.sched_getaffinity(0)))
+CANDIDATES: dict[str, dict[str, str]] = {
+    "default (instaflow_pl.runtime)": {},
+    "PASSIVE, 1 thread per core (the previous default)": {"OMP_WAIT_POLICY": "PASSIVE", "INSTAFLOW_THREADS": CORES},
+    "ACTIVE, 1 thread per core": {"OMP_WAIT_POLICY": "ACTIVE", "INSTAFLOW_THREADS": CORES},
+    "GOMP_SPINCOUNT=300k (libgomp's default), 1 per core": {"GOMP_SPINCOUNT": "300000", "INSTAFLOW_THREADS": CORES},
+    "GOMP_SPINCOUNT=30k, 1 per core": {"GOMP_SPINCOUNT": "30000", "INSTAFLOW_THREADS": CORES},
+    "GOMP_SPINCOUNT=300k, adaptive": {"GOMP_SPINCOUNT": "300000"},
+    "GOMP_SPINCOUNT=30k, adaptive": {"GOMP_SPINCOUNT": "30000"},
+    "ACTIVE, adaptive": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "1 thread, PASSIVE": {"INSTAFLOW_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
 }
+"""Environment of each candidate on top of the command's defaults. A thread count fixes the threads; without one the
+command adapts them to the machine's load (one per core when idle, one when shared: AdaptiveThreads)."""
+_POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "INSTAFLOW_THREADS", "OMP_NUM_THREADS")
 
-_CHILD = """
-import sys, time, torch
-threads = sys.argv[2]
-if threads == "cores":
-    from instaflow_pl.runtime import configure_threads
-    configure_threads()
-elif threads != "None":
-    torch.set_num_threads(int(threads))
-from torch import nn
-torch.manual_seed(0)
-class Block(nn.Module):  # the demo MLP's residual block (instaflow_pl.velocity.mlp), without importing diffusers
-    def __init__(self, width):
-        super().__init__()
-        self.norm, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, width), nn.Linear(width, width)
-    def forward(self, h, e):
-        return h + self.fc2(nn.functional.silu(self.fc1(self.norm(h)) + e))
-width = 256
-proj_in, cond, proj_out = nn.Linear(64, width), nn.Linear(16 * 32 + 128, width), nn.Linear(width, 64)
-blocks = nn.ModuleList(Block(width) for _ in range(4))
-params = [*proj_in.parameters(), *cond.parameters(), *proj_out.parameters(), *blocks.parameters()]
-opt = torch.optim.AdamW(params, lr=1e-3)
-x, c = torch.randn(256, 64), torch.randn(256, 16 * 32 + 128)
-def step():
-    h, e = proj_in(x), cond(c)
-    for block in blocks:
-        h = block(h, e)
-    loss = proj_out(h).square().mean()
-    opt.zero_grad(); loss.backward(); opt.step()
-for _ in range(10):
-    step()
-start = time.perf_counter()
-for _ in range(int(sys.argv[1])):
-    step()
-print(time.perf_counter() - start, torch.get_num_threads())
-"""
+
+class StepClock(Callback):
+    """Prints the seconds of the training steps after ``warmup`` (from ``BENCH_WARMUP``) when the fit ends."""
+
+    def __init__(self) -> None:
+        self.warmup = int(os.environ.get("BENCH_WARMUP", "20"))
+        self.start: float | None = None
+
+    def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: Any, *_: Any) -> None:
+        import torch
+
+        steps = trainer.global_step - self.warmup
+        print(f"BENCH {time.perf_counter() - self.start:.4f} {steps} {torch.get_num_threads()}", flush=True)
 
 
 def _busy() -> None:
@@ -72,60 +74,119 @@ def _busy() -> None:
         pass
 
 
-def run_setting(setting: dict, steps: int, timeout: float) -> tuple[float, int]:
-    """Seconds for ``steps`` training steps in a fresh process with ``setting`` (``inf`` past ``timeout``); and its
+def prepare(work: Path) -> Path:
+    """The demo's base folder (velocity, text encoder, tokenizer), written by the demo's own setup stage."""
+    subprocess.run(
+        [sys.executable, "-m", "instaflow_pl.cli", "demo", "--stage", "setup", "--out", str(work)],
+        cwd=REPO, check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return work / "base"
+
+
+def environment(candidate: dict[str, str], warmup: int) -> dict[str, str]:
+    """The child's environment: this process's, less any thread-policy variables, plus the candidate's."""
+    env = {k: v for k, v in os.environ.items() if k not in _POLICY_VARIABLES}
+    env["BENCH_WARMUP"] = str(warmup)
+    env.update(candidate)
+    return env
+
+
+def fit_seconds(base: Path, work: Path, candidate: dict, steps: int, warmup: int, timeout: float) -> tuple[float, int]:
+    """Seconds per training step of the demo's 1rf fit in a fresh process (``inf`` past ``timeout``), and its
     thread count."""
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    env.pop("OMP_NUM_THREADS", None)
-    if setting["OMP_WAIT_POLICY"]:
-        env["OMP_WAIT_POLICY"] = setting["OMP_WAIT_POLICY"]
+    command = [
+        sys.executable, "-m", "instaflow_pl.cli", "fit", "--config", str(REPO / "configs/demo/1rf.yaml"),
+        f"--model.init_args.base_model={base}", f"--trainer.max_steps={warmup + steps}", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]",
+        "--trainer.callbacks+=bench.busy_machine.StepClock", f"--trainer.val_check_interval={warmup + steps + 1}",
+        f"--trainer.default_root_dir={tempfile.mkdtemp(dir=work)}",
+    ]  # fmt: skip
     try:
-        out = subprocess.run(
-            [sys.executable, "-c", _CHILD, str(steps), str(setting["threads"])],
-            env=env, capture_output=True, text=True, check=True, timeout=timeout,
-        ).stdout.split()  # fmt: skip
+        proc = subprocess.run(
+            command, cwd=REPO, env=environment(candidate, warmup), capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return float("inf"), 0
-    return float(out[0]), int(out[1])
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"the demo fit failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    _, seconds, counted, threads = line.split()
+    return float(seconds) / int(counted), int(threads)
 
 
-def main() -> None:
-    """Time every setting idle and busy; print the table (and JSON with --json)."""
+def measure(opts: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Best seconds per step of every candidate, idle and busy."""
+    names = opts.only or list(CANDIDATES)
+    best: dict[tuple[str, str], float] = {}
+    threads: dict[tuple[str, str], int] = {}
+    with tempfile.TemporaryDirectory(prefix="instaflow-busy-") as tmp:
+        base = prepare(Path(tmp) / "demo")
+        for _ in range(opts.rounds):
+            for busy in (False, True):
+                competitors = [
+                    multiprocessing.Process(target=_busy, daemon=True) for _ in range(busy * opts.competitors)
+                ]
+                for process in competitors:
+                    process.start()
+                try:
+                    for name in names:
+                        key = (name, "busy" if busy else "idle")
+                        seconds, threads[key] = fit_seconds(
+                            base, Path(tmp), CANDIDATES[name], opts.steps, opts.warmup, opts.timeout
+                        )
+                        best[key] = min(best.get(key, float("inf")), seconds)
+                finally:
+                    for process in competitors:
+                        process.terminate()
+                        process.join()
+    fastest_idle = min(best[(n, "idle")] for n in names)
+    return {
+        name: {
+            "threads_idle": threads[(name, "idle")],
+            "threads_busy": threads[(name, "busy")],
+            "idle_ms": 1000 * best[(name, "idle")],
+            "busy_ms": 1000 * best[(name, "busy")],
+            "slowdown": best[(name, "busy")] / best[(name, "idle")],
+            "idle_vs_fastest": best[(name, "idle")] / fastest_idle,
+        }
+        for name in names
+    }
+
+
+def table(rows: dict[str, dict[str, float]], opts: argparse.Namespace) -> str:
+    """Markdown table of the candidates."""
+    lines = [
+        f"Demo 1rf training step, {opts.steps} steps after {opts.warmup}, best of {opts.rounds}; busy = "
+        f"{opts.competitors} CPU-bound process(es); {len(os.sched_getaffinity(0))} cores",
+        "",
+        "| candidate | threads idle / busy | idle ms/step | vs fastest idle | busy ms/step | busy slowdown |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['threads_idle']} / {row['threads_busy']} | {row['idle_ms']:.2f} | "
+            f"{row['idle_vs_fastest']:.2f}x | {row['busy_ms']:.2f} | {row['slowdown']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every candidate idle and busy; print the table (and write JSON with --json)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=20, help="steps before the clock starts")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--competitors", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds a run may take (import included)")
-    parser.add_argument("--json", action="store_true")
-    opts = parser.parse_args()
-    best: dict[tuple[str, str], float] = {}
-    threads: dict[str, int] = {}
-    for _ in range(opts.rounds):
-        for busy in (False, True):
-            competitors = [multiprocessing.Process(target=_busy, daemon=True) for _ in range(opts.competitors * busy)]
-            for process in competitors:
-                process.start()
-            time.sleep(0.5 if busy else 0)
-            try:
-                for name, setting in SETTINGS.items():
-                    seconds, threads[name] = run_setting(setting, opts.steps, opts.timeout)
-                    key = (name, "busy" if busy else "idle")
-                    best[key] = min(best.get(key, float("inf")), seconds)
-            finally:
-                for process in competitors:
-                    process.terminate()
-                    process.join()
-    print(f"{opts.steps} demo training steps, best of {opts.rounds}; busy = {opts.competitors} CPU-bound competitor(s)")
-    print(f"cores available: {len(os.sched_getaffinity(0))}, load average now: {os.getloadavg()[0]:.1f}")
-    rows = {}
-    for name in SETTINGS:
-        idle, busy = best[(name, "idle")], best[(name, "busy")]
-        rows[name] = {"threads": threads[name], "idle_s": idle, "busy_s": busy, "slowdown": busy / idle}
-        print(f"  {name}: {threads[name]} thread(s), idle {idle:.2f} s, busy {busy:.2f} s, slowdown {busy / idle:.2f}x")
-    if opts.json:
-        print(json.dumps(rows))
+    parser.add_argument("--only", nargs="+", choices=list(CANDIDATES), default=None, help="candidates to time")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds a run may take (startup included)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    opts = parser.parse_args(argv)
+    rows = measure(opts)
+    print(table(rows, opts))
+    if opts.json is not None:
+        opts.json.write_text(json.dumps(rows, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

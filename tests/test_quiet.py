@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import time
 import warnings
 
 import lightning as L
@@ -13,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from instaflow_pl import runtime
 from instaflow_pl.callbacks.progress import StepProgressBar
+from instaflow_pl.callbacks.threads import AdaptiveThreads, CpuLoad
 from instaflow_pl.cli import COMMANDS, main
 
 
@@ -79,14 +82,66 @@ def test_thread_count_is_one_per_core_unless_the_user_chose(monkeypatch):
     assert runtime.thread_count() == 1
 
 
-@pytest.mark.parametrize("policy", [None, "ACTIVE"])
-def test_openmp_wait_policy_is_passive_unless_the_user_chose(monkeypatch, policy):
-    if policy is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+@pytest.mark.parametrize("chosen", [None, {"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}])
+def test_openmp_threads_spin_briefly_then_sleep_unless_the_user_chose(monkeypatch, chosen):
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (chosen or {}).items():
+        monkeypatch.setenv(name, value)
     runtime.configure_openmp()
-    assert os.environ["OMP_WAIT_POLICY"] == (policy or "PASSIVE")
+    if chosen is None:
+        assert os.environ["GOMP_SPINCOUNT"] == runtime.SPIN_COUNT and "OMP_WAIT_POLICY" not in os.environ
+    else:
+        assert {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} == {
+            "OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": None, **chosen
+        }  # fmt: skip
+
+
+def _burn(seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+
+
+def test_cpu_load_sees_other_processes_and_not_this_one():
+    load = CpuLoad()
+    _burn(0.3)  # this process's own work does not count
+    assert load.others() < 0.5
+    busy = multiprocessing.get_context("fork").Process(target=_burn, args=(1.0,))
+    busy.start()
+    time.sleep(0.6)
+    seen = load.others()
+    busy.join()
+    assert seen > 0.6, seen
+
+
+def test_adaptive_threads_drop_to_one_on_a_shared_machine_and_come_back(monkeypatch):
+    before = torch.get_num_threads()
+    callback = AdaptiveThreads(cores=2, interval=0.0)
+    callback.setup(None, None, "fit")
+    loads = iter([1.2, 1.1, 0.1])
+    monkeypatch.setattr(callback.load, "others", lambda: next(loads))
+    torch.set_num_threads(2)
+    try:
+        callback.on_train_batch_start()
+        assert torch.get_num_threads() == 1
+        callback.on_train_batch_start()
+        assert torch.get_num_threads() == 1
+        callback.on_train_batch_start()
+        assert torch.get_num_threads() == 2 and callback.switches == 2
+        callback.on_fit_end()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_only_the_commands_adapt_threads_and_only_when_the_user_did_not_choose(monkeypatch):
+    monkeypatch.delenv("INSTAFLOW_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    assert runtime.adapts_threads()
+    monkeypatch.setenv("INSTAFLOW_THREADS", "2")
+    assert not runtime.adapts_threads()
 
 
 def test_a_fit_prints_parameters_per_part_and_no_flops(tiny_sd, tmp_path, caplog):

@@ -61,12 +61,20 @@ _QUIET_LOGGERS = (
 )
 
 
-def configure_openmp() -> None:
-    """Make idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose.
+SPIN_COUNT = "300000"
+"""libgomp's ``GOMP_SPINCOUNT`` for the project's commands: how long an idle OpenMP thread spins before it sleeps
+(``bench/busy_machine.py`` chose it; README "Threads")."""
+_USER_WAIT = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_USER_THREADS = ("INSTAFLOW_THREADS", "OMP_NUM_THREADS")
 
-    Must run before torch is imported: libgomp reads the variable once, when it loads.
+
+def configure_openmp() -> None:
+    """Let idle OpenMP threads spin briefly, then sleep (``GOMP_SPINCOUNT``), unless the user chose a wait policy.
+
+    Must run before torch is imported: libgomp reads the variables once, when it loads.
     """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if not any(name in os.environ for name in _USER_WAIT):
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
 def available_cores() -> int:
@@ -85,6 +93,19 @@ def thread_count() -> int:
         if value.isdigit() and int(value) > 0:
             return int(value)
     return available_cores()
+
+
+def threads_chosen() -> bool:
+    """Whether the user set the thread count (``INSTAFLOW_THREADS`` or ``OMP_NUM_THREADS``)."""
+    return any(os.environ.get(name, "").strip().isdigit() for name in _USER_THREADS)
+
+
+def adapts_threads() -> bool:
+    """Whether a command's threads follow the machine's load (:class:`~instaflow_pl.callbacks.threads.AdaptiveThreads`):
+    when the user did not choose a count, on a machine with more than one core and load counters to read."""
+    from instaflow_pl.callbacks.threads import CpuLoad
+
+    return not threads_chosen() and available_cores() > 1 and CpuLoad.available()
 
 
 def configure_threads() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +37,19 @@ class TripleBatch:
 
     def __len__(self) -> int:
         return self.x1.shape[0]
+
+    def to(self, device: torch.device | str) -> TripleBatch:
+        """The batch on ``device``: itself when every tensor is already there (no copy of the dataclass)."""
+        device = torch.device(device)
+        tensors = (self.x0, self.x1, self.index)
+        if all(t is None or _same_device(t.device, device) for t in tensors):
+            return self
+        x0, x1, index = (None if t is None else t.to(device, non_blocking=True) for t in tensors)
+        return dataclasses.replace(self, x0=x0, x1=x1, index=index)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 class TripleDecoder:

@@ -256,6 +256,12 @@ class FlowModule(L.LightningModule):
         self.log("train/skipped_batches", float(self.skipped_batches), batch_size=len(batch))
         return None
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Triples move as one dataclass (Lightning's generic transfer rebuilds it field by field every step)."""
+        if isinstance(batch, TripleBatch):
+            return batch.to(device)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Fault injection for the resume tests (``INSTAFLOW_PL_CRASH_AT=fit_step:N``; a no-op otherwise)."""
         crashpoint("fit_step", self.global_step)
