@@ -3,13 +3,14 @@
 Only the ``instaflow-pl`` entry point (:func:`instaflow_pl.cli.main`) uses these; importing the package changes
 nothing for a library user.
 
-* Threads. libgomp's default lets idle threads spin-wait for new work; on a machine shared with other jobs the spinning
-  threads take cores from everyone, and a thread that is descheduled holds every other one at the next barrier (the
-  digits demo's distillation stage took 6.5x its idle time next to two other jobs on 2 cores). The commands run with
-  ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep when idle; set before torch is imported) and one torch thread per core
-  this process may use, so a busy machine slows them roughly by the share of the cores it takes
-  (``bench/busy_machine.py`` measures it). Both can be overridden: ``OMP_WAIT_POLICY`` and ``OMP_NUM_THREADS`` (or
-  ``INSTAFLOW_THREADS``) set by the user win.
+* Threads. Idle OpenMP threads spin briefly, then sleep (``GOMP_SPINCOUNT``, set before torch is imported: libgomp
+  reads it once, when it loads): a training step is thousands of small parallel regions, and threads that sleep at
+  once pay a wake-up on each (the demo's step took 2.5x as long), while threads that spin forever take cores from
+  any neighbour. The commands start with one torch thread per core this process may use, and
+  :class:`~instaflow_pl.callbacks.threads.AdaptiveThreads` drops to one while other processes use the machine
+  (``bench/busy_machine.py`` measures every candidate idle and busy; README "Threads"). The user's
+  ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` and ``INSTAFLOW_THREADS`` / ``OMP_NUM_THREADS`` win (a chosen count is
+  kept, not adapted).
 * Quiet output. :func:`quiet` hides library lines a user cannot act on (Lightning's eval-mode and logging-interval
   warnings, its "Tip:" and TPU/HPU lines, the pytree deprecation, transformers' tokenizer length warning, W&B's
   deprecated-setting and git-root warnings and its metric summary), for the duration of a command only.
@@ -34,6 +35,7 @@ HIDDEN_WARNINGS = (
     r"The '\w+_dataloader' does not have many workers",
     r"Couldn't infer the batch indices fetched from your dataloader",
     r"The given buffer is not writable, and PyTorch does not support non-writable tensors",
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a",
 )
 """Library warnings (message regexes) the project's commands do not show: nothing in them is for the user to do."""
 
