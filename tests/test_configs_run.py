@@ -171,7 +171,7 @@ def test_config_runs_with_its_own_settings(path, folders, tmp_path):
     written = runnable(config, path, folders, tmp_path)
     config_file = _write(written, tmp_path / "config")
     if kind == "fit":
-        _fit_then_resume(config_file, tmp_path, written)
+        _fit_then_resume(config_file, tmp_path, written, _rel(path))
     elif kind == "pairs":
         cli_main(["predict", "--config", str(config_file)])
         manifest = json.loads((tmp_path / "pairs/manifest.json").read_text())
@@ -184,7 +184,7 @@ def test_config_runs_with_its_own_settings(path, folders, tmp_path):
         assert len(report["rows"]) == expected and all(math.isfinite(r["fid"]) for r in report["rows"])
 
 
-def _fit_then_resume(config_file: Path, tmp_path: Path, config: dict[str, Any]) -> None:
+def _fit_then_resume(config_file: Path, tmp_path: Path, config: dict[str, Any], name: str) -> None:
     cli = cli_main(["fit", "--config", str(config_file)])
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2
@@ -197,4 +197,8 @@ def _fit_then_resume(config_file: Path, tmp_path: Path, config: dict[str, Any]) 
     assert last.is_file(), sorted(p.name for p in checkpoints.iterdir()) if checkpoints.exists() else "none"
     resumed = cli_main(["fit", "--config", str(config_file), "--trainer.max_steps=3", f"--ckpt_path={last}"])
     assert resumed.trainer.global_step == 3
-    assert torch.isfinite(resumed.trainer.callback_metrics["train/loss"])
+    resumed_loss = resumed.trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(resumed_loss)
+    val = {k: round(float(v), 4) for k, v in metrics.items() if k.startswith("val/")}
+    print(f"\n[{name}] 2 steps: train/loss {float(metrics['train/loss']):.4g}, {val}; "
+          f"resumed step 3: train/loss {float(resumed_loss):.4g}")  # fmt: skip
