@@ -24,24 +24,28 @@ _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class CpuLoad:
-    """Cores used by other processes between two calls of :meth:`others` (from ``/proc``; Linux only)."""
+    """Cores used by other processes, on the cores this process may run on, between two calls of :meth:`others`
+    (from ``/proc``; Linux only)."""
 
     def __init__(self) -> None:
+        self.cpus = {f"cpu{i}" for i in os.sched_getaffinity(0)}
         self._last = self._sample()
 
     @staticmethod
     def available() -> bool:
         """Whether the counters can be read here."""
-        return Path("/proc/stat").is_file() and Path("/proc/self/stat").is_file()
+        return hasattr(os, "sched_getaffinity") and Path("/proc/stat").is_file()
 
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        """(wall seconds, busy CPU seconds of the whole machine, CPU seconds of this process)."""
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        machine = (user + nice + system + irq + softirq + steal) / _TICKS
+    def _sample(self) -> tuple[float, float, float]:
+        """(wall seconds, busy CPU seconds of this process's cores, CPU seconds of this process)."""
+        machine = 0
+        for line in Path("/proc/stat").read_text().splitlines():
+            fields = line.split()
+            if fields and fields[0] in self.cpus:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+                machine += user + nice + system + irq + softirq + steal
         own = os.times()
-        return time.monotonic(), machine, own.user + own.system
+        return time.monotonic(), machine / _TICKS, own.user + own.system
 
     def others(self) -> float:
         """Mean cores used by other processes since the previous call (or since construction)."""
