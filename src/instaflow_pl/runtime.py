@@ -110,6 +110,27 @@ def adapts_threads() -> bool:
     return not threads_chosen() and available_cores() > 1 and CpuLoad.available()
 
 
+_command_depth = 0
+
+
+@contextlib.contextmanager
+def command() -> Iterator[int]:
+    """While the ``instaflow-pl`` command runs (nested commands, e.g. the demo's stages, count once): threads chosen
+    for the machine (:func:`configure_threads`); code that imports the package keeps its own."""
+    global _command_depth
+    threads = configure_threads()
+    _command_depth += 1
+    try:
+        yield threads
+    finally:
+        _command_depth -= 1
+
+
+def command_running() -> bool:
+    """Whether an ``instaflow-pl`` command is running in this process (then its threads follow the machine's load)."""
+    return _command_depth > 0
+
+
 def configure_threads() -> int:
     """Set torch's intra-op thread count for a command (see :func:`thread_count`); returns it."""
     import torch

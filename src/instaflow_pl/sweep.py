@@ -365,7 +365,7 @@ def check_trial_args(sweep: Sweep, point: dict[str, Any], overrides: Sequence[st
 
 def _parse_error(args: list[str]) -> str | None:
     """None when ``args`` parse; else the parser's error, on one line."""
-    from instaflow_pl.cli import cli_main
+    from instaflow_pl.lightning_cli import cli_main
 
     out, err = io.StringIO(), io.StringIO()
     try:

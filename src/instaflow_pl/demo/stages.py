@@ -90,13 +90,16 @@ class Stage:
 
 
 def run_cli(args: Sequence[str]) -> None:
-    """``instaflow-pl <args>`` in this process; the W&B run it opened is closed afterwards."""
-    from instaflow_pl.cli import main
+    """``instaflow-pl <args>`` (a LightningCLI subcommand) in this process, as the command runs it (quiet library
+    output, threads for the machine); the W&B run it opened is closed afterwards."""
+    from instaflow_pl.lightning_cli import cli_main
+    from instaflow_pl.runtime import command, quiet
 
     print(f"$ instaflow-pl {' '.join(args)}", flush=True)
     try:
-        main(list(args))
-    except SystemExit as exit_:
+        with command(), quiet():
+            cli_main(list(args))
+    except SystemExit as exit_:  # the parser's one-line error was printed
         if exit_.code not in (0, None):
             raise UserError(
                 f"`instaflow-pl {' '.join(args)}` failed (exit {exit_.code}); see the message above"

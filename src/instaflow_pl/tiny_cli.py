@@ -1,0 +1,56 @@
+"""``instaflow-pl tiny``: write the tiny folder of a model family (and a tiny CLIP) that the tiny configs use."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from instaflow_pl.errors import UserError
+from instaflow_pl.families import family_named, family_of_folder
+from instaflow_pl.tiny import build_tiny_clip
+
+
+def tiny_main(args: Sequence[str]) -> None:
+    """``instaflow-pl tiny [--family F] [DIR]``: write a family's tiny folder (and optionally a tiny CLIP)."""
+    parser = argparse.ArgumentParser(
+        prog="instaflow-pl tiny",
+        description="Write a tiny diffusers-format folder of a model family with random weights: what the tiny "
+        "configs (configs/tiny/, configs/tiny/sdxl/, configs/tiny/sd3/) train and sample in seconds on a CPU.",
+    )
+    parser.add_argument(
+        "out", nargs="?", default=None, help="folder to write (default: outputs/tiny/FAMILY, e.g. outputs/tiny/sd)"
+    )
+    parser.add_argument(
+        "--family",
+        default="sd",
+        metavar="FAMILY",
+        help="model family: sd (Stable Diffusion 1.x/2.x, CLIP + UNet), sdxl (two CLIPs + SDXL UNet) or sd3 "
+        "(CLIP-L, CLIP-G, T5 + MMDiT transformer on 16-channel latents); default: %(default)s",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
+    parser.add_argument("--clip", default=None, help="also write a tiny CLIP folder here (for val/clip@n)")
+    opts = parser.parse_args(args)
+
+    family = family_named(opts.family, "--family")
+    out = Path(opts.out if opts.out is not None else f"outputs/tiny/{family.name}")
+    if (out / "model_index.json").exists():
+        try:
+            held = family_of_folder(out).name
+        except UserError:  # unreadable: --force rebuilds it
+            held = None
+        if held is not None and held != family.name:
+            raise UserError(
+                f"{out} holds a model of the {held} family, not {family.name}; write the {family.name} one to "
+                f"another folder (default: outputs/tiny/{family.name})"
+            )
+    if (out / "model_index.json").exists() and not opts.force:
+        print(f"{out} already holds a model (use --force to rebuild)")
+    else:
+        print(f"wrote {family.build_tiny(out, seed=opts.seed)}")
+    if opts.clip is not None:
+        if (Path(opts.clip) / "config.json").exists() and not opts.force:
+            print(f"{opts.clip} already holds a CLIP model (use --force to rebuild)")
+        else:
+            print(f"wrote {build_tiny_clip(opts.clip, seed=opts.seed)}")
