@@ -2,23 +2,28 @@
 
 ``instaflow-pl export --ckpt CKPT --out DIR`` writes::
 
-    DIR/model_index.json        names InstaFlowPipeline (in instaflow_pipeline.py) and its components
-    DIR/instaflow_pipeline.py   a self-contained copy of the pipeline: stock diffusers loads DIR without instaflow-pl
-    DIR/unet/                   the velocity UNet (EMA weights when the run kept an EMA), safetensors
-    DIR/vae/ text_encoder/ tokenizer/   copied from the checkpoint's base model
-    DIR/scheduler/              a FlowMatchEulerDiscreteScheduler config (informational, see below)
+    DIR/model_index.json        names InstaFlowPipeline and its components
+    DIR/instaflow_pipeline.py   SD and SDXL: a self-contained copy of the pipeline (stock diffusers samples DIR with it)
+    DIR/unet/ or transformer/   the velocity network (EMA weights when the run kept an EMA), safetensors
+    DIR/vae/ text_encoder/ tokenizer/ ...   copied from the checkpoint's base model (the family's parts)
+    DIR/scheduler/              a FlowMatchEulerDiscreteScheduler config (shift 1; see below)
     DIR/instaflow.json          marks DIR as a velocity (k-RF) model: module kind, base model, steps, stages
-    DIR/README.md               a short model card
+    DIR/README.md               a model card; its "Use" section is the family's (``Family.card_use``)
 
-The folder loads with ``InstaFlowPipeline.from_pretrained(DIR)``, with stock diffusers alone
-(``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)``: diffusers' custom-pipeline mechanism), with stock
-``UNet2DConditionModel.from_pretrained(DIR, subfolder="unet")``, and with ``load_teacher(DIR)`` (so an export is the
-teacher of the next pair-generation round and the ``base_model`` of the next training stage).
+The folder loads with ``InstaFlowPipeline.from_pretrained(DIR)``, with the family's stock network class
+(``UNet2DConditionModel`` / ``SD3Transformer2DModel.from_pretrained(DIR, subfolder=...)``), and with
+``load_teacher(DIR)`` (so an export is the teacher of the next pair-generation round and the ``base_model`` of the next
+training stage). Stock diffusers alone samples it too, as the card says: SD exports with
+``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` (``model_index.json`` names the shipped file,
+diffusers' custom-pipeline mechanism), SDXL exports with ``custom_pipeline="instaflow_pipeline"`` added (their index
+keeps naming InstaFlowPipeline, so ``StableDiffusionXLPipeline.from_pretrained(DIR)`` still loads the parts), SD3
+exports with stock ``StableDiffusion3Pipeline`` and ``sigmas=[1 - i / k for i in range(k)]``.
 
-Sampling always uses the project's LatentODE (Euler): t = 0 is noise, t = 1 is data, the UNet is called at timestep
-``(1 - t) * 1000`` and returns the velocity ``data - noise``. That is the opposite sign of diffusers' flow-matching
-schedulers (whose model output points to the noise), so the scheduler config only records the timestep range; a stock
-scheduler must not be used to step this UNet.
+Sampling uses the project's LatentODE (Euler): t = 0 is noise, t = 1 is data, the network is called at timestep
+``(1 - t) * 1000`` and returns the velocity ``data - noise`` (a UNet), or minus it (SD3's transformer, which keeps its
+flow-matching sign). A UNet's sign is the opposite of diffusers' flow-matching schedulers (whose model output points
+to the noise), so for SD and SDXL the scheduler config only records the timestep range and a stock scheduler must not
+step the UNet; SD3's stock scheduler steps its transformer exactly as the LatentODE does on the same sigmas.
 
 Checkpoints are read with ``torch.load(weights_only=True)``: nothing in them is executed. Lightning checkpoints of
 the training modules hold a few harmless non-tensor objects (numpy scalars in the data loader's state, paths in the
@@ -401,7 +406,7 @@ def _pairs_summary(data: str | None) -> str | None:
 
 
 def model_card(info: dict[str, Any]) -> str:
-    """A short README.md for an exported folder."""
+    """A short README.md for an exported folder; its "Use" section is the family's (:meth:`Family.card_use`)."""
     stages = " -> ".join(info["stages"])
     steps = info.get("student_steps")
     metrics = info["metrics"]
@@ -430,35 +435,17 @@ def model_card(info: dict[str, Any]) -> str:
         "",
         "## Use",
         "",
-        "With diffusers alone (no instaflow-pl needed; the pipeline is `instaflow_pipeline.py` in this folder):",
-        "",
-        "```python",
-        "from diffusers import DiffusionPipeline",
-        "",
-        "pipe = DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)",
-        f"image = pipe('a photo of a cat', num_inference_steps={steps or 1}).images[0]",
-        "```",
-        "",
-        "With instaflow-pl:",
-        "",
-        "```bash",
-        f"instaflow-pl sample --model DIR --prompt 'a photo of a cat' --steps {steps or 1} --out grid.png",
-        "```",
-        "",
-        "```python",
-        "from instaflow_pl.pipeline import InstaFlowPipeline",
-        "",
-        "pipe = InstaFlowPipeline.from_pretrained(DIR)",
-        f"image = pipe('a photo of a cat', num_inference_steps={steps or 1}).images[0]",
-        "```",
-        "",
-        "Sampling uses the project's Euler LatentODE: t = 0 is noise, t = 1 is data, the UNet is called at timestep",
-        "`(1 - t) * 1000` and returns the velocity (data - noise). The scheduler config only records the timestep",
-        "range; diffusers' flow-matching schedulers use the opposite velocity sign and must not step this UNet.",
-        "This folder is also a velocity teacher (`load_teacher(DIR)`) and a `base_model` for the next stage.",
+        *_card_family(info).card_use(steps or 1),
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_family(info: dict[str, Any]):
+    """The family an export's card is written for (``sd`` for records from before families)."""
+    from instaflow_pl.families import family_named
+
+    return family_named(info.get("family") or "sd", "the export record")
 
 
 def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: Path, source: str) -> dict[str, Any]:
@@ -480,7 +467,7 @@ def _write_folder(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, base: 
     mark_velocity_folder(tmp, **info)
     (tmp / "README.md").write_text(model_card(info))
     if family.standalone_pipeline:
-        write_pipeline_file(tmp)
+        write_pipeline_file(tmp, in_index=family.pipeline_file_in_index)
     return info
 
 
@@ -517,7 +504,8 @@ def _write_lora_file(tmp: Path, checkpoint: dict[str, Any], ckpt_path: Path, bas
 
 
 def lora_card(info: dict[str, Any]) -> str:
-    """A short README.md for a LoRA export."""
+    """A short README.md for a LoRA export (loaded with the family's pipeline class, :meth:`Family.card_lora_use`)."""
+    family = _card_family(info)
     return "\n".join(
         [
             "# InstaFlow velocity LoRA",
@@ -526,14 +514,10 @@ def lora_card(info: dict[str, Any]) -> str:
             f"`{info['exported_from']}`, for the base model `{info['base_model']}` ({info['training_steps']} "
             f"training steps, {'EMA' if info['weights'] == 'ema' else 'raw'} weights).",
             "",
-            "```python",
-            "from diffusers import StableDiffusionPipeline",
+            *family.card_lora_use(info["base_model"]),
             "",
-            f"pipe = StableDiffusionPipeline.from_pretrained('{info['base_model']}')",
-            "pipe.load_lora_weights(DIR)  # the UNet now returns this model's velocity",
-            "```",
-            "",
-            "With adapters the UNet is a velocity model (t = 0 noise, UNet timestep (1 - t) * 1000); sample it with",
+            f"With adapters the {family.network_folder} is a velocity model (t = 0 noise, network timestep "
+            "(1 - t) * 1000); sample it with",
             "instaflow-pl's Euler LatentODE, or export merged weights (the default) for a folder that samples alone.",
             "",
         ]
@@ -541,19 +525,24 @@ def lora_card(info: dict[str, Any]) -> str:
 
 
 PIPELINE_FILE = "instaflow_pipeline.py"
-"""The self-contained pipeline file every export ships (a copy of :mod:`instaflow_pl.standalone_pipeline`)."""
+"""The self-contained pipeline file exports of families with ``standalone_pipeline`` ship (a copy of
+:mod:`instaflow_pl.standalone_pipeline`)."""
 
 
-def write_pipeline_file(folder: Path) -> None:
-    """Ship the self-contained pipeline in ``folder`` and name it in its ``model_index.json``.
+def write_pipeline_file(folder: Path, in_index: bool = True) -> None:
+    """Ship the self-contained pipeline in ``folder`` and (``in_index``) name it in its ``model_index.json``.
 
     ``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]`` is diffusers' custom-pipeline entry: stock
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` then loads the class from the file (also
     from a hub repository holding the folder). ``instaflow_pl.pipeline.InstaFlowPipeline`` reads the entry as its own.
+    Without the entry, ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="instaflow_pipeline",
+    trust_remote_code=True)`` loads the file, and the family's stock pipeline class still loads the folder.
     """
     from instaflow_pl import standalone_pipeline
 
     shutil.copyfile(standalone_pipeline.__file__, folder / PIPELINE_FILE)
+    if not in_index:
+        return
     index = _read_json(folder / "model_index.json")
     index["_class_name"] = [Path(PIPELINE_FILE).stem, PIPELINE_CLASS]
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

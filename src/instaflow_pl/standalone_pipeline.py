@@ -1,20 +1,26 @@
-"""InstaFlowPipeline for people who have diffusers but not instaflow-pl (shipped in every export).
+"""InstaFlowPipeline for people who have diffusers but not instaflow-pl (shipped in SD 1.x/2.x and SDXL exports).
 
-``instaflow-pl export`` copies this file into the exported folder as ``instaflow_pipeline.py`` and names it in
-``model_index.json`` (``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]``), diffusers' custom-pipeline
-mechanism, so stock diffusers loads the folder (local or on a hub) with::
+``instaflow-pl export`` copies this file into the exported folder as ``instaflow_pipeline.py``. SD exports name it in
+``model_index.json`` (``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]``, diffusers' custom-pipeline
+mechanism), so stock diffusers loads the folder (local or on a hub) with::
 
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)
     image = pipe("a photo of a cat", num_inference_steps=1).images[0]
 
-The file imports only torch and diffusers (the tokenizer and text encoder are transformers objects loaded by
+SDXL exports keep ``StableDiffusionXLPipeline``-loadable parts and name the file at load time instead:
+``DiffusionPipeline.from_pretrained(DIR, custom_pipeline="instaflow_pipeline", trust_remote_code=True)``.
+
+The file imports only torch and diffusers (the tokenizers and text encoders are transformers objects loaded by
 diffusers). Its sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data)
 on a uniform grid, the UNet called at timestep ``(1 - t) * 1000`` with its output taken as the velocity, and
 classifier-free guidance ``v_uncond + w (v_cond - v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is
-the null prompt). The project's tests require its samples to equal ``instaflow_pl.pipeline.InstaFlowPipeline``'s
-exactly; keep this file free of ``instaflow_pl`` imports.
+the null prompt). Prompts are encoded as the family's diffusers pipeline does: SD's CLIP last hidden state, or, for
+SDXL (a folder with ``text_encoder_2``), both CLIP towers' penultimate states joined, CLIP-G's pooled embedding and
+the default size ids (zeros for the null prompt when ``force_zeros_for_empty_prompt``). SD3 exports do not need this
+file: stock ``StableDiffusion3Pipeline`` samples them. The project's tests require its samples to equal
+``instaflow_pl.pipeline.InstaFlowPipeline``'s exactly; keep this file free of ``instaflow_pl`` imports.
 """
 
 from __future__ import annotations
@@ -40,19 +46,41 @@ class InstaFlowPipeline(DiffusionPipeline):
 
     Args:
         vae: Decodes the scaled latents to images; None for a pixel-space model (latent = image).
-        text_encoder: CLIP text model; its last hidden state conditions the UNet.
+        text_encoder: CLIP text model (SD: its last hidden state conditions the UNet; SDXL: CLIP-L).
         tokenizer: CLIP tokenizer (prompts padded or truncated to its ``model_max_length``).
         unet: The velocity UNet.
         scheduler: Kept as a record of the timestep range only; the Euler steps below are the sampler.
+        text_encoder_2: SDXL's CLIP-G (with projection); None for SD.
+        tokenizer_2: Its tokenizer.
+        force_zeros_for_empty_prompt: SDXL: the null prompt's condition is zeros (copied from the base folder).
     """
 
-    model_cpu_offload_seq = "text_encoder->unet->vae"
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
 
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        force_zeros_for_empty_prompt: bool = True,
+    ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+        )
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -74,25 +102,57 @@ class InstaFlowPipeline(DiffusionPipeline):
             raise ValueError(f"height and width must be {wanted}, got {height} x {width}")
         return (int(config.in_channels), height // scale, width // scale)
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Prompt embeddings (B, max_length, D): the text encoder's last hidden state, as Stable Diffusion uses."""
-        max_length = int(self.tokenizer.model_max_length)
-        tokens = self.tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
+    @staticmethod
+    def tokens(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
+        """Token ids padded or truncated to the tokenizer's ``model_max_length``, on ``encoder``'s device."""
+        max_length = int(tokenizer.model_max_length)
+        tokens = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         if bool(tokens.attention_mask[:, -1].any()):
-            lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False)["input_ids"]]
+            lengths = [len(ids) for ids in tokenizer(prompts, truncation=False)["input_ids"]]
             if max(lengths) > max_length:
                 logger.warning(f"prompts longer than {max_length} tokens were truncated")
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(tokens.input_ids.to(device))[0]
+        return tokens.input_ids.to(next(encoder.parameters()).device)
 
-    def velocity(self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-        """The UNet's velocity at flow time ``t`` (B,): timestep ``(1 - t) * 1000``, output in float32."""
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings (B, max_length, D) and the pooled embedding (B, P) or None.
+
+        SD: the text encoder's last hidden state, no pooled embedding. SDXL: the penultimate hidden states of both
+        towers joined along the width, and CLIP-G's projected embedding.
+        """
+        if self.text_encoder_2 is None:
+            return self.text_encoder(self.tokens(self.tokenizer, self.text_encoder, prompts))[0], None
+        states, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(self.tokens(tokenizer, encoder, prompts), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(states, dim=-1), pooled
+
+    def null_condition(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The null prompt's embeddings (batch 1): the encoded "", or zeros for SDXL's force_zeros_for_empty_prompt."""
+        embeds, pooled = self.encode([""])
+        if self.text_encoder_2 is not None and self.config.force_zeros_for_empty_prompt:
+            return torch.zeros_like(embeds), torch.zeros_like(pooled)
+        return embeds, pooled
+
+    def velocity(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The UNet's velocity at flow time ``t`` (B,): timestep ``(1 - t) * 1000``, output in float32.
+
+        With a pooled embedding (SDXL) the UNet also gets it and the size ids (height, width, 0, 0, height, width)
+        of the images the latents ``x`` decode to.
+        """
         dtype = next(self.unet.parameters()).dtype
         timestep = (1.0 - t) * UNET_TIME_SCALE
-        out = self.unet(x.to(dtype), timestep, encoder_hidden_states=embeds.to(dtype), return_dict=False)[0]
+        x = x.to(dtype)
+        extra = {}
+        if pooled is not None:
+            height, width = (int(s) * self.vae_scale_factor for s in x.shape[-2:])
+            ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=x.dtype, device=x.device)
+            extra["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": ids.expand(x.shape[0], 6)}
+        out = self.unet(x, timestep, encoder_hidden_states=embeds.to(dtype), **extra, return_dict=False)[0]
         return out.float()
 
     @torch.no_grad()
@@ -104,20 +164,22 @@ class InstaFlowPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (1 or less means none), got {guidance_scale}")
-        embeds = self.encode(prompts)
+        embeds, pooled = self.encode(prompts)
         guided = guidance_scale > 1.0
         if guided:  # unconditional first, then conditional, in one batch
-            null = self.encode([""])
+            null, null_pooled = self.null_condition()
             embeds = torch.cat([null.expand_as(embeds), embeds])
+            pooled = None if pooled is None else torch.cat([null_pooled.expand_as(pooled), pooled])
         grid = [k / num_inference_steps for k in range(num_inference_steps + 1)]
         x = x0
         for t, t_next in zip(grid, grid[1:], strict=False):
             t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
             if guided:
-                uncond, cond = self.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), embeds).chunk(2)
+                both = self.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), embeds, pooled)
+                uncond, cond = both.chunk(2)
                 v = uncond + float(guidance_scale) * (cond - uncond)
             else:
-                v = self.velocity(x, t_batch, embeds)
+                v = self.velocity(x, t_batch, embeds, pooled)
             x = x + (t_next - t) * v.to(x.dtype)
         return x
 

@@ -52,13 +52,27 @@ class Family:
     teacher_solvers: ClassVar[tuple[str, ...]]
     """Solvers that fit a released (``sd`` kind) folder of this family."""
     default_teacher_solver: ClassVar[str]
-    """The solver pair generation uses for a released folder when the config says ``auto``."""
+    """The solver ``auto`` gives a released folder whose own scheduler is none the project solves (SD3: its
+    flow-matching Euler is the LatentODE's ``euler``)."""
     pipeline_config: ClassVar[tuple[str, ...]] = ()
     """``model_index.json`` settings an export copies from its base folder (SDXL: ``force_zeros_for_empty_prompt``)."""
     lora_pipeline: ClassVar[str]
     """The diffusers pipeline class whose ``save_lora_weights``/``load_lora_weights`` handle this family's LoRA."""
     standalone_pipeline: ClassVar[bool] = False
-    """Exports ship the self-contained ``instaflow_pipeline.py`` (stock diffusers with ``trust_remote_code``)."""
+    """Exports ship the self-contained ``instaflow_pipeline.py`` (stock diffusers with ``trust_remote_code``): for
+    families whose stock pipeline cannot sample an export (a UNet's velocity has the opposite sign of diffusers'
+    flow-matching schedulers)."""
+    pipeline_file_in_index: ClassVar[bool] = True
+    """With :attr:`standalone_pipeline`: ``model_index.json`` names the file (``"_class_name": [file, class]``), so
+    ``DiffusionPipeline.from_pretrained(DIR, trust_remote_code=True)`` loads it. False keeps ``InstaFlowPipeline`` as
+    the class name, so the family's stock pipeline (:attr:`lora_pipeline`) still loads the folder's parts, and the
+    file is loaded with ``custom_pipeline="instaflow_pipeline"``."""
+    card_steps_note: ClassVar[tuple[str, ...]] = (
+        "Sampling uses the project's Euler LatentODE: t = 0 is noise, t = 1 is data, the UNet is called at timestep",
+        "`(1 - t) * 1000` and returns the velocity (data - noise). The scheduler config only records the timestep",
+        "range; diffusers' flow-matching schedulers use the opposite velocity sign and must not step this UNet.",
+    )
+    """The model card's paragraph (its lines) on how the export is stepped and whether a stock scheduler may."""
 
     # ---- networks -------------------------------------------------------------------------------------------
 
@@ -154,18 +168,85 @@ class Family:
         """The LatentODE of a released flow-matching folder (only families with ``teacher_is_flow``)."""
         raise UserError(f"a {self.title} teacher is solved through its scheduler, not the LatentODE")
 
-    def solver_name(self, kind: str, solver: str) -> str:
-        """The solver a teacher of ``kind`` uses for ``solver`` (``auto``: the family's default for released
-        folders, Euler for velocity folders)."""
+    def solver_name(self, kind: str, solver: str, scheduler_config: dict[str, Any]) -> str:
+        """The solver a teacher of ``kind`` uses for ``solver``.
+
+        ``auto`` is Euler for velocity folders; for a released folder it is the folder's own scheduler (its
+        ``scheduler_config`` ``_class_name``), as the family's stock pipeline samples it, when the family's teacher
+        solves that scheduler, else :attr:`default_teacher_solver`.
+        """
         if solver != "auto":
             return solver
-        return "euler" if kind == VELOCITY_KIND else self.default_teacher_solver
+        if kind == VELOCITY_KIND:
+            return "euler"
+        from instaflow_pl.solver import scheduler_solver
+
+        own = scheduler_solver(scheduler_config)
+        return own if own in self.teacher_solvers else self.default_teacher_solver
 
     def allowed_solvers(self, kind: str) -> tuple[str, ...]:
         """The solver names a teacher of ``kind`` accepts."""
         from instaflow_pl.solver import METHODS
 
         return tuple(METHODS) if kind == VELOCITY_KIND else self.teacher_solvers
+
+    # ---- model cards ----------------------------------------------------------------------------------------
+
+    def card_stock_use(self, steps: int) -> list[str]:
+        """The model card's first way to sample an export in ``steps`` steps, without instaflow-pl (markdown lines
+        whose python block loads ``DIR``): the shipped ``instaflow_pipeline.py`` through stock diffusers' custom
+        pipelines, or, for a family that ships none, a line saying stock diffusers cannot sample it."""
+        if not self.standalone_pipeline:
+            return [
+                f"Stock diffusers cannot sample this export ({self.lora_pipeline}'s scheduler steps another velocity "
+                "convention); use instaflow-pl as below."
+            ]
+        custom = "" if self.pipeline_file_in_index else 'custom_pipeline="instaflow_pipeline", '
+        return [
+            "With diffusers alone (no instaflow-pl needed; the pipeline is `instaflow_pipeline.py` in this folder):",
+            "",
+            "```python",
+            "from diffusers import DiffusionPipeline",
+            "",
+            f"pipe = DiffusionPipeline.from_pretrained(DIR, {custom}trust_remote_code=True)",
+            f"image = pipe('a photo of a cat', num_inference_steps={steps}).images[0]",
+            "```",
+        ]
+
+    def card_use(self, steps: int) -> list[str]:
+        """The model card's "Use" section (markdown lines, without its heading) for an export of this family that
+        samples in ``steps`` steps: the family's stock-diffusers way first, then instaflow-pl's, then how it steps."""
+        return [
+            *self.card_stock_use(steps),
+            "",
+            "With instaflow-pl (every family):",
+            "",
+            "```bash",
+            f"instaflow-pl sample --model DIR --prompt 'a photo of a cat' --steps {steps} --out grid.png",
+            "```",
+            "",
+            "```python",
+            "from instaflow_pl.pipeline import InstaFlowPipeline",
+            "",
+            "pipe = InstaFlowPipeline.from_pretrained(DIR)",
+            f"image = pipe('a photo of a cat', num_inference_steps={steps}).images[0]",
+            "```",
+            "",
+            *self.card_steps_note,
+            "",
+            "This folder is also a velocity teacher (`load_teacher(DIR)`) and a `base_model` for the next stage.",
+        ]
+
+    def card_lora_use(self, base_model: str) -> list[str]:
+        """The LoRA card's snippet: the adapters loaded onto ``base_model`` with the family's stock pipeline."""
+        return [
+            "```python",
+            f"from diffusers import {self.lora_pipeline}",
+            "",
+            f"pipe = {self.lora_pipeline}.from_pretrained('{base_model}')",
+            f"pipe.load_lora_weights(DIR)  # the {self.network_folder} now returns this model's velocity",
+            "```",
+        ]
 
     # ---- tiny fixtures --------------------------------------------------------------------------------------
 

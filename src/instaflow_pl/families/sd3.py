@@ -81,6 +81,29 @@ class StableDiffusion3(Family):
     teacher_solvers = tuple(METHODS)
     default_teacher_solver = "euler"
     lora_pipeline = "StableDiffusion3Pipeline"
+    card_steps_note = (
+        "The transformer keeps SD3's flow-matching convention: at sigma = 1 - t (t = 0 noise, t = 1 data) it is",
+        "called at timestep sigma * 1000 and returns noise - data, minus the velocity. So the exported",
+        "FlowMatchEulerDiscreteScheduler (shift 1) takes the same Euler steps as instaflow-pl's LatentODE on the grid",
+        "`sigmas = [1 - i / k for i in range(k)]`. Without `sigmas=` the stock grid is `linspace(1, 1/1000, k)`: the",
+        "same sample at k = 1, a slightly different one for k > 1.",
+    )
+
+    def card_stock_use(self, steps: int) -> list[str]:
+        """Stock ``StableDiffusion3Pipeline`` samples an export: the uniform grid through ``sigmas=``."""
+        return [
+            "With diffusers alone (no instaflow-pl needed): the stock SD3 pipeline samples this folder; with the",
+            "uniform `sigmas` below it samples what instaflow-pl samples.",
+            "",
+            "```python",
+            "from diffusers import StableDiffusion3Pipeline",
+            "",
+            "pipe = StableDiffusion3Pipeline.from_pretrained(DIR)",
+            f"k = {steps}  # steps",
+            "sigmas = [1 - i / k for i in range(k)]",
+            "image = pipe('a photo of a cat', num_inference_steps=k, sigmas=sigmas, guidance_scale=0.0).images[0]",
+            "```",
+        ]
 
     def owns_network(self, network: nn.Module) -> bool:
         """An ``SD3Transformer2DModel``."""

@@ -63,6 +63,8 @@ class StableDiffusionXL(Family):
     teacher_solvers = tuple(SCHEDULERS)
     default_teacher_solver = "dpm++"
     lora_pipeline = "StableDiffusionXLPipeline"
+    standalone_pipeline = True
+    pipeline_file_in_index = False  # StableDiffusionXLPipeline.from_pretrained(DIR) still loads the parts
     pipeline_config = ("force_zeros_for_empty_prompt",)
 
     def owns_network(self, network: nn.Module) -> bool:
