@@ -1,4 +1,4 @@
-"""The fixed conventions of DESIGN.md, pinned."""
+"""The fixed conventions (docs/architecture.md), pinned."""
 
 from __future__ import annotations
 

@@ -72,6 +72,37 @@ def test_sdxl_teacher_matches_stable_diffusion_xl_pipeline(tiny_sdxl, solver, sc
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_sdxl_auto_solver_is_the_folders_own_scheduler(tiny_sdxl, guidance):
+    """``solver: auto`` samples a released folder as its stock pipeline does: the tiny SDXL folder's scheduler is
+    Euler (as SDXL base 1.0's), so auto is ``euler-discrete`` and X1 equals StableDiffusionXLPipeline's, untouched."""
+    steps = 5
+    config = json.loads((tiny_sdxl / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "EulerDiscreteScheduler"
+    teacher = load_teacher(tiny_sdxl, steps=steps)
+    assert teacher.solver_name == "euler-discrete"
+    assert teacher.with_steps(3).solver_name == "euler-discrete"
+    x0 = noise_for_indices(0, [0, 1], (4, *LATENT_HW))
+    ours = teacher.sample(x0.clone(), PROMPTS, guidance=guidance).x
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)  # the folder's own scheduler
+    assert type(pipe.scheduler) is EulerDiscreteScheduler
+    check_parity("sdxl auto", ours, pipe, x0, steps, guidance)
+
+
+def test_auto_solver_falls_back_to_the_family_default_for_a_scheduler_it_does_not_solve(tiny_sdxl, tmp_path):
+    """A folder whose scheduler is not one of the project's solvers (here LMS) gets the family's default under auto;
+    a named solver is always taken as named."""
+    folder = tmp_path / "sdxl-lms"
+    shutil.copytree(tiny_sdxl, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "LMSDiscreteScheduler"}))
+    family = FAMILIES["sdxl"]
+    assert load_teacher(folder, steps=2).solver_name == family.default_teacher_solver == "dpm++"
+    assert load_teacher(folder, solver="ddim", steps=2).solver_name == "ddim"
+    velocity_config = {"_class_name": "EulerDiscreteScheduler"}
+    assert family.solver_name("velocity", "auto", velocity_config) == "euler"
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_sd3_teacher_matches_stable_diffusion_3_pipeline(tiny_sd3, guidance):
     """The SD3 teacher is our Euler LatentODE on 1 - the scheduler's shifted sigmas, with v = -output."""
     steps = 5

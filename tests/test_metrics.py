@@ -199,6 +199,34 @@ def test_fid_inception_from_a_local_weights_file(tmp_path, monkeypatch):
     assert abs(fid.compute().item()) < 1e-6 * max(reference.cov.trace().item(), 1.0)
 
 
+def test_inception_features_round_to_uint8_and_key_the_cache_by_it(inception_weights, monkeypatch):
+    """Images reach Inception as diffusers saves them, ``(x * 255).round()``: a reference PNG's bytes read into
+    [-1, 1] come back exactly (truncation lost one level on some), and the conversion is part of the cache key."""
+    from instaflow_pl.metrics import module_fingerprint
+    from instaflow_pl.metrics.fid import InceptionFeatures
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[torch.Tensor] = []
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            self.seen.append(images)
+            return torch.zeros(images.shape[0], 64)
+
+    net = inception_features(inception_weights, feature_dim=64)
+    rounding = module_fingerprint(net)
+    with monkeypatch.context() as patch:
+        patch.setattr(InceptionFeatures, "fingerprint_tag", "")
+        assert module_fingerprint(net) != rounding, "statistics cached under another conversion must not be reused"
+    net.inception = recorder = Recorder()
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    net(levels.float() / 127.5 - 1.0)  # as ReferenceImages reads a PNG
+    assert recorder.seen[0].dtype == torch.uint8 and torch.equal(recorder.seen[0], levels)
+    net(torch.full((1, 3, 4, 4), 1 / 255 - 1 + 1e-4))  # just above half a level (0.5 / 255 in [0, 1]): rounds up
+    assert recorder.seen[1].unique().tolist() == [1]
+
+
 def test_reference_statistics_are_cached_and_keyed_by_data_and_network(tmp_path):
     net, images = CountingNet(), image_set(40)
     first = FIDReference.load_or_compute(images, net, tmp_path, batch_size=16)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler, StableDiffusionPipeline
 
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.errors import UserError
@@ -43,6 +43,43 @@ def test_sd_teacher_matches_stable_diffusion_pipeline(tiny_sd, pipe, solver, sch
     relative = ((ours - reference).norm() / reference.norm()).item()
     assert relative < 1e-5, relative
     assert not torch.allclose(ours[0], ours[1]), "the two prompts must give different latents"
+
+
+@pytest.mark.parametrize("guidance", [1.0, 6.0])
+def test_sd_auto_solver_is_the_folders_own_scheduler(tiny_sd, guidance):
+    """Under ``auto`` the tiny SD folder (PNDM, as SD 1.5's) is solved by its own scheduler, as the stock pipeline."""
+    steps = 6
+    teacher = load_teacher(tiny_sd, steps=steps)
+    assert teacher.solver_name == "pndm" and teacher.solver.nfe == steps + 1  # PNDM's first step is evaluated twice
+    x0 = noise_for_indices(0, [0, 1], teacher.latent_shape)
+    ours = teacher.sample(x0.clone(), PARITY_PROMPTS, guidance=guidance).x
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    assert type(pipeline.scheduler) is PNDMScheduler
+    reference = pipeline(
+        PARITY_PROMPTS,
+        latents=x0.clone(),
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="latent",
+        height=16,
+        width=16,
+    ).images
+    assert ((ours - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def test_pndm_trajectory_keeps_one_state_per_time(tiny_sd):
+    """PNDM's second call corrects the state of its first: the trajectory keeps the corrected one, so its times
+    increase strictly (straightness divides by the steps) and it ends at the solve's end point."""
+    teacher = load_teacher(tiny_sd, solver="pndm", steps=4)
+    x0 = noise_for_indices(0, [0], teacher.latent_shape)
+    cond = teacher.encoder.condition(["a cat"], with_null=False)
+    solution = teacher.solver.solve(teacher.model, x0, cond, return_trajectory=True)
+    assert solution.nfe == 5 and solution.states.shape[0] == 5 == len(solution.times)
+    assert solution.times[0] == 0.0 and solution.times[-1] == 1.0
+    assert torch.all(solution.times[1:] > solution.times[:-1])
+    assert torch.equal(solution.states[-1], solution.x)
+    assert torch.equal(teacher.solver.solve(teacher.model, x0, cond).x, solution.x)
 
 
 def test_sd_teacher_counts_one_evaluation_per_step_and_returns_trajectory(tiny_sd):

@@ -1,4 +1,4 @@
-"""The project's fixed conventions, stated once (see DESIGN.md).
+"""The project's fixed conventions, stated once (docs/architecture.md says which module owns each).
 
 * Time runs from noise to data: ``t = 0`` is noise (X0), ``t = 1`` is data (X1).
 * A UNet-based velocity is called with timestep ``(1 - t) * 1000``: noise sits at timestep 1000, as in Stable

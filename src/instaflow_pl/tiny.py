@@ -1,7 +1,9 @@
-"""A tiny Stable-Diffusion-format folder with random weights, for tests, benchmarks, the tiny configs and users.
+"""Tiny model folders with random weights (SD 1.x, SDXL, SD3, CLIP) for tests, benchmarks, the tiny configs and users.
 
-It has every part a real SD 1.5 folder has (UNet, VAE, CLIP text encoder and tokenizer, scheduler,
-``model_index.json``) and loads through exactly the same code, but runs in milliseconds on a CPU.
+Each family's folder has every part its released counterpart has (denoising network, VAE, text encoders and
+tokenizers, scheduler, ``model_index.json``) and loads through exactly the same code, but runs in milliseconds on a
+CPU. Also here: a tiny CLIP folder (CLIP score), a folder of reference images (FID), and SD 1.5's architecture with
+random weights (memory and speed checks).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ class Trajectories(L.Callback):
         guidance: Classifier-free guidance.
         seed: Noise of trajectory i comes from ``seed + i``.
         teacher: Optional teacher folder (SD or k-RF) whose trajectories are drawn beside the model's.
-        teacher_solver: The teacher's solver (``auto``: DPM-Solver++ for SD, Euler for a k-RF).
+        teacher_solver: The teacher's solver (``auto``: the folder's own scheduler for SD, Euler for a k-RF).
         teacher_steps: The teacher's steps.
         every_n_epochs: Draw after every n-th validation epoch.
     """

@@ -18,7 +18,7 @@ from instaflow_pl.demo.classifier import DigitClassifier
 from instaflow_pl.errors import UserError
 from instaflow_pl.metrics import FID, FeatureNet, FIDReference, straightness
 from instaflow_pl.modules.losses import l2_distance
-from instaflow_pl.solver import LatentODE, ODESolution
+from instaflow_pl.solver import ODESolution
 from instaflow_pl.teachers import Teacher, load_teacher
 
 EVAL_SEED = 2_000_000_000
@@ -111,15 +111,6 @@ def eval_noise(seed: int, count: int) -> tuple[torch.Tensor, list[str], torch.Te
     return x0, [DIGIT_PROMPTS[int(d)] for d in labels], labels
 
 
-def with_steps(teacher: Teacher, steps: int) -> Teacher:
-    """The same teacher (shared weights) solved with ``steps`` Euler steps."""
-    import copy
-
-    other = copy.copy(teacher)
-    other.solver = LatentODE("euler", steps)
-    return other
-
-
 class Evaluator:
     """Measures models against the held-out digits with the demo's classifier.
 
@@ -157,7 +148,7 @@ class Evaluator:
 
     def measure(self, row: Row, teacher: Teacher) -> Row:
         """Sample every seed's noises and fill in FID, accuracy and speed."""
-        solver = with_steps(teacher, row.steps)
+        solver = teacher.with_steps(row.steps)
         with torch.no_grad():  # warm-up (first-call allocations), not timed
             solver.sample(self.noises[0][0][:10], self.noises[0][1][:10], row.guidance)
         elapsed = 0.0
@@ -175,7 +166,7 @@ class Evaluator:
         """The flow's Euler trajectory on the first seed's noises (``count`` of them)."""
         x0, prompts, _ = self.noises[0]
         count = count or len(prompts)
-        solver = with_steps(teacher, self.settings.straightness_steps)
+        solver = teacher.with_steps(self.settings.straightness_steps)
         with torch.no_grad():
             return solver.sample(x0[:count], prompts[:count], guidance, return_trajectory=True)
 
@@ -187,7 +178,7 @@ class Evaluator:
         """The first ``count`` samples of the first seed (one per prompt for count = 10), for the grid."""
         x0, prompts, _ = self.noises[0]
         with torch.no_grad():
-            return with_steps(teacher, steps).sample(x0[:count], prompts[:count], guidance).x.clamp(-1, 1)
+            return teacher.with_steps(steps).sample(x0[:count], prompts[:count], guidance).x.clamp(-1, 1)
 
 
 def distill_loss(teacher: Teacher, pairs: Path, limit: int, val_fraction: float) -> float:
@@ -202,7 +193,7 @@ def distill_loss(teacher: Teacher, pairs: Path, limit: int, val_fraction: float)
     data = TriplesDataModule(str(pairs), batch_size=500, val_fraction=val_fraction)
     data.setup("fit")
     total, count = 0.0, 0
-    one_step = with_steps(teacher, 1)
+    one_step = teacher.with_steps(1)
     for batch in data.val_dataloader():
         with torch.no_grad():
             out = one_step.sample(batch.x0, batch.prompts, 1.0).x
@@ -214,7 +205,7 @@ def distill_loss(teacher: Teacher, pairs: Path, limit: int, val_fraction: float)
 
 
 def load_flow(folder: Path) -> Teacher:
-    """A demo model folder as a velocity teacher (Euler)."""
+    """A demo model folder as a velocity teacher (Euler; :meth:`Teacher.with_steps` sets the step count)."""
     return load_teacher(folder, solver="euler", steps=1)
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -357,8 +356,3 @@ def write_report(plan: DemoPlan) -> dict[str, Any]:
         print(f"({f.key}) {f.verdict}: {f.claim}")
     print(f"wrote {plan.path('report.md')}, report.json, grid.png, straightness.png")
     return report
-
-
-def read_report(folder: str | Path) -> dict[str, Any]:
-    """A written report.json."""
-    return json.loads((Path(folder) / "report.json").read_text())

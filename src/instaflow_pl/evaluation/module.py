@@ -9,6 +9,7 @@ from the stored features in sample order, do not depend on the number of ranks o
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 import warnings
@@ -44,9 +45,9 @@ class ModelToEvaluate:
         name: Name in the report (default: the folder's name).
         steps: Step counts, one row each.
         guidance: Classifier-free guidance weights, one row each (1 or less: none, conditional branch only).
-        solver: ``auto`` (Euler for a velocity folder, DPM-Solver++ for a diffusion one), an ODE method (``euler``,
-            ``midpoint``, ``heun``, ``rk4``) or a scheduler (``dpm++``, ``ddim``, ``euler-discrete``, ``pndm``,
-            ``unipc``).
+        solver: ``auto`` (Euler for a velocity folder; the folder's own scheduler for a released one, as its stock
+            pipeline samples it), an ODE method (``euler``, ``midpoint``, ``heun``, ``rk4``) or a scheduler (``dpm++``,
+            ``ddim``, ``euler-discrete``, ``pndm``, ``unipc``).
         dtype: Weight dtype: ``fp32``, ``fp16`` or ``bf16``.
     """
 
@@ -93,7 +94,12 @@ def _check_model(spec: ModelToEvaluate) -> tuple[str, str, str]:
                 f"{root} is not a model to evaluate: it has no {part}/ subfolder (give an exported folder or a "
                 f"released {family.name} folder: {family.network_folder}, {', '.join(family.text_parts)}, scheduler)"
             )
-    solver = family.solver_name(kind, spec.solver)
+    scheduler_file = root / "scheduler" / "scheduler_config.json"
+    try:
+        scheduler_config = json.loads(scheduler_file.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"cannot read {scheduler_file} ({err}); a model folder needs its scheduler config") from None
+    solver = family.solver_name(kind, spec.solver, scheduler_config)
     allowed = family.allowed_solvers(kind)
     if solver not in allowed:
         raise UserError(
@@ -115,9 +121,9 @@ class Evaluation(L.LightningModule):
     FID | CLIP | ms/img), ``report.json`` and ``grid.png`` (rows: model x steps x guidance; columns: the first
     captions, the same noise down each column), and to the configured logger (W&B: a table and the grid).
 
-    FID follows torch-fidelity's convention: images become uint8 and InceptionV3 resizes them to 299 x 299 itself
-    (bilinear, as TensorFlow 1 did); reference images are first resized (bicubic, shorter side) to
-    ``reference_resolution`` and centre-cropped (or squashed to a square with ``center_crop: false``).
+    FID follows torch-fidelity's convention: images become uint8 (rounded, as diffusers saves them) and InceptionV3
+    resizes them to 299 x 299 itself (bilinear, as TensorFlow 1 did); reference images are first resized (bicubic,
+    shorter side) to ``reference_resolution`` and centre-cropped (or squashed to a square with ``center_crop: false``).
 
     Args:
         models: The models, each with its step counts and guidance weights.

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +41,10 @@ INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/down
 """Where to download them, on a machine with network; nothing here ever downloads them."""
 
 CACHE_FORMAT = "1"
+
+UINT8_CONVERSION = "uint8=round"
+"""How :class:`InceptionFeatures` turns images into uint8 (rounding, as diffusers' ``numpy_to_pil``); it keys the
+cached reference statistics through the network's fingerprint."""
 
 ReferenceSource = torch.Tensor | str | Path | Iterable[torch.Tensor]
 """Reference images: one tensor (N, C, H, W), a folder of image files, or an iterable of image batches."""
@@ -76,9 +81,14 @@ class FeatureNet(nn.Module):
 class InceptionFeatures(nn.Module):
     """FID's InceptionV3 (torchmetrics / torch-fidelity) fed with float images in ``value_range``.
 
-    Images are mapped to uint8 as torchmetrics does and resized to 299 x 299 inside the network.
+    Images are mapped to uint8 by rounding, as diffusers' ``numpy_to_pil`` saves them (``(x * 255).round()``; a
+    reference image read from a PNG comes back to its own bytes), and resized to 299 x 299 inside the network.
     Build it with :func:`inception_features`.
     """
+
+    fingerprint_tag: ClassVar[str] = UINT8_CONVERSION
+    """How images become uint8: part of :func:`module_fingerprint`, so statistics cached under another conversion
+    (the earlier truncation) are never reused."""
 
     def __init__(self, inception: nn.Module, num_features: int, value_range: tuple[float, float]):
         super().__init__()
@@ -91,7 +101,7 @@ class InceptionFeatures(nn.Module):
         """Features ``(B, num_features)`` of images in ``value_range``."""
         low, high = (float(v) for v in self.value_range)
         unit = ((images.float() - low) / (high - low)).clamp(0.0, 1.0)
-        return self.inception((unit * 255).byte())
+        return self.inception((unit * 255).round().to(torch.uint8))
 
 
 def check_inception_weights(weights_path: str | Path) -> Path:

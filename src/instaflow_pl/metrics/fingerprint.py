@@ -27,9 +27,17 @@ def tensor_fingerprint(tensor: torch.Tensor) -> str:
 
 
 def module_fingerprint(module: nn.Module) -> str:
-    """SHA-256 of a module's class and every entry of its state dict (names, dtypes, shapes, bytes)."""
+    """SHA-256 of a module's class, its ``fingerprint_tag`` (if it has one) and every entry of its state dict (names,
+    dtypes, shapes, bytes).
+
+    A ``fingerprint_tag`` names what a module computes beyond its weights (e.g. how FID's Inception turns images into
+    uint8), so a change of it keys new cached statistics; modules without one hash as they always did.
+    """
     digest = hashlib.sha256()
     digest.update(f"module|{type(module).__module__}.{type(module).__qualname__}|".encode())
+    tag = getattr(module, "fingerprint_tag", None)
+    if tag:
+        digest.update(f"tag|{tag}|".encode())
     for name, value in module.state_dict().items():
         digest.update(f"{name}|".encode())
         if isinstance(value, torch.Tensor):

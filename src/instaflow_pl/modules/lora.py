@@ -10,8 +10,6 @@ from torch import nn
 
 from instaflow_pl.errors import UserError
 
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
-"""The file name diffusers' ``load_lora_weights(DIR)`` looks for."""
 ADAPTER = "default"
 
 

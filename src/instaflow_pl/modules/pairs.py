@@ -47,14 +47,16 @@ class GeneratedBatch:
 class PairGenerator(L.LightningModule):
     """Generates the (X0, X1, prompt) triples of reflow or distillation with a teacher.
 
-    Sample ``i`` uses noise drawn from ``seed + i`` (DESIGN.md), so the data does not depend on batch size, workers
-    or ranks. Work is cut into shards; each rank generates whole shards and a shard is committed atomically, so a
-    killed run resumes where it stopped when the same command is run again.
+    Sample ``i`` uses noise drawn from ``seed + i`` (:func:`instaflow_pl.conventions.noise_for_indices`; see
+    docs/architecture.md), so the data does not depend on batch size, workers or ranks. Work is cut into shards; each
+    rank generates whole shards and a shard is committed atomically, so a killed run resumes where it stopped when
+    the same command is run again.
 
     Args:
         teacher: Diffusers-format folder (or hub id) of a Stable Diffusion model or a velocity (k-RF) model.
         output_dir: Dataset folder to create or resume.
-        solver: ``auto``, a scheduler name for SD (``dpm++``, ``ddim``, ...) or an ODE method for velocity teachers.
+        solver: ``auto`` (the folder's own scheduler for a released folder, Euler for a velocity one), a scheduler
+            name for SD and SDXL (``dpm++``, ``ddim``, ...) or an ODE method for SD3 and velocity teachers.
         steps: Solver steps.
         guidance: Classifier-free guidance weight (<= 1: none, only the conditional branch is evaluated).
         seed: Base seed of the noises.

@@ -1,7 +1,7 @@
 """Solvers: the LatentODE and the adapter that runs a diffusers scheduler as an ODE."""
 
 from instaflow_pl.solver.ode import METHODS, ORDERS, Field, LatentODE, ODESolution, uniform_grid
-from instaflow_pl.solver.scheduler import SCHEDULERS, SchedulerODE, make_scheduler
+from instaflow_pl.solver.scheduler import SCHEDULERS, SchedulerODE, make_scheduler, scheduler_solver
 
 __all__ = [
     "METHODS",
@@ -12,5 +12,6 @@ __all__ = [
     "ODESolution",
     "SchedulerODE",
     "make_scheduler",
+    "scheduler_solver",
     "uniform_grid",
 ]

@@ -36,6 +36,16 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 """Diffusers schedulers by the solver names the project accepts."""
 
 
+def scheduler_solver(config: dict[str, Any]) -> str | None:
+    """The solver name of the scheduler a config describes (its ``_class_name``, as in a folder's
+    ``scheduler/scheduler_config.json``), or None when it is not one of :data:`SCHEDULERS`.
+
+    This is what ``solver: auto`` gives a released diffusion folder: the scheduler its stock pipeline samples with.
+    """
+    class_name = config.get("_class_name")
+    return next((name for name, cls in SCHEDULERS.items() if cls.__name__ == class_name), None)
+
+
 def make_scheduler(name: str, config: dict[str, Any]) -> SchedulerMixin:
     """Build scheduler ``name`` from a teacher's scheduler config (``scheduler/scheduler_config.json``)."""
     if name not in SCHEDULERS:
@@ -80,7 +90,8 @@ class SchedulerODE:
             field: The model ``f(x, timestep, cond)`` (guidance already wrapped around it if wanted).
             x0: Standard normal noise, shape (B, ...).
             cond: Conditioning passed to every call.
-            return_trajectory: Also return the state after each scheduler step, with its flow time.
+            return_trajectory: Also return the state after each scheduler step, with its flow time (a step that
+                revisits the last time, as PNDM's second one does, replaces that state).
             enable_grad: Keep the autograd graph.
 
         Returns:
@@ -100,8 +111,12 @@ class SchedulerODE:
                 x = sched.step(prediction, timestep, x, return_dict=False)[0]
                 if states is not None:
                     nxt = sched.timesteps[k + 1] if k + 1 < len(sched.timesteps) else None
-                    states.append(x)
-                    times.append(1.0 if nxt is None else 1.0 - float(nxt) / num_train)
+                    t_next = 1.0 if nxt is None else 1.0 - float(nxt) / num_train
+                    if t_next == times[-1]:  # PNDM's second call corrects the state it just made: replace it
+                        states[-1] = x
+                    else:
+                        states.append(x)
+                        times.append(t_next)
         if states is None:
             return ODESolution(x=x, nfe=nfe)
         return ODESolution(x=x, nfe=nfe, states=torch.stack(states), times=torch.tensor(times))

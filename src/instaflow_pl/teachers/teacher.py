@@ -55,8 +55,8 @@ class Teacher(nn.Module):
         source: str,
         fingerprint: str,
         geometry: LatentGeometry,
-        solver_name: str = "",
-        family: Family | None = None,
+        solver_name: str,
+        family: Family,
         scheduler_config: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -87,12 +87,7 @@ class Teacher(nn.Module):
         import copy
 
         other = copy.copy(self)
-        if self.family is not None:
-            other.solver = self.family.make_solver(self.kind, self.solver_name, steps, self.scheduler_config)
-        elif isinstance(self.solver, LatentODE):
-            other.solver = LatentODE(self.solver.method, steps)
-        else:
-            other.solver = SchedulerODE(copy.deepcopy(self.solver.scheduler), steps)
+        other.solver = self.family.make_solver(self.kind, self.solver_name, steps, self.scheduler_config)
         return other
 
     def sample(
@@ -124,9 +119,11 @@ def load_teacher(
 
     Args:
         source: Folder path or hub id.
-        solver: ``auto`` (DPM-Solver++ for SD and SDXL, Euler for SD3 and velocity folders), a scheduler name
-            (``dpm++``, ``ddim``, ``euler-discrete``, ``pndm``, ``unipc``; SD and SDXL) or an ODE method (``euler``,
-            ``midpoint``, ``heun``, ``rk4``; SD3 and velocity folders).
+        solver: ``auto`` (the folder's own scheduler, as its stock pipeline samples it: PNDM for SD 1.5, Euler
+            for SDXL, Euler on the shifted time grid for SD3; DPM-Solver++ for an SD or SDXL folder whose scheduler
+            is none of the names below; Euler for velocity folders), a scheduler name (``dpm++``, ``ddim``,
+            ``euler-discrete``, ``pndm``, ``unipc``; SD and SDXL) or an ODE method (``euler``, ``midpoint``,
+            ``heun``, ``rk4``; SD3 and velocity folders).
         steps: Number of solver steps.
         dtype: Weight dtype of the network and text encoders: ``fp32``, ``fp16`` or ``bf16``.
         device: Where to put the weights.
@@ -139,7 +136,7 @@ def load_teacher(
     if not (root / "scheduler").is_dir():
         raise UserError(f"{root} has no scheduler/ subfolder; a teacher folder needs its scheduler config")
     scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    solver_name = family.solver_name(kind, solver)
+    solver_name = family.solver_name(kind, solver, scheduler_config)
     solver_obj = family.make_solver(kind, solver_name, steps, scheduler_config)
     network = load_network(root, family.network_folder, torch_dtype)
     teacher = Teacher(
