@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -26,10 +29,32 @@ class StepProgressBar(TQDMProgressBar):
         refresh_rate: Update the bar every this many steps.
         process_position: Vertical position of the bars (for several trainers in one process).
         leave: Keep a finished epoch's bar on screen (epoch-bounded fits only).
+        min_interval: Seconds between redraws (default: 0.1 on a terminal, 10 when the output goes to a file).
     """
 
-    def __init__(self, refresh_rate: int = 1, process_position: int = 0, leave: bool = False):
+    def __init__(
+        self,
+        refresh_rate: int = 1,
+        process_position: int = 0,
+        leave: bool = False,
+        min_interval: float | None = None,
+    ):
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
+        if min_interval is None:  # a terminal redraws cheaply; a log file keeps every frame
+            min_interval = 0.1 if sys.stderr.isatty() else 10.0
+        self.min_interval = min_interval
+        self._last_refresh = -math.inf
+
+    def _should_update(self, current: int, total: int) -> bool:
+        """At most one redraw per ``min_interval`` seconds (and the last one): a redraw every step cost the digits
+        demo's training about 10% (2 ms of a 21 ms step)."""
+        if not self.is_enabled or current % self.refresh_rate and current != total:
+            return False
+        now = time.monotonic()
+        if current != total and now - self._last_refresh < self.min_interval:
+            return False
+        self._last_refresh = now
+        return True
 
     @property
     def train_description(self) -> str:
