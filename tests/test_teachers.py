@@ -31,18 +31,18 @@ def test_sd_teacher_matches_stable_diffusion_pipeline(tiny_sd, pipe, solver, sch
     x0 = noise_for_indices(0, [0, 1], teacher.latent_shape)
     ours = teacher.sample(x0.clone(), PARITY_PROMPTS, guidance=guidance).x
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    reference = pipe(
-        PARITY_PROMPTS,
-        latents=x0.clone(),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        output_type="latent",
-        height=16,
-        width=16,
-    ).images
-    relative = ((ours - reference).norm() / reference.norm()).item()
+    relative = _relative_to_pipeline(ours, pipe, x0, steps, guidance)
     assert relative < 1e-5, relative
     assert not torch.allclose(ours[0], ours[1]), "the two prompts must give different latents"
+
+
+def _relative_to_pipeline(ours: torch.Tensor, pipeline, x0: torch.Tensor, steps: int, guidance: float) -> float:
+    """Relative error of ``ours`` against the stock pipeline's latents from the same X0 and prompts."""
+    reference = pipeline(
+        PARITY_PROMPTS, latents=x0.clone(), num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+        height=16, width=16,
+    ).images  # fmt: skip
+    return ((ours - reference).norm() / reference.norm()).item()
 
 
 @pytest.mark.parametrize("guidance", [1.0, 6.0])
@@ -56,16 +56,7 @@ def test_sd_auto_solver_is_the_folders_own_scheduler(tiny_sd, guidance):
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     assert type(pipeline.scheduler) is PNDMScheduler
-    reference = pipeline(
-        PARITY_PROMPTS,
-        latents=x0.clone(),
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        output_type="latent",
-        height=16,
-        width=16,
-    ).images
-    assert ((ours - reference).norm() / reference.norm()).item() < 1e-5
+    assert _relative_to_pipeline(ours, pipeline, x0, steps, guidance) < 1e-5
 
 
 def test_pndm_trajectory_keeps_one_state_per_time(tiny_sd):
