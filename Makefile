@@ -12,7 +12,7 @@ TINY_CONFIGS := configs/tiny$(if $(filter-out sd,$(FAMILY)),/$(FAMILY))
 TINY_RUNS := outputs/tiny/$(if $(filter-out sd,$(FAMILY)),$(FAMILY)-)
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt demo demo-setup demo-1rf demo-pairs-1rf \
+.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt bench-recipes demo demo-setup demo-1rf demo-pairs-1rf \
 	demo-2rf 	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep evaluate clean
 
 help: ## List the targets
@@ -45,6 +45,9 @@ bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process 
 
 bench-scale: $(STAMP) ## Memory and step time of every stage at SD 1.5 shapes (random weights; ~30 min on 2 cores)
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
+
+bench-recipes: $(STAMP) ## The shipped SD 1.5 recipes at real shapes on a CPU, as written (random weights; ~6 min)
+	bash bench/sd15_recipes.sh
 
 bench-prompt: $(STAMP) ## SD3 prompt-encoding cost vs the network step (T5-XXL at real width, few layers)
 	$(BIN)/python -m bench.prompt_cost $(BENCH_ARGS)
