@@ -13,12 +13,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from instaflow_pl.runtime import configure_openmp
-
-configure_openmp()  # before torch loads: idle OpenMP threads spin briefly, then sleep (see instaflow_pl.runtime)
-
-from instaflow_pl.errors import UserError  # noqa: E402
-from instaflow_pl.lightning_cli import cli_main  # noqa: E402
+from instaflow_pl.errors import UserError
+from instaflow_pl.lightning_cli import cli_main  # sets OpenMP's waiting before torch loads (instaflow_pl.runtime)
 
 
 def _tiny_main(args: Sequence[str]) -> None:
