@@ -1,5 +1,5 @@
 # instaflow-pl: `make help` lists the targets. Stage targets default to the tiny configs (seconds on a CPU) of
-# FAMILY (sd, sdxl or sd3; default sd): configs/tiny/*.yaml for sd, configs/tiny/$(FAMILY)/*.yaml otherwise.
+# FAMILY (a registered model family: sd, sdxl, sd3 or digits; default sd): configs/tiny/$(FAMILY)/*.yaml.
 # Pass CONFIG=configs/sd15/pairs.yaml (or configs/sdxl/..., configs/sd3/...) for the real recipe.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,8 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG :=
 FAMILY := sd
-TINY_CONFIGS := configs/tiny$(if $(filter-out sd,$(FAMILY)),/$(FAMILY))
-TINY_RUNS := outputs/tiny/$(if $(filter-out sd,$(FAMILY)),$(FAMILY)-)
+TINY_CONFIGS := configs/tiny/$(FAMILY)
+TINY_RUNS := outputs/tiny/$(FAMILY)-
 export WANDB_MODE ?= offline
 
 .PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt bench-recipes demo demo-setup demo-1rf demo-pairs-1rf \
@@ -61,20 +61,20 @@ demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outp
 demo-%: $(STAMP) ## One demo stage: demo-setup, demo-1rf, demo-pairs-1rf, demo-2rf, demo-pairs-2rf, demo-distill-2rf, demo-distill-1rf, demo-report
 	$(BIN)/instaflow-pl demo --stage $* $(DEMO_ARGS)
 
-tiny: $(STAMP) ## Write the tiny folder of FAMILY=sd|sdxl|sd3 (outputs/tiny/FAMILY) the tiny configs use, and a tiny CLIP
+tiny: $(STAMP) ## Write the tiny folder of FAMILY (outputs/tiny/FAMILY) the tiny configs use, and a tiny CLIP
 	$(BIN)/instaflow-pl tiny outputs/tiny/$(FAMILY) --family $(FAMILY) --clip outputs/tiny/clip
 
-pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/pairs.yaml by default (FAMILY=sdxl: tiny/sdxl/...)
+pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/$(FAMILY)/pairs.yaml by default
 	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),$(TINY_CONFIGS)/pairs.yaml)
 
-reflow: $(STAMP) ## Reflow (k-RF -> (k+1)-RF): CONFIG=configs/tiny/reflow.yaml by default (needs make pairs)
+reflow: $(STAMP) ## Reflow (k-RF -> (k+1)-RF): CONFIG=configs/tiny/$(FAMILY)/reflow.yaml by default (needs make pairs)
 	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),$(TINY_CONFIGS)/reflow.yaml)
 
-distill: $(STAMP) ## One-step distillation: CONFIG=configs/tiny/distill.yaml by default (needs pairs from the 2-RF)
+distill: $(STAMP) ## One-step distillation: CONFIG=configs/tiny/$(FAMILY)/distill.yaml by default (needs pairs from the 2-RF)
 	$(BIN)/instaflow-pl fit --config $(or $(CONFIG),$(TINY_CONFIGS)/distill.yaml)
 
 # export / sample: MODEL is the exported model folder (written by export, read by sample); FORCE=1 replaces outputs.
-# Their defaults follow FAMILY: outputs/tiny/reflow, outputs/tiny/2rf (sd); outputs/tiny/sdxl-reflow, ... (sdxl).
+# Their defaults follow FAMILY: outputs/tiny/FAMILY-reflow/checkpoints, outputs/tiny/FAMILY-2rf.
 CKPT := $(TINY_RUNS)reflow/checkpoints
 MODEL := $(TINY_RUNS)2rf
 PROMPT := a photo of a cat
@@ -85,10 +85,10 @@ N := 4
 OUT := $(TINY_RUNS)samples.png
 FORCE :=
 
-export: $(STAMP) ## Export a checkpoint (or newest in a folder) to a model folder: CKPT=outputs/tiny/reflow/checkpoints MODEL=outputs/tiny/2rf [FORCE=1]
+export: $(STAMP) ## Export a checkpoint (or newest in a folder) to a model folder: CKPT=outputs/tiny/sd-reflow/checkpoints MODEL=outputs/tiny/sd-2rf [FORCE=1]
 	$(BIN)/instaflow-pl export --ckpt "$(CKPT)" --out "$(MODEL)" $(if $(FORCE),--force)
 
-sample: $(STAMP) ## Image grid from a model folder: MODEL=outputs/tiny/2rf PROMPT=... STEPS=1 GUIDANCE=0 SEED=0 N=4 OUT=outputs/tiny/samples.png [FORCE=1]
+sample: $(STAMP) ## Image grid from a model folder: MODEL=outputs/tiny/sd-2rf PROMPT=... STEPS=1 GUIDANCE=0 SEED=0 N=4 OUT=outputs/tiny/samples.png [FORCE=1]
 	$(BIN)/instaflow-pl sample --model "$(MODEL)" --prompt "$(PROMPT)" --steps $(STEPS) --guidance $(GUIDANCE) \
 		--seed $(SEED) --n $(N) --out "$(OUT)" $(if $(FORCE),--force)
 

@@ -312,9 +312,9 @@ def latency(setup: Setup) -> list[Row]:
 def make_setup(tiny: bool, workdir: Path) -> Setup:
     """The GPU setup (random SD 1.5), or the tiny CPU one."""
     if tiny:
-        from instaflow_pl.tiny import build_tiny_sd
+        from instaflow_pl.families import FAMILIES
 
-        folder = build_tiny_sd(workdir / "tiny-sd")
+        folder = FAMILIES["sd"].build_tiny(workdir / "tiny-sd")
         return Setup(folder, "cpu", "fp32", (2, 4), (1,), 1, 2, "eager", 1, bf16=False, rounds=1)
     if not torch.cuda.is_available():
         sys.exit("bench.gpu needs a CUDA GPU; use --tiny for the CPU check")

@@ -8,7 +8,7 @@ Measures, on the tiny Stable-Diffusion-format folder (random weights, latents 4x
 * the full pair-generation path: ``PairGenerator`` + ``PromptDataModule`` under ``lightning.Trainer.predict``,
   including writing and committing the litdata shards and the index (teacher loading excluded, as the
   pipeline's is);
-* once, informational: ``instaflow-pl predict --config configs/tiny/pairs.yaml`` through ``cli_main``, end to
+* once, informational: ``instaflow-pl predict --config configs/tiny/sd/pairs.yaml`` through ``cli_main``, end to
   end (config parsing and teacher loading included).
 
 All use the same prompts, the same per-sample noise (``noise_for_indices``), steps, guidance and batch size.
@@ -101,12 +101,12 @@ def run(workdir: Path, folder: Path | None = None, cfg: PairsConfig = PairsConfi
     from instaflow_pl.cli import cli_main
     from instaflow_pl.conventions import noise_for_indices
     from instaflow_pl.data.prompt_stream import PromptDataModule
+    from instaflow_pl.families import FAMILIES
     from instaflow_pl.modules import PairGenerator
     from instaflow_pl.teachers import load_teacher
-    from instaflow_pl.tiny import build_tiny_sd
 
     if folder is None:
-        folder = build_tiny_sd(workdir / "tiny-sd-pairs")
+        folder = FAMILIES["sd"].build_tiny(workdir / "tiny-sd-pairs")
     prompts = read_prompts(cfg.repeats)
     count = len(prompts)
     batches = _batches(count, cfg.batch_size)
@@ -178,7 +178,7 @@ def run(workdir: Path, folder: Path | None = None, cfg: PairsConfig = PairsConfi
             [
                 "predict",
                 "--config",
-                str(REPO / "configs" / "tiny" / "pairs.yaml"),
+                str(REPO / "configs" / "tiny" / "sd" / "pairs.yaml"),
                 f"--model.init_args.teacher={folder}",
                 f"--model.init_args.output_dir={cli_out}",
                 f"--model.init_args.steps={cfg.steps}",

@@ -144,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     def work(workdir: Path) -> list[Row]:
-        from instaflow_pl.tiny import build_tiny_sd
+        from instaflow_pl.families import FAMILIES
 
-        folder = build_tiny_sd(workdir / "tiny-sd")
+        folder = FAMILIES["sd"].build_tiny(workdir / "tiny-sd")
         runs = _benchmarks(workdir, folder, args.threads, args.quick)
         rows: list[Row] = []
         for name in BENCHMARKS:

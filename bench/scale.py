@@ -87,7 +87,7 @@ def sd15_folder() -> Path:
     """The random SD 1.5 folder, built on first use (about a minute and 4.3 GB)."""
     folder = cache_folder()
     if not (folder / "model_index.json").is_file():
-        from instaflow_pl.tiny import build_sd15_random
+        from instaflow_pl.families.sd_tiny import build_sd15_random
 
         print(f"building a random SD 1.5 folder in {folder} (once) ...", flush=True)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -456,10 +456,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _tiny_folder(work: Path) -> Path:
     """The tiny SD folder, built in the work folder (once)."""
-    from instaflow_pl.tiny import build_tiny_sd
+    from instaflow_pl.families import FAMILIES
 
     folder = work / "tiny-sd"
-    return folder if (folder / "model_index.json").is_file() else build_tiny_sd(folder)
+    return folder if (folder / "model_index.json").is_file() else FAMILIES["sd"].build_tiny(folder)
 
 
 if __name__ == "__main__":

@@ -122,12 +122,12 @@ def _training_step_seconds(
     """Median seconds of one reflow training step of the tiny UNet (forward, backward, AdamW) on one batch."""
     from diffusers import UNet2DConditionModel
 
-    from instaflow_pl.text import PromptEncoder
+    from instaflow_pl.model_folder import ModelFolder
     from instaflow_pl.velocity import UNetVelocity
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
     model = UNetVelocity(unet).train()
-    encoder = PromptEncoder.from_folder(str(folder))
+    encoder = ModelFolder.open(folder).load_encoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> float:
@@ -155,10 +155,10 @@ def run(workdir: Path, folder: Path | None = None, cfg: StreamingConfig = Stream
         folder: A tiny SD folder (built in ``workdir`` when None) whose UNet the training step trains.
         cfg: Sizes.
     """
-    from instaflow_pl.tiny import build_tiny_sd
+    from instaflow_pl.families import FAMILIES
 
     if folder is None:
-        folder = build_tiny_sd(workdir / "tiny-sd-streaming")
+        folder = FAMILIES["sd"].build_tiny(workdir / "tiny-sd-streaming")
     from instaflow_pl.data.synthetic import write_random_triples
 
     data = write_random_triples(workdir / "triples", cfg.count, cfg.shard_size, cfg.latent_shape)

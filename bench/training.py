@@ -389,9 +389,9 @@ def run(
         training: Sizes of the training benchmark.
         sampling: Sizes of the sampling benchmark.
     """
-    from instaflow_pl.tiny import build_tiny_sd
+    from instaflow_pl.families import FAMILIES
 
     workdir.mkdir(parents=True, exist_ok=True)
     if folder is None:
-        folder = build_tiny_sd(workdir / "tiny-sd-training")
+        folder = FAMILIES["sd"].build_tiny(workdir / "tiny-sd-training")
     return run_training(workdir, folder, training) + run_sampling(folder, sampling)

@@ -33,9 +33,9 @@ PROMPTS = [
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> Path:
     """The tiny Stable-Diffusion-format folder (random weights), built by the package's own builder."""
-    from instaflow_pl.tiny import build_tiny_sd
+    from instaflow_pl.families import FAMILIES
 
-    return build_tiny_sd(tmp_path_factory.mktemp("tiny") / "sd")
+    return FAMILIES["sd"].build_tiny(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def tiny_velocity(tiny_sd, tmp_path_factory) -> Path:
     """A velocity (k-RF) folder: the tiny SD folder marked as a rectified flow."""
     import shutil
 
-    from instaflow_pl.teachers import mark_velocity_folder
+    from instaflow_pl.model_folder import mark_velocity_folder
 
     out = tmp_path_factory.mktemp("tiny") / "rf"
     shutil.copytree(tiny_sd, out)
@@ -64,7 +64,7 @@ def pairs_args(teacher: Path, prompts: Path, out: Path, *extra: str) -> list[str
     return [
         "predict",
         "--config",
-        str(REPO / "configs/tiny/pairs.yaml"),
+        str(REPO / "configs/tiny/sd/pairs.yaml"),
         f"--model.init_args.teacher={teacher}",
         f"--model.init_args.output_dir={out}",
         f"--data.init_args.prompts={prompts}",

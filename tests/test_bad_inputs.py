@@ -22,8 +22,8 @@ from conftest import REPO, pairs_args, write_dataset
 
 from instaflow_pl.cli import main
 
-REFLOW = REPO / "configs/tiny/reflow.yaml"
-DISTILL = REPO / "configs/tiny/distill.yaml"
+REFLOW = REPO / "configs/tiny/sd/reflow.yaml"
+DISTILL = REPO / "configs/tiny/sd/distill.yaml"
 
 
 @dataclass
@@ -153,9 +153,9 @@ def _missing_lpips_weights(i: Inputs) -> list:
 
 
 def _tiny(i: Inputs, family: str, drop: str | None = None) -> Path:
-    from instaflow_pl import tiny
+    from instaflow_pl.families import FAMILIES
 
-    folder = getattr(tiny, f"build_tiny_{family}")(i.case / family)
+    folder = FAMILIES[family].build_tiny(i.case / family)
     if drop is not None:
         shutil.rmtree(folder / drop)
     return folder

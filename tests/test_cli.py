@@ -17,7 +17,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 
 
 def test_pairs_help_explains_the_options():
-    result = run_cli(["pairs", "--config", str(REPO / "configs/tiny/pairs.yaml"), "--model.help", "PairGenerator"])
+    result = run_cli(["pairs", "--config", str(REPO / "configs/tiny/sd/pairs.yaml"), "--model.help", "PairGenerator"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Diffusers-format folder" in result.stdout and "shard_size" in result.stdout
 

@@ -12,7 +12,8 @@ import yaml
 from conftest import REPO
 
 from instaflow_pl.cli import cli_main, main
-from instaflow_pl.families import FAMILIES, family_of_folder
+from instaflow_pl.families import FAMILIES
+from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.modules import DistillModule, PairGenerator, ReflowModule
 
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "sweeps")  # see test_sweeps.py
@@ -82,7 +83,7 @@ def test_sd15_configs_instantiate_on_the_tiny_folder(tiny_sd, tiny_velocity, tmp
 
 def test_module_help_lists_the_shared_options(capsys):
     with pytest.raises(SystemExit):
-        cli_main(["fit", "--config", str(REPO / "configs/tiny/distill.yaml"), "--model.help", "DistillModule"])
+        cli_main(["fit", "--config", str(REPO / "configs/tiny/sd/distill.yaml"), "--model.help", "DistillModule"])
     text = " ".join(capsys.readouterr().out.split())
     for option in ("--model.student_steps", "--model.distance", "--model.ema_decay", "--model.warmup_steps"):
         assert option in text, option
@@ -195,11 +196,11 @@ def test_family_configs_instantiate_on_the_tiny_folders(family_folder, tmp_path,
 
 def test_tiny_command_writes_a_folder_of_the_family(tmp_path, capsys):
     main(["tiny", "--family", "sd3", str(tmp_path / "sd3")])
-    assert family_of_folder(tmp_path / "sd3").name == "sd3"
+    assert ModelFolder.open(tmp_path / "sd3").family.name == "sd3"
     main(["tiny", "--family", "sd3", str(tmp_path / "sd3")])
     assert "already holds a model" in capsys.readouterr().out
     for args, fragment in [
-        (["--family", "flux", str(tmp_path / "flux")], "unknown model family 'flux'; known: sd3, sdxl, sd"),
+        (["--family", "flux", str(tmp_path / "flux")], f"unknown model family 'flux'; known: {', '.join(FAMILIES)}"),
         (["--family", "sdxl", str(tmp_path / "sd3")], "holds a model of the sd3 family, not sdxl"),
     ]:
         with pytest.raises(SystemExit) as exit_info:

@@ -28,8 +28,8 @@ METRICS = ("val/mse@1", "val/mse@8", "val/straightness")
 
 
 def ddp_config(tmp_path):
-    """configs/tiny/reflow.yaml, checkpointing every 4 steps and keeping each checkpoint."""
-    config = yaml.safe_load((REPO / "configs/tiny/reflow.yaml").read_text())
+    """configs/tiny/sd/reflow.yaml, checkpointing every 4 steps and keeping each checkpoint."""
+    config = yaml.safe_load((REPO / "configs/tiny/sd/reflow.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("ModelCheckpoint"):
             callback["init_args"].update(every_n_train_steps=4, save_top_k=-1)
@@ -109,7 +109,7 @@ def test_a_setup_error_on_one_rank_ends_every_rank_with_one_line(tiny_sd, tmp_pa
 
     write_dataset(tmp_path / "pairs-0", count=40, shard_size=8)
     args = [
-        "fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+        "fit", "--config", str(REPO / "configs/tiny/sd/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
         f"--data.init_args.path={tmp_path}/pairs-${{oc.env:LOCAL_RANK,0}}", "--data.init_args.batch_size=8",
         f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.strategy=ddp", "--trainer.devices=2",
         "--trainer.max_steps=2", "--trainer.logger=false", "--trainer.enable_progress_bar=false",

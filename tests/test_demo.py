@@ -9,10 +9,11 @@ import torch
 from conftest import REPO
 
 from instaflow_pl.data.digits import DIGIT_PROMPTS, HELD_OUT, DigitsDataModule, load_digits, prompt_label
-from instaflow_pl.demo.base import build_digits_base
 from instaflow_pl.errors import UserError
+from instaflow_pl.families import FAMILIES, latent_geometry, network_from_config
+from instaflow_pl.families.digits_tiny import build_digits_base
+from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.velocity.mlp import MLPVelocityNet
-from instaflow_pl.velocity.networks import latent_geometry, load_network, network_from_config
 
 DEMO_CONFIGS = REPO / "configs" / "demo"
 
@@ -56,7 +57,7 @@ def test_digits_datamodule_yields_image_batches_without_noise():
 def test_mlp_velocity_saves_loads_and_checks_its_text_shape(tmp_path):
     net = MLPVelocityNet(width=32, num_blocks=2, cross_attention_dim=8, text_tokens=4)
     net.save_pretrained(tmp_path / "unet")
-    loaded = load_network(tmp_path, "unet")
+    loaded = FAMILIES["digits"].network_class("MLPVelocityNet").from_pretrained(tmp_path / "unet")
     assert isinstance(loaded, MLPVelocityNet)
     x, text = torch.randn(3, 1, 8, 8), torch.randn(3, 4, 8)
     t = torch.tensor([0.0, 500.0, 1000.0])
@@ -86,16 +87,14 @@ def test_digits_base_is_a_velocity_teacher_in_pixel_space(digits_base):
 
 
 def test_prompt_cache_gives_batch_independent_embeddings(digits_base):
-    from instaflow_pl.text import PromptEncoder
-
-    plain = PromptEncoder.from_folder(str(digits_base))
-    cached = PromptEncoder.from_folder(str(digits_base), cache_mb=1)
+    plain = ModelFolder.open(digits_base).load_encoder()
+    cached = ModelFolder.open(digits_base).load_encoder(cache_mb=1)
     prompts = list(DIGIT_PROMPTS[:4]) * 2
     first = cached.encode(prompts).embeds
     assert torch.allclose(first, plain.encode(prompts).embeds, atol=1e-6)
     assert torch.equal(cached.encode(prompts[::-1]).embeds, first.flip(0))  # bitwise: no dependence on the batch
     assert torch.equal(cached.encode(prompts[:1]).embeds, first[:1])
-    tiny = PromptEncoder.from_folder(str(digits_base), cache_mb=first[0].numel() * 4 * 2.5 / 2**20)  # room for two
+    tiny = ModelFolder.open(digits_base).load_encoder(cache_mb=first[0].numel() * 4 * 2.5 / 2**20)  # room for two
     tiny.encode(DIGIT_PROMPTS[:5])  # a batch is always kept whole
     assert len(tiny._cache) == 5
     tiny.encode(DIGIT_PROMPTS[5:6])

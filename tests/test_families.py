@@ -16,7 +16,8 @@ from diffusers import (
 
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.errors import UserError
-from instaflow_pl.families import FAMILIES, family_of_folder
+from instaflow_pl.families import FAMILIES
+from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.teachers import load_teacher
 
 PROMPTS = ["a photo of a cat", "a red car in the city"]
@@ -44,16 +45,14 @@ def check_parity(label: str, ours: torch.Tensor, pipe, x0: torch.Tensor, steps: 
 
 @pytest.fixture(scope="module")
 def tiny_sdxl(tmp_path_factory):
-    from instaflow_pl.tiny import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("families") / "sdxl")
+    return FAMILIES["sdxl"].build_tiny(tmp_path_factory.mktemp("families") / "sdxl")
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["t5", "no-t5"])
 def tiny_sd3(request, tmp_path_factory):
-    from instaflow_pl.tiny import build_tiny_sd3
+    from instaflow_pl.families.sd3_tiny import build_tiny
 
-    return build_tiny_sd3(tmp_path_factory.mktemp("families") / "sd3", with_t5=request.param)
+    return build_tiny(tmp_path_factory.mktemp("families") / "sd3", with_t5=request.param)
 
 
 @pytest.mark.parametrize(
@@ -155,9 +154,13 @@ def test_sd3_condition_joins_clip_and_t5(tiny_sd3):
     assert bool(cond.embeds[:, 77:].any()) == has_t5
 
 
-def test_each_folder_finds_its_family(tiny_sd, tiny_sdxl, tiny_sd3):
-    assert [family_of_folder(p).name for p in (tiny_sd, tiny_sdxl, tiny_sd3)] == ["sd", "sdxl", "sd3"]
-    assert set(FAMILIES) == {"sd", "sdxl", "sd3"}
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_each_folder_finds_its_family_and_exactly_one_family_owns_its_network(name, tmp_path):
+    folder = ModelFolder.open(FAMILIES[name].build_tiny(tmp_path / name))
+    assert folder.family is FAMILIES[name]
+    owners = [f.name for f in FAMILIES.values() if f.owns_network_config(folder.network_config)]
+    assert owners == [name]
+    assert folder.family.latent_geometry(folder.network_config) == folder.geometry
 
 
 def test_unknown_family_names_its_class_and_the_known_ones(tiny_sd, tmp_path):

@@ -1,6 +1,6 @@
 """A fit killed with SIGKILL mid-epoch and resumed with ``--ckpt_path last`` equals the uninterrupted fit, exactly.
 
-Through the real command (``instaflow-pl fit --config configs/tiny/reflow.yaml``) in fresh processes: one uninterrupted
+Through the real command (``instaflow-pl fit --config configs/tiny/sd/reflow.yaml``) in fresh processes: one
 run, one run that kills itself with a real SIGKILL before a training step (``INSTAFLOW_PL_CRASH_AT=fit_step:N``: no
 exception, no ``finally``, no checkpoint on the way out), and its resumption from the last step-based checkpoint.
 

@@ -101,7 +101,7 @@ def test_the_command_says_it_in_one_line(tmp_path, capsys, request):
     args = [
         "fit",
         "--config",
-        str(REPO / "configs/tiny/reflow.yaml"),
+        str(REPO / "configs/tiny/sd/reflow.yaml"),
         "--model.init_args.base_model=someone/missing-model",
         f"--data.init_args.path={tmp_path}",
         f"--trainer.default_root_dir={tmp_path / 'run'}",

@@ -154,7 +154,7 @@ def test_a_fit_prints_parameters_per_part_and_no_flops(tiny_sd, tmp_path, caplog
 
     data = write_dataset(tmp_path / "pairs", count=16)
     with caplog.at_level(logging.INFO):
-        main(["fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+        main(["fit", "--config", str(REPO / "configs/tiny/sd/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
               f"--data.init_args.path={data}", f"--trainer.default_root_dir={tmp_path / 'run'}",
               "--trainer.max_steps=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
               "--model.init_args.tf32=true"])  # fmt: skip

@@ -195,7 +195,7 @@ def test_storage_problems_are_one_line(s3_env, tiny_sd, tmp_path, capsys, monkey
     args = [
         "fit",
         "--config",
-        str(REPO / "configs/tiny/reflow.yaml"),
+        str(REPO / "configs/tiny/sd/reflow.yaml"),
         f"--model.init_args.base_model={tiny_sd}",
         f"--data.init_args.path={url}",
         f"--data.init_args.cache_dir={tmp_path / 'cache'}",

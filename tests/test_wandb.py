@@ -63,7 +63,7 @@ def test_fit_logs_metrics_and_config_to_an_offline_wandb_run(tiny_sd, tmp_path, 
     monkeypatch.setenv("WANDB_MODE", "offline")
     data = write_dataset(tmp_path / "pairs", count=32, shard_size=16)
     root = tmp_path / "run"
-    cli_main(["fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+    cli_main(["fit", "--config", str(REPO / "configs/tiny/sd/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
               f"--data.init_args.path={data}", f"--trainer.default_root_dir={root}", "--trainer.max_steps=2",
               "--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
               "--model.init_args.optimizer.init_args.lr=0.0005",
@@ -106,7 +106,7 @@ def test_fit_logs_metrics_and_config_to_an_offline_wandb_run(tiny_sd, tmp_path, 
 def test_another_logger_replaces_wandb_from_the_command_line(tiny_sd, tmp_path):
     data = write_dataset(tmp_path / "pairs", count=32, shard_size=16)
     root = tmp_path / "run"
-    cli = cli_main(["fit", "--config", str(REPO / "configs/tiny/reflow.yaml"),
+    cli = cli_main(["fit", "--config", str(REPO / "configs/tiny/sd/reflow.yaml"),
                     f"--model.init_args.base_model={tiny_sd}", f"--data.init_args.path={data}",
                     f"--trainer.default_root_dir={root}", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
                     "--trainer.enable_progress_bar=false",
@@ -122,7 +122,7 @@ def test_another_logger_replaces_wandb_from_the_command_line(tiny_sd, tmp_path):
 def test_validate_command_prints_every_metric(tiny_sd, tmp_path, capsys):
     data = write_dataset(tmp_path / "pairs", count=32, shard_size=16)
     root = tmp_path / "run"
-    common = ["--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+    common = ["--config", str(REPO / "configs/tiny/sd/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
               f"--data.init_args.path={data}", f"--trainer.default_root_dir={root}", "--trainer.logger=false",
               "--trainer.enable_progress_bar=false",
               f"--trainer.callbacks.init_args.clip_model={build_tiny_clip(tmp_path / 'clip')}"]  # fmt: skip
@@ -152,7 +152,7 @@ def test_a_crafted_pickle_checkpoint_is_not_executed_on_resume(tiny_sd, tmp_path
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": Payload(marker)}, evil)
-    args = ["fit", "--config", str(REPO / "configs/tiny/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
+    args = ["fit", "--config", str(REPO / "configs/tiny/sd/reflow.yaml"), f"--model.init_args.base_model={tiny_sd}",
             f"--data.init_args.path={data}", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
             "--trainer.max_steps=1", "--trainer.enable_progress_bar=false", f"--ckpt_path={evil}"]  # fmt: skip
     with pytest.raises(UserError, match="not plain data, so it was not loaded"):

@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     # teachers
     "Teacher": "instaflow_pl.teachers",
     "load_teacher": "instaflow_pl.teachers",
+    "ModelFolder": "instaflow_pl.model_folder",
     # data
     "TriplesDataModule": "instaflow_pl.data",
     "TripleBatch": "instaflow_pl.data",
@@ -66,6 +67,7 @@ __all__ = [
     "InstaFlowPipeline",
     "LatentODE",
     "LossByT",
+    "ModelFolder",
     "ODESolution",
     "PairGenerator",
     "PairStore",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from instaflow_pl.errors import UserError
     from instaflow_pl.export import export_checkpoint
     from instaflow_pl.metrics import FID, CLIPScore, StraightnessMetric, straightness
+    from instaflow_pl.model_folder import ModelFolder
     from instaflow_pl.modules import DistillModule, FlowModule, PairGenerator, PairWriter, ReflowModule
     from instaflow_pl.pipeline import InstaFlowPipeline
     from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE

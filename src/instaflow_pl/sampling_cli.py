@@ -70,24 +70,16 @@ def velocity_folder(model: str) -> Path:
     Raises:
         UserError: a missing folder, a folder that is not a velocity model, or one missing a part.
     """
-    from instaflow_pl.teachers import KIND_FILE, VELOCITY_KIND, model_kind, resolve_model_folder
+    from instaflow_pl.kinds import KIND_FILE, VELOCITY_KIND
+    from instaflow_pl.model_folder import ModelFolder
 
-    root = resolve_model_folder(model)
-    if model_kind(root) != VELOCITY_KIND:
+    folder = ModelFolder.open(model)  # checks the parts of its family (a VAE unless it works on pixels)
+    if folder.kind != VELOCITY_KIND:
         raise UserError(
-            f"{root} is not a velocity model (its {KIND_FILE} does not mark it as one); sample draws from rectified "
-            "flows such as the folders `instaflow-pl export` writes, not from a Stable Diffusion folder"
+            f"{folder.root} is not a velocity model (its {KIND_FILE} does not mark it as one); sample draws from "
+            "rectified flows such as the folders `instaflow-pl export` writes, not from a released model folder"
         )
-    from instaflow_pl.export import is_pixel_space
-    from instaflow_pl.families import family_of_folder
-
-    family = family_of_folder(root)
-    parts = [family.network_folder, *family.text_parts]
-    parts += [] if is_pixel_space(root) else ["vae"]  # the digits demo has no VAE
-    for part in parts:
-        if not (root / part).is_dir():
-            raise UserError(f"{root} has no {part}/ subfolder; a velocity model needs {', '.join(parts)}")
-    return root
+    return folder.root
 
 
 def _device(name: str) -> torch.device:
@@ -107,8 +99,8 @@ def load_pipeline(root: Path, device: str = "auto", dtype: str = "fp32"):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as hf_logging
 
+    from instaflow_pl.dtypes import parse_dtype
     from instaflow_pl.pipeline import InstaFlowPipeline
-    from instaflow_pl.teachers import parse_dtype
 
     torch_dtype = parse_dtype(dtype)
     diffusers_logging.disable_progress_bar()
@@ -172,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
             "sampler and save them as one PNG grid. Image i uses the noise of seed + i, so any image can be redrawn."
         ),
     )
-    parser.add_argument("--model", required=True, help="velocity model folder, e.g. outputs/tiny/2rf")
+    parser.add_argument("--model", required=True, help="velocity model folder, e.g. outputs/tiny/sd-2rf")
     parser.add_argument("--prompt", required=True, help="text prompt of every image")
     parser.add_argument("--out", required=True, help="PNG file to write (never overwritten without --force)")
     parser.add_argument(

@@ -40,15 +40,6 @@ class PromptEncoder(nn.Module):
         self._null: TextCondition | None = None
         self._cache: OrderedDict[str, TextCondition] = OrderedDict()
 
-    @classmethod
-    def from_folder(cls, folder: str, dtype: torch.dtype = torch.float32, cache_mb: float = 0.0) -> PromptEncoder:
-        """The prompt encoder of a diffusers-format folder, whatever its family."""
-        from instaflow_pl.families import family_of_folder
-        from instaflow_pl.teachers.folder import resolve_model_folder
-
-        root = resolve_model_folder(folder)
-        return family_of_folder(root).load_encoder(root, dtype, cache_mb)
-
     def freeze(self) -> None:
         """Freeze every encoder (called by subclasses once their towers are registered)."""
         self.requires_grad_(False).eval()
@@ -130,3 +121,13 @@ def clip_states(
         return out[0], out[0]
     out = text_encoder(ids, output_hidden_states=True)
     return out.hidden_states[layer], out[0]
+
+
+# TEMPORARY shim while branches merge (removed before commit)
+def _from_folder(folder, dtype=torch.float32, cache_mb=0.0):
+    from instaflow_pl.model_folder import ModelFolder
+
+    return ModelFolder.open(folder).load_encoder(dtype, cache_mb)
+
+
+PromptEncoder.from_folder = staticmethod(_from_folder)

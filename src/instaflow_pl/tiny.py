@@ -1,9 +1,9 @@
-"""Tiny model folders with random weights (SD 1.x, SDXL, SD3, CLIP) for tests, benchmarks, the tiny configs and users.
+"""The parts tiny model folders share (a CLIP BPE tokenizer, CLIP text towers, a two-block VAE), a tiny CLIP model
+(CLIP score) and a folder of reference images (FID), all with random weights, for tests, benchmarks and users.
 
-Each family's folder has every part its released counterpart has (denoising network, VAE, text encoders and
-tokenizers, scheduler, ``model_index.json``) and loads through exactly the same code, but runs in milliseconds on a
-CPU. Also here: a tiny CLIP folder (CLIP score), a folder of reference images (FID), and SD 1.5's architecture with
-random weights (memory and speed checks).
+Each family's tiny folder is built by the fixture beside its file (``families/<name>_tiny.py``, reached through
+``FAMILIES[name].build_tiny``): every part its released counterpart has, loading through the same code, running in
+milliseconds on a CPU.
 """
 
 from __future__ import annotations
@@ -83,89 +83,15 @@ def tiny_text_config(vocab_size: int, max_length: int = 77) -> dict[str, int]:
     }
 
 
-def _refuse_foreign(out: Path) -> None:
+def refuse_foreign(out: Path) -> None:
+    """A clear error when ``out`` holds files that are not a model folder (never overwrite what a user made)."""
     if out.exists() and any(out.iterdir()) and not (out / "model_index.json").exists():
         from instaflow_pl.errors import UserError
 
         raise UserError(f"{out} exists and is not empty; choose a new folder for the model")
 
 
-def _save_sd_folder(out: Path, unet, vae, text_config: dict[str, int]) -> Path:
-    """Save a Stable-Diffusion-format folder: the given UNet and VAE, a CLIP text tower of ``text_config`` (random,
-    seeded by the caller), the tiny tokenizer already in ``out/tokenizer`` and SD 1.5's scheduler."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    # Stable Diffusion 1.5's scheduler settings.
-    scheduler = PNDMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def build_tiny_sd(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
-    """Write a tiny Stable-Diffusion-format folder with random weights to ``out_dir``.
-
-    Latents are 4 x ``sample_size`` x ``sample_size``; the VAE maps them to RGB images twice as large.
-
-    Args:
-        out_dir: Folder to create (must not hold anything else).
-        seed: Seed of the random weights, so two builds are identical.
-        sample_size: Latent height and width.
-
-    Returns:
-        The folder's path.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    out = Path(out_dir)
-    _refuse_foreign(out)
-    vocab_size = write_tiny_tokenizer(out / "tokenizer")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=sample_size * 2,
-    )
-    return _save_sd_folder(out, unet, vae, tiny_text_config(vocab_size))
-
-
-def _tiny_vae(sample_size: int, latent_channels: int = 4, **extra):
+def tiny_vae(sample_size: int, latent_channels: int = 4, **extra):
     """A two-block VAE (2 pixels per latent pixel) with ``latent_channels`` channels."""
     from diffusers import AutoencoderKL
 
@@ -182,7 +108,7 @@ def _tiny_vae(sample_size: int, latent_channels: int = 4, **extra):
     )
 
 
-def _clip_towers(out: Path, names: tuple[str, ...], widths: tuple[int, ...], projection: bool) -> list:
+def clip_towers(out: Path, names: tuple[str, ...], widths: tuple[int, ...], projection: bool) -> list:
     """Tiny CLIP text towers (random, seeded by the caller), and the tiny tokenizer written once per name."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -193,176 +119,6 @@ def _clip_towers(out: Path, names: tuple[str, ...], widths: tuple[int, ...], pro
         with_projection = projection or name == "text_encoder_2"
         towers.append((CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config))
     return towers
-
-
-def build_tiny_sdxl(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
-    """Write a tiny SDXL-format folder with random weights: a UNet with SDXL's added text-and-time embedding, CLIP-L
-    (width 16) and CLIP-G with projection (width 32), their tokenizers, a VAE and SDXL's Euler scheduler.
-
-    Args:
-        out_dir: Folder to create (must not hold anything else).
-        seed: Seed of the random weights, so two builds are identical.
-        sample_size: Latent height and width (the VAE maps them to images twice as large).
-
-    Returns:
-        The folder's path.
-    """
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTokenizer
-
-    out = Path(out_dir)
-    _refuse_foreign(out)
-    torch.manual_seed(seed)
-    text_encoder, text_encoder_2 = _clip_towers(out, ("text_encoder", "text_encoder_2"), (16, 32), projection=False)
-    time_width = 8
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16 + 32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_width,
-        projection_class_embeddings_input_dim=6 * time_width + 32,
-    )
-    # SDXL base's scheduler settings.
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-    pipe = StableDiffusionXLPipeline(
-        vae=_tiny_vae(sample_size),
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-def build_tiny_sd3(out_dir: str | Path, seed: int = 0, sample_size: int = 8, with_t5: bool = True) -> Path:
-    """Write a tiny SD3-format folder with random weights: an MMDiT transformer on 16-channel latents (patch 2),
-    CLIP-L (width 16) and CLIP-G (width 32) with projections, a small T5 encoder (width 64, so the CLIP states are
-    zero-padded as in SD3), tokenizers (T5's is the tiny CLIP tokenizer), a VAE with a shift factor and SD3's
-    flow-matching scheduler (shift 3).
-
-    Args:
-        out_dir: Folder to create (must not hold anything else).
-        seed: Seed of the random weights, so two builds are identical.
-        sample_size: Latent height and width (the VAE maps them to images twice as large).
-        with_t5: Write ``text_encoder_3``/``tokenizer_3`` (without: the folder a user saves memory with).
-
-    Returns:
-        The folder's path.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
-
-    out = Path(out_dir)
-    _refuse_foreign(out)
-    torch.manual_seed(seed)
-    text_encoder, text_encoder_2 = _clip_towers(out, ("text_encoder", "text_encoder_2"), (16, 32), projection=True)
-    joint = 64
-    t5 = tokenizer_3 = None
-    if with_t5:
-        vocab_size = write_tiny_tokenizer(out / "tokenizer_3", max_length=256)
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=vocab_size,
-                d_model=joint,
-                d_ff=128,
-                d_kv=16,
-                num_layers=2,
-                num_heads=4,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-            )
-        )
-        tokenizer_3 = CLIPTokenizer.from_pretrained(out / "tokenizer_3")
-    transformer = SD3Transformer2DModel(
-        sample_size=sample_size,
-        patch_size=2,
-        in_channels=16,
-        out_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=joint,
-        caption_projection_dim=32,
-        pooled_projection_dim=16 + 32,
-        pos_embed_max_size=32,
-    )
-    # SD3 medium's VAE latent convention and scheduler shift.
-    vae = _tiny_vae(
-        sample_size, 16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
-    )
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=CLIPTokenizer.from_pretrained(out / "tokenizer_2"),
-        text_encoder_3=t5,
-        tokenizer_3=tokenizer_3,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    return out
-
-
-SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12}
-"""The CLIP ViT-L/14 text tower of Stable Diffusion 1.5 (its vocabulary is 49,408 tokens)."""
-
-
-def build_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a folder with Stable Diffusion 1.5's architecture and random weights (for memory and speed checks).
-
-    The UNet (860M parameters, latents 4 x 64 x 64), VAE (512 px) and CLIP ViT-L text tower have SD 1.5's shapes;
-    the tokenizer is the tiny one (its token ids fit the real vocabulary size). About 4.3 GB in fp32.
-
-    Args:
-        out_dir: Folder to create (must not hold anything else).
-        seed: Seed of the random weights.
-
-    Returns:
-        The folder's path.
-    """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    out = Path(out_dir)
-    _refuse_foreign(out)
-    vocab_size = write_tiny_tokenizer(out / "tokenizer")
-    torch.manual_seed(seed)
-    # diffusers' defaults are SD 1.x's UNet, less its text width and latent size.
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
-    text = {**tiny_text_config(vocab_size), **SD15_TEXT, "vocab_size": 49408, "projection_dim": 768}
-    return _save_sd_folder(out, unet, vae, text)
 
 
 def build_tiny_clip(out_dir: str | Path, seed: int = 0, image_size: int = 32) -> Path:

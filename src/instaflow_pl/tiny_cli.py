@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.families import family_named, family_of_folder
+from instaflow_pl.families import FAMILIES, family_named
+from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.tiny import build_tiny_clip
 
 
@@ -16,7 +17,7 @@ def tiny_main(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="instaflow-pl tiny",
         description="Write a tiny diffusers-format folder of a model family with random weights: what the tiny "
-        "configs (configs/tiny/, configs/tiny/sdxl/, configs/tiny/sd3/) train and sample in seconds on a CPU.",
+        "configs (configs/tiny/FAMILY/) train and sample in seconds on a CPU.",
     )
     parser.add_argument(
         "out", nargs="?", default=None, help="folder to write (default: outputs/tiny/FAMILY, e.g. outputs/tiny/sd)"
@@ -25,8 +26,9 @@ def tiny_main(args: Sequence[str]) -> None:
         "--family",
         default="sd",
         metavar="FAMILY",
-        help="model family: sd (Stable Diffusion 1.x/2.x, CLIP + UNet), sdxl (two CLIPs + SDXL UNet) or sd3 "
-        "(CLIP-L, CLIP-G, T5 + MMDiT transformer on 16-channel latents); default: %(default)s",
+        help="model family, one of: "
+        + ", ".join(f"{name} ({family.title})" for name, family in FAMILIES.items())
+        + "; default: %(default)s",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
@@ -37,7 +39,7 @@ def tiny_main(args: Sequence[str]) -> None:
     out = Path(opts.out if opts.out is not None else f"outputs/tiny/{family.name}")
     if (out / "model_index.json").exists():
         try:
-            held = family_of_folder(out).name
+            held = ModelFolder.open(out).family.name
         except UserError:  # unreadable: --force rebuilds it
             held = None
         if held is not None and held != family.name:

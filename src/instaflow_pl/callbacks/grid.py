@@ -72,7 +72,7 @@ def latent_shape_of(pl_module) -> tuple[int, int, int]:
     """(C, H, W) the module's velocity works on: from its UNet config, or from the validation data."""
     unet = getattr(pl_module.velocity, "unet", None)
     if unet is not None:
-        from instaflow_pl.velocity.networks import latent_geometry
+        from instaflow_pl.families import latent_geometry
 
         return latent_geometry(unet).shape
     manifest = getattr(pl_module.trainer.datamodule, "manifest", None)
@@ -95,11 +95,7 @@ def load_vae(folder: str | None):
     """The VAE of a model folder, or None when it has none (a setting where latent = image)."""
     if not folder:
         return None
-    from diffusers import AutoencoderKL
+    from instaflow_pl.model_folder import ModelFolder
 
-    from instaflow_pl.teachers.folder import resolve_model_folder
-
-    root = resolve_model_folder(folder)
-    if not (root / "vae").is_dir():
-        return None
-    return AutoencoderKL.from_pretrained(root, subfolder="vae").requires_grad_(False).eval()
+    model = ModelFolder.open(folder)
+    return model.load_vae() if model.vae_config is not None else None

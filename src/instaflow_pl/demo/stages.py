@@ -138,8 +138,8 @@ def in_notebook() -> bool:
 
 def _setup(plan: DemoPlan) -> None:
     from instaflow_pl.data.digits import DIGIT_PROMPTS, load_digits
-    from instaflow_pl.demo.base import build_digits_base
     from instaflow_pl.demo.classifier import accuracy, save_classifier, train_classifier
+    from instaflow_pl.families.digits_tiny import build_digits_base
 
     base = plan.path("base")
     if base.exists():

@@ -1,29 +1,27 @@
-"""What a model family is: the one place that knows how a family's folder, prompts and network work.
+"""What a model family is: the one place that knows how a family's folder, network, latents and prompts work.
 
-Everything else in the project (LatentODE, guidance, pair generation, the training modules, export, the pipeline)
-asks the family; a new family (e.g. Flux) is one new file beside ``sd.py``, ``sdxl.py`` and ``sd3.py``, registered in
-:mod:`instaflow_pl.families`.
+Everything else in the project (model folders, LatentODE, guidance, pair generation, the training modules, export,
+the pipeline) asks the family; a new family (e.g. Flux) is one new file beside ``sd.py``, ``sdxl.py``, ``sd3.py`` and
+``digits.py`` plus its tiny fixture, registered in :mod:`instaflow_pl.families`.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.families.geometry import LatentGeometry
+from instaflow_pl.kinds import VELOCITY_KIND
 from instaflow_pl.velocity.condition import TextCondition
 
-SD_KIND = "sd"
-"""A folder as its authors released it: a diffusion (or, for SD3, flow-matching) model with its own scheduler."""
-VELOCITY_KIND = "velocity"
-"""A folder this project wrote (``instaflow.json``): a rectified flow sampled with the Euler LatentODE."""
-KIND_FILE = "instaflow.json"
-"""Marker file of folders written by this project; holds ``{"kind": "velocity", "family": ..., ...}``."""
+if TYPE_CHECKING:
+    from instaflow_pl.model_folder import ModelFolder
 
 
 class Family:
@@ -50,7 +48,7 @@ class Family:
     velocity_sign: ClassVar[float] = 1.0
     """Our velocity (data - noise) is this times the network's output (SD3's flow-matching output points to noise)."""
     teacher_solvers: ClassVar[tuple[str, ...]]
-    """Solvers that fit a released (``sd`` kind) folder of this family."""
+    """Solvers that fit a released folder of this family."""
     default_teacher_solver: ClassVar[str]
     """The solver ``auto`` gives a released folder whose own scheduler is none the project solves (SD3: its
     flow-matching Euler is the LatentODE's ``euler``)."""
@@ -74,11 +72,41 @@ class Family:
     )
     """The model card's paragraph (its lines) on how the export is stepped and whether a stock scheduler may."""
 
+    network_classes: ClassVar[tuple[tuple[str, str], ...]]
+    """(module, class) of each network class the family loads (its ``config.json`` ``_class_name``)."""
+    uses_vae: ClassVar[bool] = True
+    """Latents come from a VAE in ``vae/`` (False: the network works on pixels, latent = image)."""
+    legacy_names: ClassVar[tuple[str, ...]] = ()
+    """Names records written before this family existed give its models (the digits demo's were ``sd``)."""
+
     # ---- networks -------------------------------------------------------------------------------------------
+
+    def network_class(self, name: str) -> type | None:
+        """The family's network class called ``name``, or None when the family has no such class."""
+        for module, class_name in self.network_classes:
+            if class_name == name:
+                return getattr(importlib.import_module(module), class_name)
+        return None
+
+    def owns_network_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether a network of ``config`` (its ``config.json``, with ``_class_name``) is this family's."""
+        return config.get("_class_name") in {name for _, name in self.network_classes}
 
     def owns_network(self, network: nn.Module) -> bool:
         """Whether ``network`` (loaded, or built from a config) is this family's."""
-        raise NotImplementedError
+        return self.owns_network_config({**network.config, "_class_name": type(network).__name__})
+
+    def answers_to(self, name: str) -> bool:
+        """Whether a record naming family ``name`` (a manifest, a checkpoint) means this family."""
+        return name == self.name or name in self.legacy_names
+
+    def latent_geometry(self, config: Mapping[str, Any]) -> LatentGeometry:
+        """The latents a network of ``config`` takes: ``in_channels`` channels, ``sample_size`` native size, sizes
+        multiples of 2 ** (down blocks - 1) (a UNet's; other networks override)."""
+        size = config["sample_size"]
+        size = size if isinstance(size, int) else size[0]
+        down_factor = 2 ** (len(config["down_block_types"]) - 1)
+        return LatentGeometry(int(config["in_channels"]), int(size), down_factor)
 
     def network_inputs(
         self, network: nn.Module, x: torch.Tensor, cond: TextCondition, pixels_per_latent: int
@@ -103,18 +131,15 @@ class Family:
         network's config."""
         raise NotImplementedError
 
-    def load_encoder(self, root: Path, dtype: torch.dtype = torch.float32, cache_mb: float = 0.0):
-        """Load the tokenizers and text encoders from ``root`` and build the family's prompt encoder."""
+    def load_encoder(self, folder: ModelFolder, dtype: torch.dtype = torch.float32, cache_mb: float = 0.0):
+        """Load the tokenizers and text encoders of ``folder`` and build the family's prompt encoder."""
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.check_folder(root)
-        index = read_model_index(root)
         parts = {}
         for name in self.text_parts + self.optional_text_parts:
-            parts[name] = self._load_part(root, name, index, dtype) if (root / name).is_dir() else None
-        network_config = json.loads((root / self.network_folder / "config.json").read_text())
-        return self.encoder_from_parts(parts, index, network_config, cache_mb)
+            parts[name] = self._load_part(folder.root, name, folder.index, dtype) if folder.has(name) else None
+        return self.encoder_from_parts(parts, folder.index, folder.network_config, cache_mb)
 
     def _load_part(self, root: Path, name: str, index: dict[str, Any], dtype: torch.dtype) -> Any:
         entry = index.get(name)
@@ -126,13 +151,17 @@ class Family:
 
     # ---- folders --------------------------------------------------------------------------------------------
 
+    def required_parts(self) -> tuple[str, ...]:
+        """The subfolders every folder of this family holds."""
+        return (self.network_folder, *self.text_parts, *(("vae",) if self.uses_vae else ()))
+
     def check_folder(self, root: Path) -> None:
-        """A clear error when ``root`` lacks a part the family needs."""
-        for part in (self.network_folder, *self.text_parts):
+        """A clear error when ``root`` lacks a part the family needs (the one message for it)."""
+        parts = self.required_parts()
+        for part in parts:
             if not (root / part).is_dir():
                 raise UserError(
-                    f"{root} has no {part}/ subfolder; a {self.title} folder needs "
-                    f"{', '.join((self.network_folder, *self.text_parts))} (and vae, scheduler)"
+                    f"{root} has no {part}/ subfolder; a {self.title} folder needs {', '.join(parts)} (and scheduler)"
                 )
 
     # ---- teachers -------------------------------------------------------------------------------------------
@@ -147,8 +176,24 @@ class Family:
     teacher_is_flow: ClassVar[bool] = False
     """A released folder is already a rectified flow solved by the LatentODE (SD3), not a diffusion model."""
 
-    def make_solver(self, kind: str, name: str, steps: int, scheduler_config: dict[str, Any]):
-        """The teacher's solver: a diffusers scheduler (diffusion teachers) or the LatentODE (flows)."""
+    def make_solver(
+        self,
+        kind: str,
+        name: str,
+        steps: int,
+        scheduler_config: dict[str, Any],
+        latent_shape: tuple[int, int, int] | None = None,
+    ):
+        """The teacher's solver: a diffusers scheduler (diffusion teachers) or the LatentODE (flows).
+
+        Args:
+            kind: The folder's kind (released or velocity).
+            name: Solver name (see :meth:`solver_name`).
+            steps: Solver steps.
+            scheduler_config: The folder's scheduler config.
+            latent_shape: The (C, H, W) of the latents to solve, for families whose time grid depends on the image
+                size (resolution-dependent shifting); None: the network's native size.
+        """
         from instaflow_pl.solver import METHODS, SCHEDULERS, LatentODE, SchedulerODE, make_scheduler
 
         if kind == VELOCITY_KIND:
@@ -162,9 +207,16 @@ class Family:
             )
         if name in SCHEDULERS:
             return SchedulerODE(make_scheduler(name, scheduler_config), steps)
-        return self.flow_solver(name, steps, scheduler_config)
+        return self.flow_solver(name, steps, scheduler_config, latent_shape)
 
-    def flow_solver(self, name: str, steps: int, scheduler_config: dict[str, Any]):
+    def size_dependent_solver(self, scheduler_config: dict[str, Any]) -> bool:
+        """Whether the teacher's time grid depends on the latents' size (resolution-dependent shifting), so
+        :meth:`make_solver` needs ``latent_shape``."""
+        return False
+
+    def flow_solver(
+        self, name: str, steps: int, scheduler_config: dict[str, Any], latent_shape: tuple[int, int, int] | None
+    ):
         """The LatentODE of a released flow-matching folder (only families with ``teacher_is_flow``)."""
         raise UserError(f"a {self.title} teacher is solved through its scheduler, not the LatentODE")
 
@@ -250,26 +302,10 @@ class Family:
 
     # ---- tiny fixtures --------------------------------------------------------------------------------------
 
+    fixture: ClassVar[str]
+    """Module of the family's tiny fixture (beside its file): ``build_tiny(out, seed, sample_size)`` writes a tiny
+    folder with random weights (tests, the tiny configs, ``instaflow-pl tiny``)."""
+
     def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
         """Write a tiny folder of this family with random weights (for tests and the tiny configs)."""
-        raise NotImplementedError
-
-
-def read_model_index(root: Path) -> dict[str, Any]:
-    """``root/model_index.json`` as a dict (a clear error when it is not JSON)."""
-    path = root / "model_index.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{root} has no model_index.json; it is not a diffusers-format model folder") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err})") from None
-
-
-def pixels_per_latent(root: Path) -> int:
-    """Image pixels per latent pixel of a folder: the VAE's downsampling (1 without a VAE: latents are images)."""
-    config = root / "vae" / "config.json"
-    if not config.is_file():
-        return 1
-    blocks = json.loads(config.read_text()).get("block_out_channels", [])
-    return 2 ** max(len(blocks) - 1, 0)
+        return importlib.import_module(self.fixture).build_tiny(out, seed=seed, sample_size=sample_size)

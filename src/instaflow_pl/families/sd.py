@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -40,7 +40,8 @@ class ClipPromptEncoder(PromptEncoder):
 
 
 class StableDiffusion(Family):
-    """Stable Diffusion 1.x and 2.x (and this project's exports of them, and the digits demo's folders)."""
+    """Stable Diffusion 1.x and 2.x (and this project's exports of them): a ``UNet2DConditionModel`` without SDXL's
+    added text-and-time embedding."""
 
     name = "sd"
     title = "Stable Diffusion"
@@ -54,10 +55,12 @@ class StableDiffusion(Family):
     default_teacher_solver = "dpm++"
     lora_pipeline = "StableDiffusionPipeline"
     standalone_pipeline = True
+    network_classes = (("diffusers", "UNet2DConditionModel"),)
+    fixture = "instaflow_pl.families.sd_tiny"
 
-    def owns_network(self, network: nn.Module) -> bool:
-        """Any UNet-like network the other families do not claim (SD's UNet, the demo's MLP)."""
-        return True
+    def owns_network_config(self, config: Mapping[str, Any]) -> bool:
+        """A ``UNet2DConditionModel`` without SDXL's added text-and-time embedding."""
+        return super().owns_network_config(config) and config.get("addition_embed_type") != "text_time"
 
     def network_inputs(
         self, network: nn.Module, x: torch.Tensor, cond: TextCondition, pixels_per_latent: int
@@ -70,9 +73,3 @@ class StableDiffusion(Family):
     ):
         """A :class:`ClipPromptEncoder`."""
         return ClipPromptEncoder(parts["tokenizer"], parts["text_encoder"], cache_mb)
-
-    def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
-        """The tiny SD folder of :func:`instaflow_pl.tiny.build_tiny_sd`."""
-        from instaflow_pl.tiny import build_tiny_sd
-
-        return build_tiny_sd(out, seed=seed, sample_size=sample_size)

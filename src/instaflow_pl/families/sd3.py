@@ -8,7 +8,7 @@ Reflowed SD3 transformers keep SD3's output convention, so an export is still an
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 
 from instaflow_pl.errors import UserError
 from instaflow_pl.families.base import Family
+from instaflow_pl.families.geometry import LatentGeometry
 from instaflow_pl.solver.ode import METHODS
 from instaflow_pl.text import PromptEncoder, clip_states
 from instaflow_pl.velocity.condition import TextCondition
@@ -81,6 +82,8 @@ class StableDiffusion3(Family):
     teacher_solvers = tuple(METHODS)
     default_teacher_solver = "euler"
     lora_pipeline = "StableDiffusion3Pipeline"
+    network_classes = (("diffusers", "SD3Transformer2DModel"),)
+    fixture = "instaflow_pl.families.sd3_tiny"
     card_steps_note = (
         "The transformer keeps SD3's flow-matching convention: at sigma = 1 - t (t = 0 noise, t = 1 data) it is",
         "called at timestep sigma * 1000 and returns noise - data, minus the velocity. So the exported",
@@ -105,9 +108,9 @@ class StableDiffusion3(Family):
             "```",
         ]
 
-    def owns_network(self, network: nn.Module) -> bool:
-        """An ``SD3Transformer2DModel``."""
-        return type(network).__name__ == "SD3Transformer2DModel"
+    def latent_geometry(self, config: Mapping[str, Any]) -> LatentGeometry:
+        """``in_channels`` channels, sizes multiples of the patch size."""
+        return LatentGeometry(int(config["in_channels"]), int(config["sample_size"]), int(config["patch_size"]))
 
     def network_inputs(
         self, network: nn.Module, x: torch.Tensor, cond: TextCondition, pixels_per_latent: int
@@ -141,7 +144,9 @@ class StableDiffusion3(Family):
             tokenizers, encoders, joint_dim=network_config["joint_attention_dim"], cache_mb=cache_mb
         )
 
-    def flow_solver(self, name: str, steps: int, scheduler_config: dict[str, Any]):
+    def flow_solver(
+        self, name: str, steps: int, scheduler_config: dict[str, Any], latent_shape: tuple[int, int, int] | None
+    ):
         """The LatentODE on the scheduler's shifted sigmas: ``time_grid = 1 - sigmas`` (ending at t = 1)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -155,9 +160,3 @@ class StableDiffusion3(Family):
             )
         scheduler.set_timesteps(steps)
         return LatentODE(name, time_grid=[1.0 - float(s) for s in scheduler.sigmas])
-
-    def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
-        """The tiny SD3 folder of :func:`instaflow_pl.tiny.build_tiny_sd3`."""
-        from instaflow_pl.tiny import build_tiny_sd3
-
-        return build_tiny_sd3(out, seed=seed, sample_size=sample_size)

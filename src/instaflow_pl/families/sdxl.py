@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -66,11 +66,12 @@ class StableDiffusionXL(Family):
     standalone_pipeline = True
     pipeline_file_in_index = False  # StableDiffusionXLPipeline.from_pretrained(DIR) still loads the parts
     pipeline_config = ("force_zeros_for_empty_prompt",)
+    network_classes = (("diffusers", "UNet2DConditionModel"),)
+    fixture = "instaflow_pl.families.sdxl_tiny"
 
-    def owns_network(self, network: nn.Module) -> bool:
-        """A UNet with SDXL's added text-and-time embedding."""
-        config = getattr(network, "config", None)
-        return getattr(config, "addition_embed_type", None) == "text_time"
+    def owns_network_config(self, config: Mapping[str, Any]) -> bool:
+        """A ``UNet2DConditionModel`` with SDXL's added text-and-time embedding."""
+        return super().owns_network_config(config) and config.get("addition_embed_type") == "text_time"
 
     def network_inputs(
         self, network: nn.Module, x: torch.Tensor, cond: TextCondition, pixels_per_latent: int
@@ -89,9 +90,3 @@ class StableDiffusionXL(Family):
         tokenizers = (parts["tokenizer"], parts["tokenizer_2"])
         encoders = (parts["text_encoder"], parts["text_encoder_2"])
         return SDXLPromptEncoder(tokenizers, encoders, zero_null=zero_null, cache_mb=cache_mb)
-
-    def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
-        """The tiny SDXL folder of :func:`instaflow_pl.tiny.build_tiny_sdxl`."""
-        from instaflow_pl.tiny import build_tiny_sdxl
-
-        return build_tiny_sdxl(out, seed=seed, sample_size=sample_size)

@@ -1,6 +1,12 @@
-"""Teachers: Stable Diffusion (through its scheduler) and k-rectified flows (through the LatentODE)."""
+"""Teachers: released diffusion models (through their scheduler) and rectified flows (through the LatentODE)."""
 
-from instaflow_pl.teachers.folder import (
+from instaflow_pl.teachers.teacher import Teacher, load_teacher
+
+__all__ = ["Teacher", "load_teacher"]
+
+# TEMPORARY shim while branches merge (removed before commit)
+from instaflow_pl.dtypes import DTYPES, parse_dtype  # noqa: E402
+from instaflow_pl.teachers.folder import (  # noqa: E402
     KIND_FILE,
     SD_KIND,
     VELOCITY_KIND,
@@ -9,18 +15,3 @@ from instaflow_pl.teachers.folder import (
     model_kind,
     resolve_model_folder,
 )
-from instaflow_pl.teachers.teacher import DTYPES, Teacher, load_teacher, parse_dtype
-
-__all__ = [
-    "DTYPES",
-    "KIND_FILE",
-    "SD_KIND",
-    "VELOCITY_KIND",
-    "Teacher",
-    "fingerprint",
-    "load_teacher",
-    "mark_velocity_folder",
-    "model_kind",
-    "parse_dtype",
-    "resolve_model_folder",
-]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,23 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from instaflow_pl.dtypes import parse_dtype
 from instaflow_pl.errors import UserError
-from instaflow_pl.families import Family, family_of_folder, pixels_per_latent
+from instaflow_pl.families import Family, LatentGeometry
+from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
-from instaflow_pl.teachers.folder import fingerprint, model_kind, resolve_model_folder
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance
-from instaflow_pl.velocity.networks import LatentGeometry, latent_geometry, load_network
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""Accepted names of weight dtypes."""
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    """``fp32`` / ``fp16`` / ``bf16`` to a torch dtype."""
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 class Teacher(nn.Module):
@@ -36,11 +25,11 @@ class Teacher(nn.Module):
         encoder: Prompt encoder (frozen).
         model: ``f(x, t, cond)``: a velocity (for ``LatentODE``) or a diffusers predictor (for ``SchedulerODE``).
         solver: The solver that integrates ``model`` from noise to data.
-        kind: ``sd`` (a released folder, through its scheduler or, for SD3, its shifted time grid) or ``velocity``
-            (a k-rectified flow written by this project).
+        kind: ``released`` (through its scheduler or, for SD3, its shifted time grid) or ``velocity`` (a
+            k-rectified flow written by this project).
         source: Where the teacher came from (folder or hub id).
         fingerprint: SHA-256 of the teacher's weights and configs.
-        geometry: The latents the UNet takes (native shape, allowed sizes).
+        geometry: The latents the network takes (native shape, allowed sizes).
         solver_name: The solver's name (scheduler or ODE method), as recorded in dataset manifests.
         family: The model family (:mod:`instaflow_pl.families`).
         scheduler_config: The folder's scheduler config (to build the same solver at other step counts).
@@ -71,13 +60,14 @@ class Teacher(nn.Module):
         self.solver_name = solver_name
         self.family = family
         self.scheduler_config = scheduler_config or {}
+        self._solvers: dict[tuple[int, ...], LatentODE | SchedulerODE] = {}
 
     def check_latent_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
-        """Validate a (C, H, W) latent shape against the UNet; return it as a tuple."""
+        """Validate a (C, H, W) latent shape against the network; return it as a tuple."""
         shape = tuple(int(s) for s in shape)
         if not self.geometry.fits(shape):
             raise UserError(
-                f"latent shape {list(shape)} does not fit the teacher's UNet: it needs {self.geometry.describe()} "
+                f"latent shape {list(shape)} does not fit the teacher's network: it needs {self.geometry.describe()} "
                 f"(its native shape is {list(self.latent_shape)})"
             )
         return shape
@@ -88,7 +78,21 @@ class Teacher(nn.Module):
 
         other = copy.copy(self)
         other.solver = self.family.make_solver(self.kind, self.solver_name, steps, self.scheduler_config)
+        other._solvers = {}
         return other
+
+    def solver_for(self, shape: Sequence[int]) -> LatentODE | SchedulerODE:
+        """The solver for latents of (C, H, W) ``shape``: :attr:`solver` at the native shape, else one built for the
+        size (families whose time grid depends on the image size shift it; the others get the same solver)."""
+        shape = tuple(int(s) for s in shape)
+        if shape == tuple(self.latent_shape) or not self.family.size_dependent_solver(self.scheduler_config):
+            return self.solver
+        if shape not in self._solvers:
+            steps = self.solver.steps
+            self._solvers[shape] = self.family.make_solver(
+                self.kind, self.solver_name, steps, self.scheduler_config, latent_shape=shape
+            )
+        return self._solvers[shape]
 
     def sample(
         self,
@@ -100,7 +104,8 @@ class Teacher(nn.Module):
         """Solve the teacher's ODE from ``x0`` for ``prompts`` with classifier-free guidance ``guidance``."""
         field = ClassifierFreeGuidance(self.model, guidance)
         cond = self.encoder.condition(prompts, with_null=field.active)
-        return self.solver.solve(field, x0, cond, return_trajectory=return_trajectory)
+        solver = self.solver_for(x0.shape[1:])
+        return solver.solve(field, x0, cond, return_trajectory=return_trajectory)
 
 
 def load_teacher(
@@ -129,24 +134,19 @@ def load_teacher(
         device: Where to put the weights.
     """
     torch_dtype = parse_dtype(dtype)
-    root = resolve_model_folder(source)
-    kind = model_kind(root)
-    family = family_of_folder(root)
-    family.check_folder(root)
-    if not (root / "scheduler").is_dir():
-        raise UserError(f"{root} has no scheduler/ subfolder; a teacher folder needs its scheduler config")
-    scheduler_config = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    solver_name = family.solver_name(kind, solver, scheduler_config)
-    solver_obj = family.make_solver(kind, solver_name, steps, scheduler_config)
-    network = load_network(root, family.network_folder, torch_dtype)
+    folder = ModelFolder.open(source)
+    family = folder.family
+    scheduler_config = folder.require_scheduler()
+    solver_name = family.solver_name(folder.kind, solver, scheduler_config)
+    solver_obj = family.make_solver(folder.kind, solver_name, steps, scheduler_config)
     teacher = Teacher(
-        encoder=family.load_encoder(root, torch_dtype),
-        model=family.teacher_model(network, kind, pixels_per_latent(root)),
+        encoder=folder.load_encoder(torch_dtype),
+        model=family.teacher_model(folder.load_network(torch_dtype), folder.kind, folder.pixels_per_latent),
         solver=solver_obj,
-        kind=kind,
+        kind=folder.kind,
         source=str(source),
-        fingerprint=fingerprint(root),
-        geometry=latent_geometry(network),
+        fingerprint=folder.fingerprint(),
+        geometry=folder.geometry,
         solver_name=solver_name,
         family=family,
         scheduler_config=scheduler_config,
