@@ -30,8 +30,6 @@ with the project's families (so it also samples SD3). Keep this file free of ``i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
@@ -228,7 +226,7 @@ class InstaFlowPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | list[str],
         num_inference_steps: int = 1,
         guidance_scale: float = 0.0,
         height: int | None = None,
