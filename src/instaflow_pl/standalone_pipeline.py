@@ -1,8 +1,10 @@
-"""InstaFlowPipeline for people who have diffusers but not instaflow-pl (shipped in SD 1.x/2.x and SDXL exports).
+"""The self-contained InstaFlowPipeline: samples an export with stock diffusers and torch alone (no instaflow-pl).
 
-``instaflow-pl export`` copies this file into the exported folder as ``instaflow_pipeline.py``. SD exports name it in
-``model_index.json`` (``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]``, diffusers' custom-pipeline
-mechanism), so stock diffusers loads the folder (local or on a hub) with::
+``instaflow-pl export`` copies this file as ``instaflow_pipeline.py`` into the exports of the families whose stock
+diffusers pipeline cannot sample them (SD 1.x/2.x and SDXL: a reflowed UNet's velocity has the opposite sign of
+diffusers' flow-matching schedulers). SD exports name it in ``model_index.json``
+(``"_class_name": ["instaflow_pipeline", "InstaFlowPipeline"]``, diffusers' custom-pipeline mechanism), so stock
+diffusers loads the folder (local or on a hub) with::
 
     from diffusers import DiffusionPipeline
 
@@ -10,17 +12,20 @@ mechanism), so stock diffusers loads the folder (local or on a hub) with::
     image = pipe("a photo of a cat", num_inference_steps=1).images[0]
 
 SDXL exports keep ``StableDiffusionXLPipeline``-loadable parts and name the file at load time instead:
-``DiffusionPipeline.from_pretrained(DIR, custom_pipeline="instaflow_pipeline", trust_remote_code=True)``.
+``DiffusionPipeline.from_pretrained(DIR, custom_pipeline="instaflow_pipeline", trust_remote_code=True)``. SD3
+exports do not ship it: stock ``StableDiffusion3Pipeline`` samples them.
 
-The file imports only torch and diffusers (the tokenizers and text encoders are transformers objects loaded by
-diffusers). Its sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data)
-on a uniform grid, the UNet called at timestep ``(1 - t) * 1000`` with its output taken as the velocity, and
+The sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data) on a
+uniform grid, the UNet called at timestep ``(1 - t) * 1000`` with its output taken as the velocity, and
 classifier-free guidance ``v_uncond + w (v_cond - v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is
 the null prompt). Prompts are encoded as the family's diffusers pipeline does: SD's CLIP last hidden state, or, for
 SDXL (a folder with ``text_encoder_2``), both CLIP towers' penultimate states joined, CLIP-G's pooled embedding and
-the default size ids (zeros for the null prompt when ``force_zeros_for_empty_prompt``). SD3 exports do not need this
-file: stock ``StableDiffusion3Pipeline`` samples them. The project's tests require its samples to equal
-``instaflow_pl.pipeline.InstaFlowPipeline``'s exactly; keep this file free of ``instaflow_pl`` imports.
+the default size ids (zeros for the null prompt when ``force_zeros_for_empty_prompt``). A folder without a VAE is a
+pixel-space model (the digits demo's): its latents are the images.
+
+``instaflow_pl.pipeline.InstaFlowPipeline`` is a subclass: it keeps this sampling loop, latent shape, noise and
+decoding, and replaces the two seams, :meth:`InstaFlowPipeline.condition` and :meth:`InstaFlowPipeline.velocity`,
+with the project's families (so it also samples SD3). Keep this file free of ``instaflow_pl`` imports.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 class InstaFlowPipeline(DiffusionPipeline):
     """One-step (or few-step) text-to-image sampling of an InstaFlow / k-rectified-flow export.
 
+    The sampling loop (:meth:`sample_latents`) asks two seams, which subclasses may replace together:
+    :meth:`condition` turns prompts into the conditioning :meth:`velocity` takes.
+
     Args:
         vae: Decodes the scaled latents to images; None for a pixel-space model (latent = image).
         text_encoder: CLIP text model (SD: its last hidden state conditions the UNet; SDXL: CLIP-L).
@@ -58,6 +66,9 @@ class InstaFlowPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
 
     _optional_components = ["vae", "text_encoder_2", "tokenizer_2"]
+
+    argument_error: type[Exception] = ValueError
+    """The exception a bad argument (size, steps, guidance, output type) raises."""
 
     def __init__(
         self,
@@ -84,23 +95,37 @@ class InstaFlowPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
+    @property
+    def network(self):
+        """The velocity network (the UNet)."""
+        return self.unet
+
+    @property
+    def default_size(self) -> int:
+        """Image height and width by default: the network's sample size times the VAE's scale factor."""
+        size = self.network.config.sample_size
+        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+
+    def latent_multiple(self) -> int:
+        """Latent height and width must be multiples of this: the UNet's downsampling (0: a fixed-size network,
+        e.g. the digits demo's MLP, takes its sample size only)."""
+        blocks = getattr(self.network.config, "down_block_types", None)
+        return 2 ** (len(blocks) - 1) if blocks else 0
+
     def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-        """The (C, H, W) latent shape of ``height`` x ``width`` images (default: the UNet's sample size)."""
-        config = self.unet.config
-        size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+        """The (C, H, W) latent shape of ``height`` x ``width`` images (defaults: :attr:`default_size`)."""
+        height = self.default_size if height is None else int(height)
+        width = self.default_size if width is None else int(width)
         scale = self.vae_scale_factor
-        height = int(size) * scale if height is None else int(height)
-        width = int(size) * scale if width is None else int(width)
-        blocks = getattr(config, "down_block_types", None)
-        multiple = 2 ** (len(blocks) - 1) * scale if blocks else 0
+        multiple = self.latent_multiple() * scale
         if multiple:
             fits = height > 0 and width > 0 and not (height % multiple or width % multiple)
-        else:  # a fixed-size network
-            fits = (height, width) == (int(size) * scale, int(size) * scale)
+        else:
+            fits = height == width == self.default_size
         if not fits:
-            wanted = f"multiples of {multiple}" if multiple else f"{int(size) * scale}"
-            raise ValueError(f"height and width must be {wanted}, got {height} x {width}")
-        return (int(config.in_channels), height // scale, width // scale)
+            wanted = f"multiples of {multiple}" if multiple else f"{self.default_size}"
+            raise self.argument_error(f"height and width must be {wanted}, got {height} x {width}")
+        return (int(self.network.config.in_channels), height // scale, width // scale)
 
     @staticmethod
     def tokens(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:
@@ -136,14 +161,25 @@ class InstaFlowPipeline(DiffusionPipeline):
             return torch.zeros_like(embeds), torch.zeros_like(pooled)
         return embeds, pooled
 
+    def condition(self, prompts: list[str], guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What :meth:`velocity` is conditioned on: the prompts' embeddings and pooled embedding (or None); with
+        ``guided``, the null prompt's for the whole batch first, then the prompts', in one batch of twice the size."""
+        embeds, pooled = self.encode(prompts)
+        if guided:
+            null, null_pooled = self.null_condition()
+            embeds = torch.cat([null.expand_as(embeds), embeds])
+            pooled = None if pooled is None else torch.cat([null_pooled.expand_as(pooled), pooled])
+        return embeds, pooled
+
     def velocity(
-        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, cond: tuple[torch.Tensor, torch.Tensor | None]
     ) -> torch.Tensor:
         """The UNet's velocity at flow time ``t`` (B,): timestep ``(1 - t) * 1000``, output in float32.
 
-        With a pooled embedding (SDXL) the UNet also gets it and the size ids (height, width, 0, 0, height, width)
-        of the images the latents ``x`` decode to.
+        ``cond`` is :meth:`condition`'s (embeds, pooled). With a pooled embedding (SDXL) the UNet also gets it and the
+        size ids (height, width, 0, 0, height, width) of the images the latents ``x`` decode to.
         """
+        embeds, pooled = cond
         dtype = next(self.unet.parameters()).dtype
         timestep = (1.0 - t) * UNET_TIME_SCALE
         x = x.to(dtype)
@@ -161,25 +197,20 @@ class InstaFlowPipeline(DiffusionPipeline):
     ) -> torch.Tensor:
         """Euler steps from noise ``x0`` (t = 0) to data (t = 1), guided when ``guidance_scale > 1``."""
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise self.argument_error(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be >= 0 (1 or less means none), got {guidance_scale}")
-        embeds, pooled = self.encode(prompts)
+            raise self.argument_error(f"guidance_scale must be >= 0 (1 or less means none), got {guidance_scale}")
         guided = guidance_scale > 1.0
-        if guided:  # unconditional first, then conditional, in one batch
-            null, null_pooled = self.null_condition()
-            embeds = torch.cat([null.expand_as(embeds), embeds])
-            pooled = None if pooled is None else torch.cat([null_pooled.expand_as(pooled), pooled])
+        cond = self.condition(list(prompts), guided)
         grid = [k / num_inference_steps for k in range(num_inference_steps + 1)]
         x = x0
         for t, t_next in zip(grid, grid[1:], strict=False):
             t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
-            if guided:
-                both = self.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), embeds, pooled)
-                uncond, cond = both.chunk(2)
-                v = uncond + float(guidance_scale) * (cond - uncond)
+            if guided:  # unconditional first, then conditional, in one batch
+                uncond, conditional = self.velocity(torch.cat([x, x]), torch.cat([t_batch, t_batch]), cond).chunk(2)
+                v = uncond + float(guidance_scale) * (conditional - uncond)
             else:
-                v = self.velocity(x, t_batch, embeds, pooled)
+                v = self.velocity(x, t_batch, cond)
             x = x + (t_next - t) * v.to(x.dtype)
         return x
 
@@ -212,7 +243,7 @@ class InstaFlowPipeline(DiffusionPipeline):
             prompt: One prompt or a list of prompts.
             num_inference_steps: Euler steps from noise to data (1 for a distilled InstaFlow student).
             guidance_scale: Classifier-free guidance ``w`` (>= 0); 1 or less means none (conditional branch only).
-            height: Image height in pixels (default: the UNet's sample size times the VAE's scale factor).
+            height: Image height in pixels (default: :attr:`default_size`).
             width: Image width in pixels (same default).
             num_images_per_prompt: Images per prompt.
             latents: The noise X0, shape (B, C, H, W) with B = prompts x images per prompt; drawn from
@@ -225,9 +256,9 @@ class InstaFlowPipeline(DiffusionPipeline):
             ``ImagePipelineOutput(images=...)`` or ``(images,)``.
         """
         if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+            raise self.argument_error(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+            raise self.argument_error(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         shape = (len(prompts), *self.latent_shape(height, width))
@@ -235,7 +266,7 @@ class InstaFlowPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
+            raise self.argument_error(f"latents have shape {list(latents.shape)}, expected {list(shape)}")
         x1 = self.sample_latents(latents.to(device), prompts, num_inference_steps, guidance_scale)
         if output_type == "latent":
             images = x1
