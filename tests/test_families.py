@@ -115,6 +115,35 @@ def test_sd3_teacher_matches_stable_diffusion_3_pipeline(tiny_sd3, guidance):
     check_parity(f"sd3 {'without' if without_t5 else 'with'} T5", ours, pipe, x0, steps, guidance)
 
 
+@pytest.mark.parametrize("latent_hw", [(8, 8), (16, 12)])
+def test_sd35_dynamic_shifting_follows_the_image_size(tiny_sd3, tmp_path, latent_hw):
+    """An SD3.5-style scheduler (``use_dynamic_shifting``): the teacher's time grid is shifted by the latents' size,
+    as StableDiffusion3Pipeline shifts it, through the same code path (relative error <= 1e-5 at two sizes)."""
+    folder = tmp_path / "sd35"
+    shutil.copytree(tiny_sd3, folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5)
+    config_file.write_text(json.dumps(config))
+    steps = 4
+    teacher = load_teacher(folder, steps=steps)
+    x0 = noise_for_indices(0, [0, 1], (16, *latent_hw))
+    ours = teacher.sample(x0.clone(), PROMPTS, guidance=3.0).x
+    grids = {shape: teacher.solver_for(shape).time_grid for shape in [(16, 8, 8), (16, 16, 12)]}
+    assert grids[(16, 8, 8)][1] != pytest.approx(grids[(16, 16, 12)][1]), "the shift depends on the size"
+    without_t5 = {} if (folder / "text_encoder_3").is_dir() else {"text_encoder_3": None, "tokenizer_3": None}
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, **without_t5)
+    pipe.set_progress_bar_config(disable=True)
+    height, width = (s * PIXELS for s in latent_hw)
+    reference = pipe(
+        PROMPTS, latents=x0.clone(), num_inference_steps=steps, guidance_scale=3.0, output_type="latent",
+        height=height, width=width,
+    ).images  # fmt: skip
+    error = ((ours - reference).norm() / reference.norm()).item()
+    print(f"sd3.5 dynamic shifting {latent_hw}: relative error {error:.2e}")
+    assert error <= 1e-5
+
+
 def test_sd3_time_grid_is_the_shifted_schedule(tiny_sd3):
     """sigma = 1 - t on SD3's shifted schedule: sigmas evenly spaced from 1 to the smallest training sigma, then
     shifted by s -> 3 s / (1 + 2 s) (noise-heavy steps), then 0."""

@@ -9,8 +9,8 @@ import torch
 
 from instaflow_pl import standalone_pipeline
 from instaflow_pl.data.digits import DIGIT_PROMPTS
-from instaflow_pl.demo.base import build_digits_base
 from instaflow_pl.errors import UserError
+from instaflow_pl.families import FAMILIES
 from instaflow_pl.pipeline import InstaFlowPipeline
 
 SHARED = ("__call__", "sample_latents", "latent_shape", "default_size", "decode")
@@ -27,7 +27,7 @@ def test_instaflow_pipeline_builds_on_the_self_contained_pipeline():
 
 @pytest.fixture(scope="module")
 def digits_base(tmp_path_factory):
-    return build_digits_base(tmp_path_factory.mktemp("digits") / "base", width=32, num_blocks=1)
+    return FAMILIES["digits"].build_tiny(tmp_path_factory.mktemp("digits") / "base")
 
 
 def test_self_contained_pipeline_samples_a_pixel_space_folder_as_instaflow_pipeline(digits_base):

@@ -9,17 +9,17 @@ and decoding are the standalone pipeline's, so its latents equal the shipped fil
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from diffusers import AutoencoderKL, ModelMixin
 
 from instaflow_pl import standalone_pipeline
 from instaflow_pl.errors import UserError
-from instaflow_pl.families import family_of_network
+from instaflow_pl.families import FAMILIES, family_of_network, latent_geometry
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import UNetVelocity
 from instaflow_pl.velocity.condition import TextCondition
-from instaflow_pl.velocity.mlp import MLPVelocityNet  # noqa: F401 - imported so diffusers may load demo folders
-from instaflow_pl.velocity.networks import latent_geometry
 
 
 class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
@@ -82,6 +82,15 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         self.register_modules(text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer)
 
     @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """diffusers' ``from_pretrained``, with every registered family's network classes importable (a folder's
+        ``model_index.json`` may name a network class outside diffusers, e.g. the digits family's MLP)."""
+        for family in FAMILIES.values():
+            for module, _ in family.network_classes:
+                importlib.import_module(module)
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
     def load_config(cls, *args, **kwargs):
         """diffusers' ``load_config``, reading an export's custom-pipeline entry (``"_class_name": [file, class]``,
         which stock diffusers follows to the folder's ``instaflow_pipeline.py``) as this class."""
@@ -114,4 +123,5 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """The velocity at flow time ``t`` (B,), in float32: the network called as its family says."""
-        return UNetVelocity(self.network, pixels_per_latent=self.vae_scale_factor)(x, t, cond)
+        family = family_of_network(self.network)
+        return UNetVelocity(self.network, family=family, pixels_per_latent=self.vae_scale_factor)(x, t, cond)

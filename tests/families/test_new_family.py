@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401 (TEMP)
+from diffusers import ModelMixin, UNet2DConditionModel  # noqa: F401 - diffusers finds loaders by this name here
 from suite import run_suite
 
 from instaflow_pl.families import FAMILIES, family_of_network, register, unregister

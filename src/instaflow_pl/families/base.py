@@ -210,15 +210,42 @@ class Family:
         return self.flow_solver(name, steps, scheduler_config, latent_shape)
 
     def size_dependent_solver(self, scheduler_config: dict[str, Any]) -> bool:
-        """Whether the teacher's time grid depends on the latents' size (resolution-dependent shifting), so
-        :meth:`make_solver` needs ``latent_shape``."""
-        return False
+        """Whether the teacher's time grid depends on the latents' size (a flow-matching scheduler with dynamic,
+        resolution-dependent shifting), so :meth:`make_solver` needs ``latent_shape``."""
+        return self.teacher_is_flow and bool(scheduler_config.get("use_dynamic_shifting", False))
+
+    default_max_shift: ClassVar[float] = 1.16
+    """``max_shift`` of dynamic shifting when the scheduler config has none (the family's diffusers pipeline's)."""
+
+    def image_seq_len(self, latent_shape: tuple[int, int, int]) -> int:
+        """Image tokens of latents of ``latent_shape``, as dynamic shifting counts them (2 x 2 patches)."""
+        return (latent_shape[1] // 2) * (latent_shape[2] // 2)
+
+    def flow_sigmas(self, steps: int) -> list[float] | None:
+        """The sigmas the family's pipeline gives its scheduler before shifting (None: the scheduler's own)."""
+        return None
 
     def flow_solver(
         self, name: str, steps: int, scheduler_config: dict[str, Any], latent_shape: tuple[int, int, int] | None
     ):
-        """The LatentODE of a released flow-matching folder (only families with ``teacher_is_flow``)."""
-        raise UserError(f"a {self.title} teacher is solved through its scheduler, not the LatentODE")
+        """The LatentODE of a released flow-matching folder (families with ``teacher_is_flow``) on its scheduler's
+        shifted sigmas, as the family's pipeline sets them: ``time_grid = 1 - sigmas`` (ending at t = 1). With dynamic
+        shifting the shift follows the image size: ``mu = m * image_seq_len + b`` from the scheduler config's
+        ``base_image_seq_len``/``max_image_seq_len``/``base_shift``/``max_shift``."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from instaflow_pl.solver import LatentODE
+
+        if not self.teacher_is_flow:
+            raise UserError(f"a {self.title} teacher is solved through its scheduler, not the LatentODE")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+        kwargs: dict[str, Any] = {}
+        if scheduler.config.use_dynamic_shifting:
+            if latent_shape is None:
+                raise ValueError("a teacher with dynamic shifting needs the latent shape to build its time grid")
+            kwargs["mu"] = dynamic_shift_mu(scheduler_config, self.image_seq_len(latent_shape), self.default_max_shift)
+        scheduler.set_timesteps(steps, sigmas=self.flow_sigmas(steps), **kwargs)
+        return LatentODE(name, time_grid=[1.0 - float(s) for s in scheduler.sigmas])
 
     def solver_name(self, kind: str, solver: str, scheduler_config: dict[str, Any]) -> str:
         """The solver a teacher of ``kind`` uses for ``solver``.
@@ -309,3 +336,14 @@ class Family:
     def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
         """Write a tiny folder of this family with random weights (for tests and the tiny configs)."""
         return importlib.import_module(self.fixture).build_tiny(out, seed=seed, sample_size=sample_size)
+
+
+def dynamic_shift_mu(scheduler_config: dict[str, Any], image_seq_len: int, default_max_shift: float) -> float:
+    """The shift exponent ``mu`` of resolution-dependent shifting: linear in the image's token count between
+    (``base_image_seq_len``, ``base_shift``) and (``max_image_seq_len``, ``max_shift``), as diffusers computes it."""
+    base_len = scheduler_config.get("base_image_seq_len", 256)
+    max_len = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", default_max_shift)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_seq_len * slope + base_shift - slope * base_len

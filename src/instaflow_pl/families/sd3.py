@@ -143,20 +143,3 @@ class StableDiffusion3(Family):
         return SD3PromptEncoder(
             tokenizers, encoders, joint_dim=network_config["joint_attention_dim"], cache_mb=cache_mb
         )
-
-    def flow_solver(
-        self, name: str, steps: int, scheduler_config: dict[str, Any], latent_shape: tuple[int, int, int] | None
-    ):
-        """The LatentODE on the scheduler's shifted sigmas: ``time_grid = 1 - sigmas`` (ending at t = 1)."""
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        from instaflow_pl.solver import LatentODE
-
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
-        if scheduler.config.use_dynamic_shifting:
-            raise UserError(
-                "the SD3 folder's scheduler uses dynamic (resolution-dependent) shifting, which needs an image size; "
-                "set use_dynamic_shifting: false and a fixed shift in scheduler/scheduler_config.json"
-            )
-        scheduler.set_timesteps(steps)
-        return LatentODE(name, time_grid=[1.0 - float(s) for s in scheduler.sigmas])

@@ -12,6 +12,7 @@ from torch import nn
 from instaflow_pl.dtypes import parse_dtype
 from instaflow_pl.errors import UserError
 from instaflow_pl.families import Family, LatentGeometry
+from instaflow_pl.kinds import VELOCITY_KIND
 from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
 from instaflow_pl.text import PromptEncoder
@@ -77,7 +78,9 @@ class Teacher(nn.Module):
         import copy
 
         other = copy.copy(self)
-        other.solver = self.family.make_solver(self.kind, self.solver_name, steps, self.scheduler_config)
+        other.solver = self.family.make_solver(
+            self.kind, self.solver_name, steps, self.scheduler_config, latent_shape=self.latent_shape
+        )
         other._solvers = {}
         return other
 
@@ -85,7 +88,8 @@ class Teacher(nn.Module):
         """The solver for latents of (C, H, W) ``shape``: :attr:`solver` at the native shape, else one built for the
         size (families whose time grid depends on the image size shift it; the others get the same solver)."""
         shape = tuple(int(s) for s in shape)
-        if shape == tuple(self.latent_shape) or not self.family.size_dependent_solver(self.scheduler_config):
+        sized = self.kind != VELOCITY_KIND and self.family.size_dependent_solver(self.scheduler_config)
+        if shape == tuple(self.latent_shape) or not sized:
             return self.solver
         if shape not in self._solvers:
             steps = self.solver.steps
@@ -138,7 +142,7 @@ def load_teacher(
     family = folder.family
     scheduler_config = folder.require_scheduler()
     solver_name = family.solver_name(folder.kind, solver, scheduler_config)
-    solver_obj = family.make_solver(folder.kind, solver_name, steps, scheduler_config)
+    solver_obj = family.make_solver(folder.kind, solver_name, steps, scheduler_config, folder.geometry.shape)
     teacher = Teacher(
         encoder=folder.load_encoder(torch_dtype),
         model=family.teacher_model(folder.load_network(torch_dtype), folder.kind, folder.pixels_per_latent),
