@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.kinds import normalise_kind
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -23,7 +24,7 @@ class Manifest:
 
     Attributes:
         teacher: Folder or hub id of the teacher (informational).
-        teacher_kind: ``sd`` or ``velocity``.
+        teacher_kind: ``released`` or ``velocity`` (manifests written before say ``sd`` for ``released``).
         teacher_fingerprint: SHA-256 of the teacher's weights and configs.
         teacher_dtype: Weight dtype the teacher ran in.
         solver: Solver name (scheduler or ODE method).
@@ -37,7 +38,7 @@ class Manifest:
         shard_size: Samples per shard (the last may hold fewer).
         prompts_sha256: SHA-256 of the prompt list (after limit and repeats).
         prompts_source: The prompt file (informational).
-        family: The teacher's model family (``sd``, ``sdxl``, ``sd3``): only its models can train on the data.
+        family: The teacher's model family (:mod:`instaflow_pl.families`): only its models can train on the data.
         format_version: Version of this layout.
     """
 
@@ -80,7 +81,10 @@ class Manifest:
         try:
             data = json.loads(path.read_text())
             names = {f.name for f in fields(cls)}
-            return cls(**{k: v for k, v in data.items() if k in names})
+            known = {k: v for k, v in data.items() if k in names}
+            if "teacher_kind" in known:
+                known["teacher_kind"] = normalise_kind(known["teacher_kind"])
+            return cls(**known)
         except (json.JSONDecodeError, TypeError) as err:
             raise UserError(f"{path} is damaged ({err}); regenerate the dataset into a new folder") from None
 

@@ -14,6 +14,7 @@ import torch
 from instaflow_pl.data.manifest import Manifest
 from instaflow_pl.data.prompts import prompts_digest
 from instaflow_pl.data.store import PairRecord, PairStore
+from instaflow_pl.kinds import RELEASED_KIND
 
 
 def random_prompts(count: int) -> list[str]:
@@ -27,7 +28,7 @@ def random_triples_manifest(
     """The manifest of a random-X1 dataset (teacher ``random`` of model family ``family``, no solver)."""
     return Manifest(
         teacher="random",
-        teacher_kind="sd",
+        teacher_kind=RELEASED_KIND,
         teacher_fingerprint="0" * 64,
         teacher_dtype="fp32",
         solver="none",
