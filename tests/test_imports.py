@@ -12,6 +12,7 @@ The graph is built from the source with ``ast``, without importing anything. Its
   sibling's name from its package is an edge to the sibling, not to the package. From any other package, the edge
   stays on the package: importing it runs its ``__init__``, and the ``__init__``'s own imports are edges too.
 
+Imports by name at run time (``importlib``, class paths in configs) are not statements and do not count.
 A cycle is printed as ``a -> b -> c -> a`` (one shortest cycle through each module of each strongly connected part).
 """
 
@@ -184,11 +185,28 @@ def cycles(graph: dict[str, set[str]]) -> list[str]:
 
 
 def test_the_graph_sees_imports_inside_functions():
-    """The graph has the edges this test relies on: a function-level import and a package importing its module."""
+    """The graph has the edges this test relies on: imports in functions and methods, a package importing its
+    modules, and a sibling's name taken from the parent package resolved to the sibling."""
     graph = import_graph()
-    assert "instaflow_pl.lightning_cli" in graph["instaflow_pl.cli"]
+    assert "instaflow_pl.sweep.main" in graph["instaflow_pl.cli"]  # inside a function
+    assert "instaflow_pl.callbacks.progress" in graph["instaflow_pl.lightning_cli"]  # inside a method
     assert "instaflow_pl.callbacks.budgets" in graph["instaflow_pl.callbacks"]
-    assert "instaflow_pl.runtime" in graph["instaflow_pl.lightning_cli"]  # inside a method, too
+    assert "instaflow_pl.sweep.spec" in graph["instaflow_pl.sweep.local"]
+
+
+def test_a_name_from_the_parent_package_resolves_to_the_sibling_that_defines_it(tmp_path):
+    package = tmp_path / PACKAGE
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "__init__.py").write_text("from instaflow_pl.sub.a import A\nB = 1\n")
+    (package / "sub" / "a.py").write_text("A = 1\n")
+    (package / "sub" / "b.py").write_text("def f():\n    from instaflow_pl.sub import A, B\n")
+    (package / "c.py").write_text("from .sub import A\n")
+    graph = import_graph(package)
+    assert graph[f"{PACKAGE}.sub.b"] == {f"{PACKAGE}.sub.a", f"{PACKAGE}.sub"}  # A via its sibling; B is the package's
+    assert graph[f"{PACKAGE}.c"] == {f"{PACKAGE}.sub"}  # from another package: its __init__ runs
+    assert graph[f"{PACKAGE}.sub"] == {f"{PACKAGE}.sub.a"}
+    assert cycles(graph) == []
 
 
 def test_cycle_finder_on_a_known_graph():
