@@ -166,7 +166,7 @@ TINY = {
 
 
 def _plan(out):
-    from instaflow_pl.demo.stages import DemoPlan
+    from instaflow_pl.demo.plan import DemoPlan
 
     evaluation = {"samples_per_prompt": 4, "seeds": 2, "steps": (1, 4), "distill_val_pairs": 16}
     return DemoPlan(out, DEMO_CONFIGS, dict(TINY), evaluation)
@@ -175,7 +175,8 @@ def _plan(out):
 @pytest.mark.slow
 def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, capsys):
     """Every configs/demo YAML runs through the CLI; a rerun skips; a changed config is refused until --force."""
-    from instaflow_pl.demo.stages import STAGES, run_stages
+    from instaflow_pl.demo.plan import STAGES
+    from instaflow_pl.demo.stages import run_stages
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     plan = _plan(tmp_path / "demo")

@@ -13,10 +13,14 @@ import pytest
 import yaml
 from conftest import REPO, write_dataset
 
-from instaflow_pl import sweep as sweep_module
-from instaflow_pl.cli import cli_main, main
+from instaflow_pl.cli import main
+from instaflow_pl.lightning_cli import cli_main
 from instaflow_pl.modules import DistillModule, ReflowModule
-from instaflow_pl.sweep import TrialResult, expand_command, load_sweep, local_command, plan, propose, run_local
+from instaflow_pl.sweep import local as sweep_module
+from instaflow_pl.sweep.command import expand_command, local_command
+from instaflow_pl.sweep.engine import plan, propose
+from instaflow_pl.sweep.local import run_local
+from instaflow_pl.sweep.spec import TrialResult, load_sweep
 
 SWEEPS = sorted((REPO / "configs/sweeps").glob("*.yaml"))
 NAMES = [path.name for path in SWEEPS]

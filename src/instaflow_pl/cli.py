@@ -36,7 +36,7 @@ def _sample_main(args: Sequence[str]) -> None:
 
 
 def _sweep_main(args: Sequence[str]) -> None:
-    from instaflow_pl.sweep import sweep_main
+    from instaflow_pl.sweep.main import sweep_main
 
     sweep_main(args)
 

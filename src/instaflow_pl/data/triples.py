@@ -1,10 +1,14 @@
-"""Streaming (X0, X1, prompt) triples from a generated dataset (local folder or object-store URL) with litdata."""
+"""Streaming (X0, X1, prompt) triples from a generated dataset (local folder or object-store URL) with litdata.
+
+The batch format (:class:`TripleBatch`), the decoding of a stored record, the checks of a local dataset and the
+DataModule. Reading a dataset on object storage is :mod:`instaflow_pl.data.remote`; the fixed litdata loader is
+:mod:`instaflow_pl.data.litdata_compat`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +17,9 @@ import lightning as L
 import torch
 
 from instaflow_pl.conventions import noise_from_seed
+from instaflow_pl.data.litdata_compat import resumable_loader_class
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
+from instaflow_pl.data.remote import is_url, read_remote_manifest
 from instaflow_pl.data.store import INDEX_FILE, commit_record, decode_tensor, tail_sha256
 from instaflow_pl.errors import UserError
 from instaflow_pl.ranks import setup_on_every_rank
@@ -83,162 +89,11 @@ def collate_triples(items: list[dict[str, Any]]) -> TripleBatch:
     )
 
 
-def _plain(value: Any) -> Any:
-    """``value`` with numpy scalars turned into Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_plain(v) for v in value)
-    return value.item() if hasattr(value, "item") and type(value).__module__ == "numpy" else value
-
-
-def _resumable_loader_class():
-    from litdata import StreamingDataLoader
-
-    class ResumableStreamingDataLoader(StreamingDataLoader):
-        """litdata's loader, fixed for Lightning's resume.
-
-        After ``load_state_dict`` litdata resumes the interrupted epoch and clears its ``restore`` flag only when that
-        pass is iterated to exhaustion. Lightning stops a pass once it has taken ``len(loader)`` batches, so the flag
-        stayed set and the next epoch began by replaying the previous epoch's last batch. A pass that starts while
-        ``restore`` is still set from an earlier pass is now a fresh epoch.
-        """
-
-        _restored_pending = False
-
-        def load_state_dict(self, obj: dict[str, Any]) -> None:
-            super().load_state_dict(obj)
-            self._restored_pending = self.restore
-
-        def state_dict(self) -> dict[str, Any]:
-            # litdata's state holds numpy integers; plain ints keep checkpoints loadable with weights_only=True.
-            return _plain(super().state_dict())
-
-        def __iter__(self):
-            if self.restore and not self._restored_pending:
-                self.restore = False
-            self._restored_pending = False
-            return super().__iter__()
-
-    return ResumableStreamingDataLoader
-
-
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def _allow_plain_http_endpoint(path: str) -> None:
-    """Let litdata's obstore downloads reach an ``http://`` S3 endpoint (MinIO or moto on localhost, ...).
-
-    litdata fetches shards with obstore, which refuses plain-HTTP endpoints unless its client is told ``allow_http``
-    (the error is a bare "HTTP error: builder error"); its boto3 path has no such rule. Only for ``s3://`` datasets
-    whose ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) starts with ``http://``.
-    """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
-    if not (path.startswith("s3://") and endpoint.startswith("http://")):
-        return
-    from litdata.streaming import downloader
-
-    options = getattr(downloader, "_OBSTORE_CLIENT_OPTIONS", None)
-    if isinstance(options, dict):
-        options["allow_http"] = True
-
-
 def read_manifest(path: str) -> Manifest:
     """The manifest of a dataset folder or URL."""
-    if not _is_url(path):
-        return Manifest.read(Path(path).expanduser() / MANIFEST_FILE)
-    _allow_plain_http_endpoint(path)
-    if path.startswith("s3://"):
-        return Manifest(**json.loads(_read_s3_dataset_manifest(path)))
-    url = f"{path.rstrip('/')}/{MANIFEST_FILE}"
-    try:
-        text = _read_remote_text(url)
-    except Exception as err:  # noqa: BLE001 - any storage failure becomes one line
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise UserError(
-            f"cannot read {url} ({type(err).__name__}: {reason}); check the URL and the storage credentials "
-            "(for s3://: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL or ~/.aws)"
-        ) from None
-    return Manifest(**json.loads(text))
-
-
-S3_CREDENTIALS_HINT = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or ~/.aws; AWS_ENDPOINT_URL for S3-compatible stores"
-
-
-def _read_s3_dataset_manifest(url: str) -> str:
-    """Check an ``s3://bucket/prefix`` dataset with the client litdata streams it with (same credentials, same
-    endpoint): the bucket is there and readable, and it holds ``manifest.json`` and ``index.json``; return the
-    manifest's text.
-
-    Raises:
-        UserError: one line for a missing bucket, rejected credentials, an unreachable endpoint, or a missing file.
-    """
-    from botocore.exceptions import BotoCoreError, ClientError
-    from litdata.streaming.client import S3Client
-
-    bucket, _, prefix = url[len("s3://") :].partition("/")
-    prefix = prefix.strip("/")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
-
-    def key(name: str) -> str:
-        return f"{prefix}/{name}" if prefix else name
-
-    def problem(err: Exception, what: str) -> UserError:
-        code = str(err.response.get("Error", {}).get("Code", "")) if isinstance(err, ClientError) else ""
-        if code == "NoSuchBucket":
-            return UserError(f"bucket {bucket!r} does not exist at {endpoint}; check the URL {url}")
-        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "Forbidden"):
-            which = {
-                "InvalidAccessKeyId": "the store does not know AWS_ACCESS_KEY_ID",
-                "SignatureDoesNotMatch": "AWS_SECRET_ACCESS_KEY does not match the key",
-            }.get(code, "no read access with these credentials")
-            return UserError(
-                f"{endpoint} refused to read s3://{bucket}/{key(what)} ({code}: {which}); check the credentials "
-                f"({S3_CREDENTIALS_HINT})"
-            )
-        if code in ("NoSuchKey", "404", "NotFound"):
-            if what == INDEX_FILE:
-                return UserError(
-                    f"{url} has no {INDEX_FILE}: the dataset is unfinished or only partly uploaded; finish generating "
-                    "it, then upload the whole folder (index.json last)"
-                )
-            return UserError(f"{url} has no {what}: not a triples dataset; check the URL, or upload the whole folder")
-        reason = " ".join(str(err).split())[:200]
-        return UserError(f"cannot read {url}/{what} ({type(err).__name__}: {reason}); check {S3_CREDENTIALS_HINT}")
-
-    try:
-        client = S3Client().client
-    except Exception as err:  # noqa: BLE001 - a missing or broken configuration is one line
-        reason = " ".join(str(err).split())[:200]
-        raise UserError(f"cannot open S3 for {url} ({reason}); set {S3_CREDENTIALS_HINT}") from None
-    try:
-        text = client.get_object(Bucket=bucket, Key=key(MANIFEST_FILE))["Body"].read().decode()
-    except (ClientError, BotoCoreError) as err:
-        raise problem(err, MANIFEST_FILE) from None
-    try:
-        client.head_object(Bucket=bucket, Key=key(INDEX_FILE))
-    except (ClientError, BotoCoreError) as err:
-        raise problem(err, INDEX_FILE) from None
-    return text
-
-
-def _read_remote_text(url: str) -> str:
-    """A small remote file, fetched the way litdata fetches the shards (same client, same credentials); fsspec for
-    schemes litdata has no downloader for."""
-    import tempfile
-
-    from litdata.streaming.downloader import _DOWNLOADERS, get_downloader
-
-    if any(url.startswith(prefix) for prefix in _DOWNLOADERS):
-        with tempfile.TemporaryDirectory() as cache:
-            local = str(Path(cache) / MANIFEST_FILE)
-            get_downloader(url.rsplit("/", 1)[0], cache, []).download_file(url, local)
-            return Path(local).read_text()
-    import fsspec
-
-    with fsspec.open(url, "r") as handle:
-        return handle.read()
+    if is_url(path):
+        return read_remote_manifest(path)
+    return Manifest.read(Path(path).expanduser() / MANIFEST_FILE)
 
 
 def check_local_dataset(root: Path) -> None:
@@ -332,7 +187,7 @@ class TriplesDataModule(L.LightningDataModule):
         # Several ranks must take the same number of training steps (each step is a collective).
         drop_last = self.drop_last or self._world_size() > 1
         return StreamingDataset(
-            self.path if _is_url(self.path) else str(Path(self.path).expanduser()),
+            self.path if is_url(self.path) else str(Path(self.path).expanduser()),
             cache_dir=self.cache_dir,
             shuffle=shuffle,
             seed=self.seed,
@@ -356,7 +211,7 @@ class TriplesDataModule(L.LightningDataModule):
                 f"triples in {self.path} have latent shape {self.manifest.latent_shape}, "
                 f"but the model expects {list(self.expected_latent_shape)}; generate pairs at the model's shape"
             )
-        if not _is_url(self.path):
+        if not is_url(self.path):
             check_local_dataset(Path(self.path).expanduser())
         if self.val_fraction > 0:
             from litdata import train_test_split
@@ -394,7 +249,7 @@ class TriplesDataModule(L.LightningDataModule):
         return max(1, min(self.batch_size, count // world))
 
     def _loader(self, dataset, batch_size: int | None = None):
-        return _resumable_loader_class()(
+        return resumable_loader_class()(
             dataset,
             batch_size=batch_size or self.batch_size,
             num_workers=self.num_workers,

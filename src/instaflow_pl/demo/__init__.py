@@ -10,7 +10,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from instaflow_pl.demo.stages import STAGES, DemoPlan, run_stages
+from instaflow_pl.demo.plan import STAGES, DemoPlan
+from instaflow_pl.demo.stages import run_stages
 
 SMALL_OVERRIDES: dict[str, list[str]] = {
     "1rf": [

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, digits_for_grid, distill_loss, load_flow
-from instaflow_pl.demo.stages import DemoPlan, budgets, read_record, stage, student_name
+from instaflow_pl.demo.plan import STAGES, DemoPlan, read_record, student_name
 from instaflow_pl.errors import UserError
 
 WELL_BELOW = 0.75
@@ -60,10 +60,23 @@ def _progress(total: int):
     return tqdm(total=total, desc="evaluating", unit="setting", dynamic_ncols=True)
 
 
-def measure_all(plan: DemoPlan, evaluator: Evaluator, flows_by_label: dict) -> tuple[list[Row], list[Row]]:
-    """Rows of the flows (every step count and guidance) and of the students (budget 0 = the student's start)."""
+def measure_all(
+    plan: DemoPlan,
+    evaluator: Evaluator,
+    flows_by_label: dict,
+    student_budgets: dict[str, list[int]],
+    val_fractions: dict[str, float],
+) -> tuple[list[Row], list[Row]]:
+    """Rows of the flows (every step count and guidance) and of the students (budget 0 = the student's start).
+
+    Args:
+        plan: The demo's folders.
+        evaluator: Measures a model.
+        flows_by_label: The loaded flows, by label (``FLOWS``).
+        student_budgets: Per teacher (``2rf``, ``1rf``), the steps at which its students were exported.
+        val_fractions: Per teacher, the held-out share of its pairs in its distillation config.
+    """
     settings = evaluator.settings
-    student_budgets = {key: budgets(plan, stage(name)) for key, (_, name) in STUDENTS.items()}
     if student_budgets["2rf"] != student_budgets["1rf"]:
         raise UserError(
             f"the distillation budgets differ ({student_budgets['2rf']} in distill_2rf.yaml, {student_budgets['1rf']} "
@@ -86,19 +99,11 @@ def measure_all(plan: DemoPlan, evaluator: Evaluator, flows_by_label: dict) -> t
             for budget in [0, *student_budgets[key]]:
                 folder = plan.model(key) if budget == 0 else plan.model(student_name(key, budget))
                 teacher = load_flow(folder)
-                loss = distill_loss(teacher, plan.pairs(key), settings.distill_val_pairs, val_fraction(plan, key))
+                loss = distill_loss(teacher, plan.pairs(key), settings.distill_val_pairs, val_fractions[key])
                 row = Row(label, str(folder), 1, 1.0, budget=budget, distill_loss=loss)
                 students.append(evaluator.measure(row, teacher))
                 bar.update()
     return flows, students
-
-
-def val_fraction(plan: DemoPlan, teacher: str) -> float:
-    """The held-out share of ``teacher``'s pairs in its distillation config (those pairs never trained a student)."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.load(plan.configs / stage(STUDENTS[teacher][1]).config)
-    return float(config.data.init_args.get("val_fraction", 0.0))
 
 
 # ---- findings --------------------------------------------------------------------------------------------------
@@ -229,8 +234,6 @@ def draw_straightness(evaluator: Evaluator, flows_by_label: dict, count: int = 1
 
 def stage_seconds(plan: DemoPlan) -> dict[str, float]:
     """Recorded wall time of each finished stage."""
-    from instaflow_pl.demo.stages import STAGES
-
     records = {name: read_record(plan, name) for name in STAGES}
     return {name: float(r["seconds"]) for name, r in records.items() if r is not None and "seconds" in r}
 
@@ -313,8 +316,14 @@ def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image
     run.finish()
 
 
-def write_report(plan: DemoPlan) -> dict[str, Any]:
-    """Measure, decide, and write report.md, report.json, grid.png and straightness.png to the demo's folder."""
+def write_report(plan: DemoPlan, budgets: dict[str, list[int]], val_fractions: dict[str, float]) -> dict[str, Any]:
+    """Measure, decide, and write report.md, report.json, grid.png and straightness.png to the demo's folder.
+
+    Args:
+        plan: The demo's folders.
+        budgets: Per teacher of ``STUDENTS`` (``2rf``, ``1rf``), the steps at which its students were exported.
+        val_fractions: Per teacher, the held-out share of its pairs in its distillation config.
+    """
     from instaflow_pl.demo.classifier import load_classifier
 
     start = time.perf_counter()
@@ -322,7 +331,7 @@ def write_report(plan: DemoPlan) -> dict[str, Any]:
     classifier = load_classifier(plan.path("classifier"))
     evaluator = Evaluator(classifier, settings)
     flow_models = {label: load_flow(plan.model(key)) for label, key in FLOWS.items()}  # loaded once, used thrice
-    flows, students = measure_all(plan, evaluator, flow_models)
+    flows, students = measure_all(plan, evaluator, flow_models, budgets, val_fractions)
     findings = [
         finding_straightness(flows, settings.guidance),
         finding_one_step(flows, settings.guidance),
