@@ -141,6 +141,9 @@ class Evaluation(ShardedPredict):
         cache_dir: Where reference statistics are cached (default: ``~/.cache/instaflow-pl/fid``).
     """
 
+    progress_label = "evaluate"
+    progress_unit = "image"
+
     def __init__(
         self,
         models: list[ModelToEvaluate],
@@ -232,9 +235,6 @@ class Evaluation(ShardedPredict):
             captions_source=str(source),
             reference_folder=str(self.reference_images.folder),
         )
-
-    progress_label = "evaluate"
-    progress_unit = "image"
 
     def make_store(self, datamodule: L.LightningDataModule | None) -> EvaluationStore:
         """The evaluation folder for the captions ``datamodule`` serves."""

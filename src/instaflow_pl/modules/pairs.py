@@ -67,6 +67,9 @@ class PairGenerator(ShardedPredict):
         tf32: Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32 teachers; changes results slightly).
     """
 
+    progress_label = "pairs"
+    progress_unit = "sample"
+
     def __init__(
         self,
         teacher: str,
@@ -128,9 +131,6 @@ class PairGenerator(ShardedPredict):
             prompts_source=str(source),
             family=self.teacher.family.name,
         )
-
-    progress_label = "pairs"
-    progress_unit = "sample"
 
     def setup(self, stage: str) -> None:
         """Open (or resume) the dataset folder on rank 0 and decide which shards this rank generates."""

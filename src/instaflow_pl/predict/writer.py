@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Hashable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
@@ -13,15 +13,14 @@ from tqdm.auto import tqdm
 
 from instaflow_pl.errors import UserError
 
-if TYPE_CHECKING:
-    from instaflow_pl.predict.module import ShardedPredict
-
 # Micro-batches come from an IterableDataset; the writer does not need Lightning's batch indices.
 warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
 
 
 class ShardWriter(BasePredictionWriter):
     """Collects a rank's predictions per unit of work and commits each unit as soon as it is whole; shows progress.
+
+    It writes for a :class:`~instaflow_pl.predict.module.ShardedPredict` module (which adds it itself).
 
     A prediction is anything with the sample ``indices`` it covers, within one unit; the module names its unit
     (``unit_key``) and commits a whole one (``commit_unit``). Once every rank is done, rank 0 completes the run
@@ -35,7 +34,7 @@ class ShardWriter(BasePredictionWriter):
         self._start = 0.0
         self._samples = 0
 
-    def on_predict_start(self, trainer: L.Trainer, pl_module: ShardedPredict) -> None:
+    def on_predict_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Open the progress bar (rank 0) over the samples this rank computes."""
         total = sum(len(samples) for _, samples in pl_module.work_units())
         self._start, self._samples = time.perf_counter(), 0
@@ -47,7 +46,7 @@ class ShardWriter(BasePredictionWriter):
     def write_on_batch_end(
         self,
         trainer: L.Trainer,
-        pl_module: ShardedPredict,
+        pl_module: Any,
         prediction: Any,
         batch_indices: Any,
         batch: Any,
@@ -77,7 +76,7 @@ class ShardWriter(BasePredictionWriter):
         """Close the progress bar, so the error is printed on a line of its own."""
         self._close()
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: ShardedPredict) -> None:
+    def on_predict_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         """Wait for every rank, then complete the run on rank 0."""
         self._close()
         if self._pending:
