@@ -27,6 +27,17 @@ class Part:
         return "ready"
 
 
+class OpensOnRankZero:
+    """Stands in for a sharded predict module: rank 0 opens the output folder in setup and refuses it."""
+
+    @setup_on_every_rank
+    def setup(self, stage: str) -> None:
+        def refuse():
+            raise UserError("/data/eval holds an evaluation with other settings")
+
+        rank_zero_first(refuse, lambda token: None, "OpensOnRankZero.setup")
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
@@ -46,6 +57,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             return {"mean": 1.5}, str(Path(out) / "cache.json")
 
         record["reference"] = rank_zero_first(compute, lambda path: json.loads(Path(path).read_text()), "cache")
+        try:
+            OpensOnRankZero().setup("predict")
+        except UserError as err:
+            record["nested"] = str(err)
     finally:
         (Path(out) / f"rank-{rank}.json").write_text(json.dumps(record))
         dist.destroy_process_group()
@@ -65,4 +80,5 @@ def test_one_ranks_setup_error_ends_every_rank_and_rank_zero_computes_once(tmp_p
         assert record["error"] == "rank 1 of 2: /data/pairs-1/manifest.json not found", record
         assert record["printed_by_rank_zero"] == (rank != 0), "rank 0 prints the line, once"
         assert record["reference"] == {"mean": 1.5}
+        assert record["nested"] == "rank 0 of 2: /data/eval holds an evaluation with other settings", "named once"
     assert sorted(p.name for p in tmp_path.glob("computed-by-*")) == ["computed-by-rank-0"]

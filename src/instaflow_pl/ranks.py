@@ -62,7 +62,9 @@ def raise_if_any_rank_failed(error: BaseException | None, what: str = "setup") -
         return
     first, (user_error, message, kind) = failed[0]
     if user_error:
-        raise RankUserError(f"rank {first} of {world}: {message}", printed_by_rank_zero=rank != 0) from None
+        if kind != RankUserError.__name__:  # a RankUserError already names its rank (a collective inside a setup)
+            message = f"rank {first} of {world}: {message}"
+        raise RankUserError(message, printed_by_rank_zero=rank != 0) from None
     if error is not None and not isinstance(error, UserError):
         raise error
     raise RuntimeError(f"rank {first} of {world} failed in {what} ({kind}: {message}); see its traceback") from None

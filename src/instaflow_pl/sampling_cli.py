@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.fileio import atomic_path
 
 
 @dataclass
@@ -149,9 +150,8 @@ def sample(request: SampleRequest) -> Path:
     pipe = load_pipeline(root, request.device, request.dtype)
     images = sample_images(pipe, request)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    image_grid(images).save(tmp, format="PNG")
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        image_grid(images).save(tmp, format="PNG")
     return out
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from instaflow_pl.errors import UserError
 from instaflow_pl.kinds import normalise_kind
+from instaflow_pl.predict.work import shard_count, shard_range
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -63,11 +64,11 @@ class Manifest:
     @property
     def num_shards(self) -> int:
         """Number of shards the dataset is cut into."""
-        return -(-self.count // self.shard_size)
+        return shard_count(self.count, self.shard_size)
 
     def shard_range(self, shard: int) -> range:
         """Sample indices of ``shard``."""
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
+        return shard_range(shard, self.shard_size, self.count)
 
     def to_json(self) -> str:
         """Deterministic JSON text (sorted keys), so equal manifests are equal bytes."""

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from instaflow_pl.data.prompts import load_prompts
 from instaflow_pl.errors import UserError
+from instaflow_pl.predict.work import WorkBatches
 from instaflow_pl.ranks import setup_on_every_rank
 
 
@@ -21,22 +22,16 @@ class PromptBatch:
     prompts: list[str]
 
 
-class _PromptWork(IterableDataset):
-    """Micro-batches over given index ranges; DataLoader workers take every n-th one."""
+class _PromptWork(WorkBatches[PromptBatch]):
+    """Micro-batches of prompts over given index ranges; DataLoader workers take every n-th one."""
 
     def __init__(self, prompts: Sequence[str], ranges: Sequence[range], batch_size: int):
+        super().__init__([(None, r) for r in ranges], batch_size)
         self.prompts = prompts
-        self.batches = [
-            range(start, min(start + batch_size, r.stop))
-            for r in ranges
-            for start in range(r.start, r.stop, batch_size)
-        ]
 
-    def __iter__(self) -> Iterator[PromptBatch]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for batch in self.batches[worker::workers]:
-            yield PromptBatch(list(batch), [self.prompts[i] for i in batch])
+    def batch(self, key: None, indices: list[int]) -> PromptBatch:
+        """The prompts of samples ``indices``."""
+        return PromptBatch(indices, [self.prompts[i] for i in indices])
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -31,6 +31,8 @@ import torch
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
 from instaflow_pl.errors import UserError
 from instaflow_pl.faults import CRASH_ENV, crashpoint
+from instaflow_pl.fileio import atomic_write_text, remove_stale_temporaries
+from instaflow_pl.predict.store import ShardedFolder
 
 __all__ = [
     "CRASH_ENV",
@@ -88,25 +90,6 @@ def shard_name(shard: int) -> str:
     return f"shard-{shard:06d}.bin"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Remove ``_atomic_write_text`` temporaries a killed process left in ``folder``."""
-    for leftover in folder.glob(".*.tmp"):
-        leftover.unlink(missing_ok=True)
-
-
 def tail_sha256(path: Path, size: int | None = None) -> str:
     """SHA-256 of the last ``TAIL_BYTES`` of a file (of ``size`` bytes, if known)."""
     size = path.stat().st_size if size is None else size
@@ -131,7 +114,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class PairStore:
+class PairStore(ShardedFolder):
     """A dataset folder being generated (see the module docstring for its layout).
 
     Args:
@@ -139,40 +122,33 @@ class PairStore:
         manifest: What the folder holds (or will hold).
     """
 
+    record_file = MANIFEST_FILE
+    folder_name = "output folder"
+
     def __init__(self, root: str | Path, manifest: Manifest):
-        self.root = Path(root).expanduser()
+        super().__init__(root)
         self.manifest = manifest
 
-    def open(self) -> None:
-        """Create the folder for the manifest, or check that it already holds the same dataset.
+    def record_text(self) -> str:
+        """The manifest file's text."""
+        return self.manifest.to_json()
 
-        Call on one process only. Clears leftovers of interrupted writes.
+    def differences(self, path: Path) -> list[str]:
+        """How the manifest at ``path`` differs from this one."""
+        return Manifest.read(path).differences(self.manifest)
 
-        Raises:
-            UserError: the folder holds a different dataset or something else, or cannot be written.
-        """
-        path = self.root / MANIFEST_FILE
-        if path.exists():
-            existing = Manifest.read(path)
-            diff = existing.differences(self.manifest)
-            if diff:
-                raise UserError(
-                    f"{self.root} already holds a different dataset ({'; '.join(diff)}); "
-                    "use a new output folder, or restore the original settings to resume"
-                )
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise UserError(f"output folder {self.root} is not empty and holds no {MANIFEST_FILE}; choose a new folder")
-        try:
-            (self.root / _PROGRESS).mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.root / _TMP, ignore_errors=True)
-            _remove_stale_temporaries(self.root)
-            _remove_stale_temporaries(self.root / _PROGRESS)
-            if not path.exists():
-                _atomic_write_text(path, self.manifest.to_json())
-        except OSError as err:
-            raise UserError(
-                f"cannot write to output folder {self.root} ({err.strerror}); choose a writable one"
-            ) from None
+    def refusal(self, differences: list[str]) -> str:
+        """The line that refuses a folder holding another dataset."""
+        return (
+            f"{self.root} already holds a different dataset ({'; '.join(differences)}); "
+            "use a new output folder, or restore the original settings to resume"
+        )
+
+    def prepare(self) -> None:
+        """Create the commit records' folder; clear leftovers of interrupted writes."""
+        (self.root / _PROGRESS).mkdir(exist_ok=True)
+        shutil.rmtree(self.root / _TMP, ignore_errors=True)
+        remove_stale_temporaries(self.root / _PROGRESS)
 
     def is_complete(self) -> bool:
         """Whether every shard is committed and the index is written."""
@@ -195,6 +171,14 @@ class PairStore:
         """Shards still to generate, in order."""
         done = self.done_shards()
         return [k for k in range(self.manifest.num_shards) if k not in done]
+
+    def pending_units(self) -> list[int]:
+        """Shards still to generate; none once the dataset is complete."""
+        return [] if self.is_complete() else self.pending_shards()
+
+    def unit_range(self, key: int) -> range:
+        """Sample indices of shard ``key``."""
+        return self.manifest.shard_range(key)
 
     def _to_item(self, record: PairRecord) -> dict:
         dtype = self.manifest.x1_dtype
@@ -257,7 +241,7 @@ class PairStore:
             "sha256": _sha256(target),
             "tail_sha256": tail_sha256(target, size),
         }
-        _atomic_write_text(self.root / _PROGRESS / f"shard-{shard:06d}.json", json.dumps(commit, sort_keys=True))
+        atomic_write_text(self.root / _PROGRESS / f"shard-{shard:06d}.json", json.dumps(commit, sort_keys=True))
         crashpoint("committed", shard)
         shutil.rmtree(tmp, ignore_errors=True)
         return target
@@ -278,7 +262,7 @@ class PairStore:
             config = config or record["config"]
         try:
             crashpoint("before_index", self.manifest.num_shards - 1)
-            _atomic_write_text(self.root / INDEX_FILE, json.dumps({"chunks": chunks, "config": config}, sort_keys=True))
+            atomic_write_text(self.root / INDEX_FILE, json.dumps({"chunks": chunks, "config": config}, sort_keys=True))
         except OSError as err:
             raise UserError(
                 f"cannot write {self.root / INDEX_FILE} ({err.strerror or err}); free some space or fix the folder, "

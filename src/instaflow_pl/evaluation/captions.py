@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from instaflow_pl.data.prompts import FORMATS, coco_captions_per_image, load_prompts
 from instaflow_pl.errors import UserError
+from instaflow_pl.predict.work import WorkBatches
 
 
 @dataclass
@@ -42,18 +43,16 @@ def load_captions(path: str | Path, format: str = "auto", column: str = "prompt"
     return load_prompts(path, format, column)
 
 
-class _Work(IterableDataset):
-    def __init__(self, captions: Sequence[str], units: Sequence[tuple[int, range]], batch_size: int):
-        self.batches = [
-            (row, range(start, min(start + batch_size, r.stop)))
-            for row, r in units
-            for start in range(r.start, r.stop, batch_size)
-        ]
+class _Work(WorkBatches[CaptionBatch]):
+    """Micro-batches of captions over units ((row, shard), samples)."""
+
+    def __init__(self, captions: Sequence[str], units: Sequence[tuple[tuple[int, int], range]], batch_size: int):
+        super().__init__(units, batch_size)
         self.captions = captions
 
-    def __iter__(self) -> Iterator[CaptionBatch]:
-        for row, batch in self.batches:
-            yield CaptionBatch(row, list(batch), [self.captions[i] for i in batch])
+    def batch(self, key: tuple[int, int], indices: list[int]) -> CaptionBatch:
+        """The captions of samples ``indices`` of the unit's row."""
+        return CaptionBatch(key[0], indices, [self.captions[i] for i in indices])
 
 
 class CaptionDataModule(L.LightningDataModule):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from tqdm.auto import tqdm
 
 from instaflow_pl.conventions import latents_to_images, noise_for_indices
 from instaflow_pl.data.prompts import prompts_digest
@@ -31,8 +29,7 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.evaluation.captions import CaptionBatch
 from instaflow_pl.evaluation.reference import ReferenceImages
 from instaflow_pl.evaluation.store import EvaluationSpec, EvaluationStore, RowSpec, ShardResult
-
-warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
+from instaflow_pl.predict import ShardedPredict, ShardWriter
 
 
 @dataclass
@@ -88,12 +85,10 @@ def _check_model(spec: ModelToEvaluate) -> tuple[str, str, str]:
     root = resolve_model_folder(spec.folder)
     kind = model_kind(root)
     family = family_of_folder(root)
-    for part in (family.network_folder, *family.text_parts, "scheduler"):
-        if not (root / part).is_dir():
-            raise UserError(
-                f"{root} is not a model to evaluate: it has no {part}/ subfolder (give an exported folder or a "
-                f"released {family.name} folder: {family.network_folder}, {', '.join(family.text_parts)}, scheduler)"
-            )
+    try:
+        family.check_folder(root)
+    except UserError as err:
+        raise UserError(f"{root.name} is not a model to evaluate: {err}") from None
     scheduler_file = root / "scheduler" / "scheduler_config.json"
     try:
         scheduler_config = json.loads(scheduler_file.read_text())
@@ -113,7 +108,7 @@ def _check_model(spec: ModelToEvaluate) -> tuple[str, str, str]:
     return kind, fingerprint(root), solver
 
 
-class Evaluation(L.LightningModule):
+class Evaluation(ShardedPredict):
     """Evaluates models on a caption set against a reference image folder: FID, CLIP score, NFE and speed.
 
     Run it with ``instaflow-pl evaluate --config configs/eval/coco5k.yaml`` (``Trainer.predict``; any number of
@@ -145,6 +140,9 @@ class Evaluation(L.LightningModule):
         timing_batches: Batches timed per row after one warm-up batch (0: no speed measurement).
         cache_dir: Where reference statistics are cached (default: ``~/.cache/instaflow-pl/fid``).
     """
+
+    progress_label = "evaluate"
+    progress_unit = "image"
 
     def __init__(
         self,
@@ -201,9 +199,7 @@ class Evaluation(L.LightningModule):
             from instaflow_pl.metrics import CLIPScore
 
             self.clip = CLIPScore(clip_model)
-        self.store: EvaluationStore | None = None
         self.reference = None
-        self._units: list[tuple[int, range]] = []
         self._loaded: tuple[tuple, Any, Any] | None = None
 
     @staticmethod
@@ -240,36 +236,26 @@ class Evaluation(L.LightningModule):
             reference_folder=str(self.reference_images.folder),
         )
 
-    def setup(self, stage: str) -> None:
-        """Open (or resume) the output folder and load the reference statistics on rank zero; split the work."""
-        datamodule = self.trainer.datamodule
+    def make_store(self, datamodule: L.LightningDataModule | None) -> EvaluationStore:
+        """The evaluation folder for the captions ``datamodule`` serves."""
         if datamodule is None or not hasattr(datamodule, "captions"):
             raise UserError(
                 "evaluate needs a CaptionDataModule (data: class_path: instaflow_pl.evaluation.CaptionDataModule)"
             )
-        self.store = EvaluationStore(self.output_dir, self.spec_for(datamodule.captions, datamodule.source), self.rows)
-        error = None
-        if self.trainer.is_global_zero:
-            try:
-                self.store.open()
-                self.reference = self.reference_images.statistics(self.features, self.cache_dir)
-            except UserError as err:
-                error = str(err)
-        error = self.trainer.strategy.broadcast(error, src=0)
-        if error:
-            raise UserError(error)
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        pending = self.store.pending()
-        self._units = [(r, self.store.spec.shard_range(s)) for j, (r, s) in enumerate(pending) if j % world == rank]
+        return EvaluationStore(self.output_dir, self.spec_for(datamodule.captions, datamodule.source), self.rows)
+
+    def open_on_rank_zero(self) -> None:
+        """Open (or resume) the output folder and load the reference statistics (computed once, then cached)."""
+        self.store.open()
+        self.reference = self.reference_images.statistics(self.features, self.cache_dir)
+
+    def opened(self, pending: Sequence[tuple[int, int]]) -> None:
+        """Say what is resumed."""
         total = len(self.rows) * self.store.spec.num_shards
         if not pending:
             rank_zero_info(f"{self.store.root}: every shard is computed ({len(self.rows)} rows)")
         elif len(pending) < total:
             rank_zero_info(f"resuming {self.store.root}: {total - len(pending)}/{total} shards already computed")
-
-    def work_units(self) -> list[tuple[int, range]]:
-        """The (row, sample range) units this rank computes; used by the CaptionDataModule."""
-        return self._units
 
     def _model(self, row: int):
         """The row's model (a Teacher with the row's steps) and its VAE; one model is kept loaded at a time."""
@@ -330,9 +316,21 @@ class Evaluation(L.LightningModule):
             images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        """Evaluation always writes through an :class:`EvaluationWriter`."""
-        return [EvaluationWriter()]
+    def unit_key(self, prediction: EvaluatedBatch) -> tuple[int, int]:
+        """The (row, shard) of a micro-batch (micro-batches never cross a shard)."""
+        return prediction.row, prediction.indices[0] // self.shard_size
+
+    def commit_unit(self, key: tuple[int, int], parts: list[EvaluatedBatch]) -> None:
+        """Commit a whole shard of a row: its FID features, CLIP scores, NFE and grid images."""
+        row, shard = key
+        result = ShardResult(
+            indices=[i for p in parts for i in p.indices],
+            features=torch.cat([p.features for p in parts]),
+            clip=torch.cat([p.clip for p in parts]),
+            nfe=parts[0].nfe,
+            images=torch.cat([p.images for p in parts]),
+        )
+        self.store.write_shard(row, shard, result, rank=self.trainer.global_rank)
 
     # ---- speed and report (rank zero) -------------------------------------------------------------------------
 
@@ -359,6 +357,13 @@ class Evaluation(L.LightningModule):
             "dtype": self.rows[row].dtype,
         }
 
+    def complete(self, samples: int, seconds: float) -> None:
+        """Measure speed and write the report (rank zero, once every rank has committed its shards)."""
+        datamodule = self.trainer.datamodule
+        path = self.finish(datamodule.captions, datamodule.batch_size)
+        if path is not None:
+            rank_zero_info(f"wrote {path}")
+
     def finish(self, captions: list[str], batch_size: int) -> Path | None:
         """Measure the speed of rows not measured yet, then write the report (rank zero). Returns report.md's path."""
         from instaflow_pl.evaluation.report import write_report
@@ -382,68 +387,5 @@ def device_name(device: torch.device) -> str:
     return f"CPU {cpu} ({torch.get_num_threads()} threads)"
 
 
-class EvaluationWriter(BasePredictionWriter):
-    """Collects measured samples per (row, shard), commits each shard as soon as it is whole; then the report."""
-
-    def __init__(self):
-        super().__init__(write_interval="batch")
-        self._pending: dict[tuple[int, int], list[EvaluatedBatch]] = {}
-        self._bar: tqdm | None = None
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: Evaluation) -> None:
-        """Open the progress bar (rank zero) over the samples this rank computes."""
-        total = sum(len(r) for _, r in pl_module.work_units())
-        if trainer.is_global_zero and total:
-            self._bar = tqdm(total=total, desc="evaluate", unit="image", dynamic_ncols=True)
-
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: Evaluation,
-        prediction: EvaluatedBatch,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Buffer the batch; commit every shard it completes."""
-        spec = pl_module.store.spec
-        shard = prediction.indices[0] // spec.shard_size
-        parts = self._pending.setdefault((prediction.row, shard), [])
-        parts.append(prediction)
-        if sum(len(p.indices) for p in parts) == len(spec.shard_range(shard)):
-            parts = sorted(self._pending.pop((prediction.row, shard)), key=lambda p: p.indices[0])
-            result = ShardResult(
-                indices=[i for p in parts for i in p.indices],
-                features=torch.cat([p.features for p in parts]),
-                clip=torch.cat([p.clip for p in parts]),
-                nfe=parts[0].nfe,
-                images=torch.cat([p.images for p in parts]),
-            )
-            try:
-                pl_module.store.write_shard(prediction.row, shard, result, rank=trainer.global_rank)
-            except ValueError as err:
-                raise UserError(str(err)) from None
-        if self._bar is not None:
-            self._bar.update(len(prediction.indices))
-
-    def _close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Close the progress bar, so the error is printed on a line of its own."""
-        self._close()
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: Evaluation) -> None:
-        """Wait for every rank; rank zero measures speed and writes the report."""
-        self._close()
-        if self._pending:
-            raise RuntimeError(f"shards {sorted(self._pending)} were left incomplete; rerun to finish them")
-        trainer.strategy.barrier()
-        if trainer.is_global_zero:
-            datamodule = trainer.datamodule
-            path = pl_module.finish(datamodule.captions, datamodule.batch_size)
-            if path is not None:
-                rank_zero_info(f"wrote {path}")
+EvaluationWriter = ShardWriter
+"""Evaluation's writer: a :class:`~instaflow_pl.predict.ShardWriter` (the name is public API)."""

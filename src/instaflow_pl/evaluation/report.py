@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torchmetrics.image.fid import _compute_fid
 
-from instaflow_pl.evaluation.store import REPORT_FILES, EvaluationStore, atomic_write
+from instaflow_pl.evaluation.store import REPORT_FILES, EvaluationStore
+from instaflow_pl.fileio import atomic_path, atomic_write_text
 from instaflow_pl.metrics import FIDReference
 
 COLUMNS = ("model", "steps", "guidance", "NFE", "FID", "CLIP", "ms/img")
@@ -142,12 +143,11 @@ def write_report(
                 shutil.move(root / name, keep / name)
         rank_zero_info(f"the earlier report differs (other rows); it was moved to {keep}")
     if picture is not None:
-        tmp = root / ".grid.png.tmp"
-        picture.save(tmp, format="PNG")
-        tmp.replace(root / "grid.png")
+        with atomic_path(root / "grid.png") as tmp:
+            picture.save(tmp, format="PNG")
     text_md = markdown(report)
-    atomic_write(root / "report.md", text_md)
-    atomic_write(old, text)  # last: its presence means the report is complete
+    atomic_write_text(root / "report.md", text_md)
+    atomic_write_text(old, text)  # last: its presence means the report is complete
     rank_zero_info(text_md)
     log_report(loggers, rows, picture)
     return root / "report.md"

@@ -19,7 +19,7 @@ is its commit. A row folder whose ``row.json`` names another model or setting is
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,6 +27,9 @@ import torch
 
 from instaflow_pl.errors import UserError
 from instaflow_pl.faults import crashpoint
+from instaflow_pl.fileio import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
+from instaflow_pl.predict.store import ShardedFolder
+from instaflow_pl.predict.work import shard_count, shard_range
 
 EVALUATION_FILE = "evaluation.json"
 ROW_FILE = "row.json"
@@ -36,20 +39,6 @@ REPORT_FILES = ("report.md", "report.json", "grid.png")
 
 # Fields that say where things came from, not what they are: a moved folder or file is fine.
 _INFORMATIONAL = {"captions_source", "reference_folder", "folder", "name"}
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file, flushed to disk, then renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -85,11 +74,11 @@ class EvaluationSpec:
     @property
     def num_shards(self) -> int:
         """Shards a row is cut into."""
-        return -(-self.num_samples // self.shard_size)
+        return shard_count(self.num_samples, self.shard_size)
 
     def shard_range(self, shard: int) -> range:
         """Sample indices of ``shard``."""
-        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples))
+        return shard_range(shard, self.shard_size, self.num_samples)
 
 
 @dataclass(frozen=True)
@@ -147,7 +136,7 @@ class ShardResult:
     images: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 3, 1, 1, dtype=torch.uint8))
 
 
-class EvaluationStore:
+class EvaluationStore(ShardedFolder):
     """An evaluation folder (see the module docstring for its layout).
 
     Args:
@@ -156,8 +145,11 @@ class EvaluationStore:
         rows: The rows to evaluate.
     """
 
+    record_file = EVALUATION_FILE
+    folder_name = "output_dir"
+
     def __init__(self, root: str | Path, spec: EvaluationSpec, rows: list[RowSpec]):
-        self.root = Path(root).expanduser()
+        super().__init__(root)
         self.spec = spec
         self.rows = rows
 
@@ -165,53 +157,54 @@ class EvaluationStore:
         """Folder of row ``row``."""
         return self.root / "rows" / self.rows[row].id
 
-    def open(self) -> None:
-        """Create the folder, or check that it holds the same evaluation (call on one process only).
+    def record_text(self) -> str:
+        """The text of ``evaluation.json``."""
+        return _json(self.spec)
 
-        Raises:
-            UserError: the folder holds another evaluation or something else, or cannot be written.
-        """
-        path = self.root / EVALUATION_FILE
-        if path.is_file():
-            diff = _differences(self.spec, _read(path, EvaluationSpec))
-            if diff:
-                raise UserError(
-                    f"{self.root} holds an evaluation with other settings ({'; '.join(diff)}); use a new output_dir, "
-                    "or restore the original settings to resume it"
-                )
-        elif self.root.exists() and any(self.root.iterdir()):
-            raise UserError(f"output_dir {self.root} is not empty and holds no {EVALUATION_FILE}; choose a new folder")
+    def differences(self, path: Path) -> list[str]:
+        """How the evaluation recorded at ``path`` differs from this one."""
+        return _differences(self.spec, _read(path, EvaluationSpec))
+
+    def refusal(self, differences: list[str]) -> str:
+        """The line that refuses a folder holding another evaluation."""
+        return (
+            f"{self.root} holds an evaluation with other settings ({'; '.join(differences)}); use a new output_dir, "
+            "or restore the original settings to resume it"
+        )
+
+    def check(self) -> None:
+        """Two rows may not share a folder."""
         ids = [row.id for row in self.rows]
         if len(set(ids)) != len(ids):
             twice = sorted({i for i in ids if ids.count(i) > 1})
             raise UserError(f"two rows would share the folder {twice[0]}; give the models different names")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if not path.is_file():
-                atomic_write(path, json.dumps(asdict(self.spec), indent=2, sort_keys=True) + "\n")
-            for k, row in enumerate(self.rows):
-                folder = self.row_dir(k)
-                record = folder / ROW_FILE
-                if record.is_file():
-                    diff = _differences(row, _read(record, RowSpec))
-                    if diff:
-                        raise UserError(
-                            f"{folder} holds results of another model or setting ({'; '.join(diff)}); give the model "
-                            "another name, or use a new output_dir"
-                        )
-                    for leftover in folder.glob(".*.tmp"):
-                        leftover.unlink(missing_ok=True)
-                else:
-                    folder.mkdir(parents=True, exist_ok=True)
-                    atomic_write(record, json.dumps(asdict(row), indent=2, sort_keys=True) + "\n")
-        except OSError as err:
-            raise UserError(f"cannot write to output_dir {self.root} ({err.strerror}); choose a writable one") from None
+
+    def prepare(self) -> None:
+        """Create each row's folder with its ``row.json``, or check that it holds the same row.
+
+        Raises:
+            UserError: a row folder holds results of another model or setting.
+        """
+        for k, row in enumerate(self.rows):
+            folder = self.row_dir(k)
+            record = folder / ROW_FILE
+            if record.is_file():
+                diff = _differences(row, _read(record, RowSpec))
+                if diff:
+                    raise UserError(
+                        f"{folder} holds results of another model or setting ({'; '.join(diff)}); give the model "
+                        "another name, or use a new output_dir"
+                    )
+                remove_stale_temporaries(folder)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(record, _json(row))
 
     def shard_path(self, row: int, shard: int) -> Path:
         """File of shard ``shard`` of row ``row``."""
         return self.row_dir(row) / f"shard-{shard:06d}.safetensors"
 
-    def pending(self) -> list[tuple[int, int]]:
+    def pending_units(self) -> list[tuple[int, int]]:
         """(row, shard) pairs still to compute, row by row."""
         return [
             (k, s)
@@ -219,6 +212,11 @@ class EvaluationStore:
             for s in range(self.spec.num_shards)
             if not self.shard_path(k, s).is_file()
         ]
+
+    def unit_range(self, key: Hashable) -> range:
+        """Sample indices of the (row, shard) unit ``key``."""
+        _, shard = key  # type: ignore[misc]
+        return self.spec.shard_range(shard)
 
     def write_shard(self, row: int, shard: int, result: ShardResult, rank: int = 0) -> Path:
         """Commit one shard of a row (atomically); ``rank`` (the process that computed it) is recorded.
@@ -249,7 +247,7 @@ class EvaluationStore:
         unit = row * self.spec.num_shards + shard  # the crash points count shards over all rows
         try:
             crashpoint("eval_shard", unit)
-            atomic_write(path, data)
+            atomic_write_bytes(path, data)
         except OSError as err:
             raise UserError(
                 f"cannot write {path} ({err.strerror or err}); free some space or fix the folder, then rerun the same "
@@ -288,7 +286,11 @@ class EvaluationStore:
 
     def write_timing(self, row: int, timing: dict) -> None:
         """Record the row's speed measurement (atomically)."""
-        atomic_write(self.row_dir(row) / TIMING_FILE, json.dumps(timing, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(self.row_dir(row) / TIMING_FILE, json.dumps(timing, indent=2, sort_keys=True) + "\n")
+
+
+def _json(record: object) -> str:
+    return json.dumps(asdict(record), indent=2, sort_keys=True) + "\n"  # type: ignore[call-overload]
 
 
 def _read(path: Path, cls: type):

@@ -15,7 +15,6 @@ Typical use (one validation loop)::
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance, _compute_fid
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.fileio import atomic_path
 from instaflow_pl.metrics.fingerprint import (
     folder_fingerprint,
     image_files,
@@ -312,9 +312,8 @@ class FIDReference:
             "reference_key": self.reference_key,
             "feature_key": self.feature_key,
         }
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"mean": self.mean.contiguous(), "cov": self.cov.contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({"mean": self.mean.contiguous(), "cov": self.cov.contiguous()}, str(tmp), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> FIDReference:

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import time
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-from tqdm.auto import tqdm
 
 from instaflow_pl.conventions import noise_for_indices, sample_seed
 from instaflow_pl.data.manifest import X0_FORMATS, X1_DTYPES, Manifest
@@ -20,7 +15,8 @@ from instaflow_pl.data.prompt_stream import PromptBatch
 from instaflow_pl.data.prompts import prompts_digest
 from instaflow_pl.data.store import PairRecord, PairStore
 from instaflow_pl.errors import UserError
-from instaflow_pl.ranks import setup_on_every_rank
+from instaflow_pl.predict import ShardedPredict, ShardWriter
+from instaflow_pl.ranks import rank_zero_first
 from instaflow_pl.speed import set_tf32, speed_up
 from instaflow_pl.teachers import load_teacher
 
@@ -44,13 +40,13 @@ class GeneratedBatch:
     nfe: int
 
 
-class PairGenerator(L.LightningModule):
+class PairGenerator(ShardedPredict):
     """Generates the (X0, X1, prompt) triples of reflow or distillation with a teacher.
 
     Sample ``i`` uses noise drawn from ``seed + i`` (:func:`instaflow_pl.conventions.noise_for_indices`; see
     docs/architecture.md), so the data does not depend on batch size, workers or ranks. Work is cut into shards; each
     rank generates whole shards and a shard is committed atomically, so a killed run resumes where it stopped when
-    the same command is run again.
+    the same command is run again (the machine is :class:`~instaflow_pl.predict.ShardedPredict`'s).
 
     Args:
         teacher: Diffusers-format folder (or hub id) of a Stable Diffusion model or a velocity (k-RF) model.
@@ -70,6 +66,9 @@ class PairGenerator(L.LightningModule):
         channels_last: Run the teacher's convolutions channels-last (faster on GPUs).
         tf32: Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32 teachers; changes results slightly).
     """
+
+    progress_label = "pairs"
+    progress_unit = "sample"
 
     def __init__(
         self,
@@ -111,8 +110,6 @@ class PairGenerator(L.LightningModule):
         self.x1_dtype = x1_dtype
         self.shard_size = shard_size
         self.output_dir = output_dir
-        self.store: PairStore | None = None
-        self._ranges: list[range] = []
 
     def manifest_for(self, prompts: list[str], source: str) -> Manifest:
         """The manifest this configuration produces for ``prompts``."""
@@ -135,42 +132,34 @@ class PairGenerator(L.LightningModule):
             family=self.teacher.family.name,
         )
 
-    @setup_on_every_rank
     def setup(self, stage: str) -> None:
         """Open (or resume) the dataset folder on rank 0 and decide which shards this rank generates."""
         set_tf32(self.tf32, self.trainer.strategy.root_device)
-        datamodule = self.trainer.datamodule
+        super().setup(stage)
+
+    def make_store(self, datamodule: L.LightningDataModule | None) -> PairStore:
+        """The dataset folder for the prompts ``datamodule`` serves."""
         if datamodule is None or not hasattr(datamodule, "prompts"):
             raise UserError("pair generation needs a PromptDataModule (data: class_path: ...PromptDataModule)")
-        manifest = self.manifest_for(datamodule.prompts, datamodule.source)
-        self.store = PairStore(self.output_dir, manifest)
-        error = None
-        if self.trainer.is_global_zero:
-            try:
-                self.store.open()
-            except UserError as err:
-                error = str(err)
-        error = self.trainer.strategy.broadcast(error, src=0)
-        if error:
-            raise UserError(error)
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        pending = [] if self.store.is_complete() else self.store.pending_shards()
-        self._ranges = [manifest.shard_range(k) for k in pending if k % world == rank]
+        return PairStore(self.output_dir, self.manifest_for(datamodule.prompts, datamodule.source))
+
+    def opened(self, pending: Sequence[int]) -> None:
+        """Say what is resumed; write the index if only the index is left (killed after the last shard)."""
+        store, manifest = self.store, self.store.manifest
+        # Decided by rank 0 before it writes anything, so every rank takes the same branch.
+        index_left = self.trainer.strategy.broadcast(not pending and not store.is_complete(), src=0)
         done = manifest.num_shards - len(pending)
-        if not pending and not self.store.is_complete():
-            # Killed after the last shard but before the index: only the index is left to write.
-            if self.trainer.is_global_zero:
-                self.store.finalize()
-            self.trainer.strategy.barrier()
-            rank_zero_info(f"{self.store.root}: all shards were written; wrote the index")
+        if index_left:
+            rank_zero_first(lambda: (store.finalize(), None), lambda _: None, "writing the dataset index")
+            rank_zero_info(f"{store.root}: all shards were written; wrote the index")
         elif not pending:
-            rank_zero_info(f"{self.store.root} is complete ({manifest.count} samples); nothing to do")
+            rank_zero_info(f"{store.root} is complete ({manifest.count} samples); nothing to do")
         elif done:
-            rank_zero_info(f"resuming {self.store.root}: {done}/{manifest.num_shards} shards already written")
+            rank_zero_info(f"resuming {store.root}: {done}/{manifest.num_shards} shards already written")
 
     def work_ranges(self, count: int) -> list[range]:
         """The sample ranges (whole shards) this rank generates; used by the PromptDataModule."""
-        return self._ranges
+        return [samples for _, samples in self.work_units()]
 
     def predict_step(self, batch: PromptBatch, batch_idx: int = 0) -> GeneratedBatch:
         """Solve the teacher's ODE for one micro-batch."""
@@ -178,80 +167,35 @@ class PairGenerator(L.LightningModule):
         solution = self.teacher.sample(x0, batch.prompts, guidance=self.guidance)
         return GeneratedBatch(batch.indices, batch.prompts, solution.x, x0, solution.nfe)
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        """Pair generation always writes through a :class:`PairWriter`."""
-        return [PairWriter()]
+    def unit_key(self, prediction: GeneratedBatch) -> int:
+        """The shard of a micro-batch (micro-batches never cross a shard)."""
+        return prediction.indices[0] // self.shard_size
 
-
-# Prompt batches come from an IterableDataset; the writer does not need Lightning's batch indices.
-warnings.filterwarnings("ignore", message="Couldn't infer the batch indices")
-
-
-class PairWriter(BasePredictionWriter):
-    """Collects generated samples per shard and commits each shard as soon as it is whole; shows samples/s."""
-
-    def __init__(self):
-        super().__init__(write_interval="batch")
-        self._pending: dict[int, list[PairRecord]] = {}
-        self._bar: tqdm | None = None
-        self._start = 0.0
-        self._samples = 0
-
-    def on_predict_start(self, trainer: L.Trainer, pl_module: PairGenerator) -> None:
-        """Open the progress bar (rank 0) over the samples this rank generates."""
-        total = sum(len(r) for r in pl_module.work_ranges(0))
-        self._start, self._samples = time.perf_counter(), 0
-        if trainer.is_global_zero and total:
-            self._bar = tqdm(total=total, desc="pairs", unit="sample", dynamic_ncols=True)
-
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: PairGenerator,
-        prediction: GeneratedBatch,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Buffer the batch; write every shard it completes."""
-        store = pl_module.store
-        manifest = store.manifest
+    def commit_unit(self, key: int, parts: list[GeneratedBatch]) -> None:
+        """Write and commit a whole shard."""
+        manifest = self.store.manifest
         keep_x0 = manifest.x0_format == "tensor"
-        for row, index in enumerate(prediction.indices):
-            record = PairRecord(
+        records = [
+            PairRecord(
                 index=index,
                 seed=sample_seed(manifest.seed, index),
-                prompt=prediction.prompts[row],
-                x1=prediction.x1[row],
-                x0=prediction.x0[row] if keep_x0 else None,
+                prompt=part.prompts[row],
+                x1=part.x1[row],
+                x0=part.x0[row] if keep_x0 else None,
             )
-            self._pending.setdefault(index // manifest.shard_size, []).append(record)
-        for shard in [k for k, recs in self._pending.items() if len(recs) == len(manifest.shard_range(k))]:
-            try:
-                store.write_shard(shard, self._pending.pop(shard))
-            except ValueError as err:
-                raise UserError(str(err)) from None
-        self._samples += len(prediction.indices)
-        if self._bar is not None:
-            self._bar.update(len(prediction.indices))
+            for part in parts
+            for row, index in enumerate(part.indices)
+        ]
+        self.store.write_shard(key, records)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """Close the progress bar, so the error is printed on a line of its own."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    def complete(self, samples: int, seconds: float) -> None:
+        """Write the dataset index (rank 0, once every rank has written its shards)."""
+        if self.store.is_complete():
+            return
+        path = self.store.finalize()
+        rate = samples / seconds if seconds > 0 else 0.0
+        rank_zero_info(f"wrote {path.parent} ({self.store.manifest.count} samples, {rate:.1f}/s here)")
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: PairGenerator) -> None:
-        """Wait for every rank, then write the dataset index (rank 0)."""
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self._pending:
-            raise RuntimeError(f"shards {sorted(self._pending)} were left incomplete; rerun to finish them")
-        trainer.strategy.barrier()
-        if trainer.is_global_zero and not pl_module.store.is_complete():
-            path = pl_module.store.finalize()
-            seconds = time.perf_counter() - self._start
-            rate = self._samples / seconds if seconds > 0 else 0.0
-            rank_zero_info(f"wrote {Path(path).parent} ({pl_module.store.manifest.count} samples, {rate:.1f}/s here)")
+
+PairWriter = ShardWriter
+"""Pair generation's writer: a :class:`~instaflow_pl.predict.ShardWriter` (the name is public API)."""
