@@ -90,7 +90,7 @@ def test_rerun_with_different_settings_refuses(tiny_sd, prompts_file, tmp_path, 
 def test_rerun_with_a_different_teacher_refuses(tiny_sd, tiny_velocity, prompts_file, tmp_path):
     out = tmp_path / "pairs"
     generate(tiny_sd, prompts_file, out)
-    with pytest.raises(UserError, match="teacher_kind: 'sd' != 'velocity'"):
+    with pytest.raises(UserError, match="teacher_kind: 'released' != 'velocity'"):
         generate(tiny_velocity, prompts_file, out, "--model.init_args.solver=euler")
 
 
@@ -106,7 +106,7 @@ def test_output_folder_holding_something_else_refuses(tiny_sd, prompts_file, tmp
 def test_unknown_solver_and_bad_shape_are_user_errors(tiny_sd, prompts_file, tmp_path):
     with pytest.raises(UserError, match="solver 'rk9' does not fit"):
         generate(tiny_sd, prompts_file, tmp_path / "a", "--model.init_args.solver=rk9")
-    with pytest.raises(UserError, match="does not fit the teacher's UNet"):
+    with pytest.raises(UserError, match="does not fit the teacher's network"):
         generate(tiny_sd, prompts_file, tmp_path / "b", "--model.init_args.latent_shape=[3,8,8]")
 
 

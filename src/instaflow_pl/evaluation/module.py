@@ -9,7 +9,6 @@ from the stored features in sample order, do not depend on the number of ranks o
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Sequence
@@ -79,21 +78,15 @@ class EvaluatedBatch:
 
 def _check_model(spec: ModelToEvaluate) -> tuple[str, str, str]:
     """(kind, fingerprint, solver) of a model folder; one line for a folder that is not a model."""
-    from instaflow_pl.families import family_of_folder
-    from instaflow_pl.teachers import fingerprint, model_kind, parse_dtype, resolve_model_folder
+    from instaflow_pl.dtypes import parse_dtype
+    from instaflow_pl.model_folder import ModelFolder
 
-    root = resolve_model_folder(spec.folder)
-    kind = model_kind(root)
-    family = family_of_folder(root)
     try:
-        family.check_folder(root)
+        folder = ModelFolder.open(spec.folder)
+        scheduler_config = folder.require_scheduler()
     except UserError as err:
-        raise UserError(f"{root.name} is not a model to evaluate: {err}") from None
-    scheduler_file = root / "scheduler" / "scheduler_config.json"
-    try:
-        scheduler_config = json.loads(scheduler_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {scheduler_file} ({err}); a model folder needs its scheduler config") from None
+        raise UserError(f"{Path(spec.folder).name} is not a model to evaluate: {err}") from None
+    root, kind, family = folder.root, folder.kind, folder.family
     solver = family.solver_name(kind, spec.solver, scheduler_config)
     allowed = family.allowed_solvers(kind)
     if solver not in allowed:
@@ -105,7 +98,7 @@ def _check_model(spec: ModelToEvaluate) -> tuple[str, str, str]:
     if not spec.guidance or min(spec.guidance) < 0:
         raise UserError(f"guidance of {spec.folder} must be a non-empty list of weights >= 0, got {spec.guidance}")
     parse_dtype(spec.dtype)
-    return kind, fingerprint(root), solver
+    return kind, folder.fingerprint(), solver
 
 
 class Evaluation(ShardedPredict):
@@ -259,8 +252,9 @@ class Evaluation(ShardedPredict):
 
     def _model(self, row: int):
         """The row's model (a Teacher with the row's steps) and its VAE; one model is kept loaded at a time."""
-        from instaflow_pl.callbacks.grid import load_vae
-        from instaflow_pl.teachers import load_teacher, parse_dtype
+        from instaflow_pl.dtypes import parse_dtype
+        from instaflow_pl.model_folder import ModelFolder
+        from instaflow_pl.teachers import load_teacher
 
         spec = self.rows[row]
         key = (spec.folder, spec.solver, spec.dtype)
@@ -268,12 +262,12 @@ class Evaluation(ShardedPredict):
             self._loaded = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            teacher = load_teacher(
-                spec.folder, solver=spec.solver, steps=spec.steps, dtype=spec.dtype, device=self.device
-            )
-            vae = load_vae(spec.folder)
-            if vae is not None:
+            folder = ModelFolder.open(spec.folder)
+            teacher = load_teacher(folder, solver=spec.solver, steps=spec.steps, dtype=spec.dtype, device=self.device)
+            vae = None
+            if folder.vae_config is not None:
                 dtype = parse_dtype(spec.dtype)
+                vae = folder.load_vae()
                 vae = vae.to(self.device) if dtype == torch.float32 else vae.to(self.device, dtype)
             self._loaded = (key, teacher, vae)
         _, teacher, vae = self._loaded
@@ -289,7 +283,7 @@ class Evaluation(ShardedPredict):
         latents = solution.x
         images = latents_to_images(vae, latents) if vae is not None else latents
         images = images.float().clamp(-1, 1)
-        if images.shape[1] == 1:  # a grey pixel-space model (the digits demo)
+        if images.shape[1] == 1:  # a grey pixel-space model: FID and CLIP features take RGB
             images = images.expand(-1, 3, -1, -1)
         return images, solution.nfe * (2 if spec.guidance > 1 else 1)
 

@@ -113,7 +113,7 @@ class Teacher(nn.Module):
 
 
 def load_teacher(
-    source: str | Path,
+    source: str | Path | ModelFolder,
     solver: str = "auto",
     steps: int = 25,
     dtype: str = "fp32",
@@ -127,7 +127,7 @@ def load_teacher(
     (:mod:`instaflow_pl.families`) says which parts it needs and how they are called.
 
     Args:
-        source: Folder path or hub id.
+        source: Folder path or hub id, or a :class:`~instaflow_pl.model_folder.ModelFolder` already opened.
         solver: ``auto`` (the folder's own scheduler, as its stock pipeline samples it: PNDM for SD 1.5, Euler
             for SDXL, Euler on the shifted time grid for SD3; DPM-Solver++ for an SD or SDXL folder whose scheduler
             is none of the names below; Euler for velocity folders), a scheduler name (``dpm++``, ``ddim``,
@@ -138,7 +138,7 @@ def load_teacher(
         device: Where to put the weights.
     """
     torch_dtype = parse_dtype(dtype)
-    folder = ModelFolder.open(source)
+    folder = source if isinstance(source, ModelFolder) else ModelFolder.open(source)
     family = folder.family
     scheduler_config = folder.require_scheduler()
     solver_name = family.solver_name(folder.kind, solver, scheduler_config)
@@ -148,7 +148,7 @@ def load_teacher(
         model=family.teacher_model(folder.load_network(torch_dtype), folder.kind, folder.pixels_per_latent),
         solver=solver_obj,
         kind=folder.kind,
-        source=str(source),
+        source=folder.source,
         fingerprint=folder.fingerprint(),
         geometry=folder.geometry,
         solver_name=solver_name,
