@@ -7,6 +7,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from instaflow_pl.fileio import atomic_write_text
+
 
 class FinalMetrics(Callback):
     """Writes the run's latest logged metrics (``trainer.callback_metrics``) to a JSON file after each validation and
@@ -30,9 +32,7 @@ class FinalMetrics(Callback):
                 continue
         metrics["global_step"] = float(trainer.global_step)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(metrics, indent=1, sort_keys=True))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         """After each validation."""

@@ -50,7 +50,7 @@ class Stage:
 
 def run_cli(args: Sequence[str]) -> None:
     """``instaflow-pl <args>`` (a LightningCLI subcommand) in this process, as the command runs it (quiet library
-    output, threads for the machine); the W&B run it opened is closed afterwards."""
+    output, threads for the machine); ``cli_main`` closes the W&B run it opened."""
     from instaflow_pl.lightning_cli import cli_main
     from instaflow_pl.runtime import command, quiet
 
@@ -63,16 +63,6 @@ def run_cli(args: Sequence[str]) -> None:
             raise UserError(
                 f"`instaflow-pl {' '.join(args)}` failed (exit {exit_.code}); see the message above"
             ) from None
-    finally:
-        _finish_wandb()
-
-
-def _finish_wandb() -> None:
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 def _config_args(plan: DemoPlan, stage: Stage, *extra: str) -> list[str]:

@@ -3,7 +3,7 @@
 A sweep file (``configs/sweeps/*.yaml``) is a W&B sweep configuration: ``method`` (``grid``, ``random``, ``bayes``),
 ``metric`` (``name`` and ``goal``), ``parameters`` named by their LightningCLI keys
 (``model.init_args.optimizer.init_args.lr``) and a ``command`` with W&B's macros, e.g.
-``[${env}, ${program}, fit, --config, configs/tiny/reflow.yaml, ${args}]`` with ``program: instaflow-pl``.
+``[${env}, ${program}, fit, --config, configs/tiny/sd/reflow.yaml, ${args}]`` with ``program: instaflow-pl``.
 
 - With a W&B server (``WANDB_MODE=online``, logged in): ``instaflow-pl sweep FILE`` creates the sweep and runs an
   agent on it (what ``wandb sweep FILE`` and ``wandb agent ID`` do).
