@@ -91,6 +91,20 @@ def refuse_foreign(out: Path) -> None:
         raise UserError(f"{out} exists and is not empty; choose a new folder for the model")
 
 
+def tiny_unet_config(sample_size: int) -> dict[str, object]:
+    """What every tiny ``UNet2DConditionModel`` shares (two blocks of width 32 and 64 on 4-channel latents); a family
+    adds its block types and text width."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "layers_per_block": 1,
+        "block_out_channels": (32, 64),
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    }
+
+
 def tiny_vae(sample_size: int, latent_channels: int = 4, **extra):
     """A two-block VAE (2 pixels per latent pixel) with ``latent_channels`` channels."""
     from diffusers import AutoencoderKL

@@ -7,19 +7,16 @@ every k-RF. Folders and records written before this family existed named it ``sd
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
+from typing import Any
 
 from instaflow_pl.families.base import Family
 from instaflow_pl.families.geometry import LatentGeometry
-from instaflow_pl.families.sd import ClipPromptEncoder
-from instaflow_pl.velocity.condition import TextCondition
+from instaflow_pl.families.sd import StableDiffusion
 
 
-class Digits(Family):
-    """The digits demo's pixel-space MLP (``MLPVelocityNet``) with one CLIP text tower."""
+class Digits(StableDiffusion):
+    """The digits demo's pixel-space MLP (``MLPVelocityNet``), with Stable Diffusion's text tower and calling
+    convention (CLIP hidden states as ``encoder_hidden_states``)."""
 
     name = "digits"
     title = "digits demo"
@@ -27,14 +24,8 @@ class Digits(Family):
     network_classes = (("instaflow_pl.velocity.mlp", "MLPVelocityNet"),)
     uses_vae = False
     legacy_names = ("sd",)
-    text_parts = ("tokenizer", "text_encoder")
-    default_classes: ClassVar[dict[str, tuple[str, str]]] = {
-        "tokenizer": ("transformers", "CLIPTokenizer"),
-        "text_encoder": ("transformers", "CLIPTextModel"),
-    }
     teacher_solvers = ()
     default_teacher_solver = "euler"
-    lora_pipeline = "StableDiffusionPipeline"
     fixture = "instaflow_pl.families.digits_tiny"
     card_steps_note = (
         "The network is instaflow-pl's pixel-space `MLPVelocityNet` (no VAE: the latents are the images), sampled by",
@@ -46,18 +37,10 @@ class Digits(Family):
         """Stock diffusers cannot load the MLP network: instaflow-pl samples it."""
         return ["Stock diffusers cannot load this network (instaflow-pl's `MLPVelocityNet`); use instaflow-pl below."]
 
+    def owns_network_config(self, config: Mapping[str, Any]) -> bool:
+        """An ``MLPVelocityNet``."""
+        return Family.owns_network_config(self, config)
+
     def latent_geometry(self, config: Mapping[str, Any]) -> LatentGeometry:
         """Exactly ``in_channels x sample_size x sample_size``: the MLP works on flattened pixels."""
         return LatentGeometry(int(config["in_channels"]), int(config["sample_size"]), 0)
-
-    def network_inputs(
-        self, network: nn.Module, x: torch.Tensor, cond: TextCondition, pixels_per_latent: int
-    ) -> dict[str, Any]:
-        """``encoder_hidden_states``: the CLIP hidden states."""
-        return {"encoder_hidden_states": cond.embeds}
-
-    def encoder_from_parts(
-        self, parts: dict[str, Any], index: dict[str, Any], network_config: dict[str, Any], cache_mb: float = 0.0
-    ):
-        """A :class:`~instaflow_pl.families.sd.ClipPromptEncoder`."""
-        return ClipPromptEncoder(parts["tokenizer"], parts["text_encoder"], cache_mb)

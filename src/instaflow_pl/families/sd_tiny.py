@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from instaflow_pl.tiny import refuse_foreign, tiny_text_config, tiny_vae, write_tiny_tokenizer
+from instaflow_pl.tiny import refuse_foreign, tiny_text_config, tiny_unet_config, tiny_vae, write_tiny_tokenizer
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
@@ -25,23 +25,23 @@ def build_tiny(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path
     """
     from diffusers import UNet2DConditionModel
 
+    out, vocab_size = _begin(out_dir, seed)
+    unet = UNet2DConditionModel(
+        **tiny_unet_config(sample_size),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+    )
+    return save_sd_folder(out, unet, tiny_vae(sample_size), tiny_text_config(vocab_size))
+
+
+def _begin(out_dir: str | Path, seed: int) -> tuple[Path, int]:
+    """The folder (refusing one that holds anything else), its tiny tokenizer's vocabulary size; weights seeded."""
     out = Path(out_dir)
     refuse_foreign(out)
     vocab_size = write_tiny_tokenizer(out / "tokenizer")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    return save_sd_folder(out, unet, tiny_vae(sample_size), tiny_text_config(vocab_size))
+    return out, vocab_size
 
 
 def save_sd_folder(out: Path, unet, vae, text_config: dict[str, int]) -> Path:
@@ -94,10 +94,7 @@ def build_sd15_random(out_dir: str | Path, seed: int = 0) -> Path:
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    out = Path(out_dir)
-    refuse_foreign(out)
-    vocab_size = write_tiny_tokenizer(out / "tokenizer")
-    torch.manual_seed(seed)
+    out, vocab_size = _begin(out_dir, seed)
     # diffusers' defaults are SD 1.x's UNet, less its text width and latent size.
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(

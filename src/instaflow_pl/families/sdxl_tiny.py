@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from instaflow_pl.tiny import clip_towers, refuse_foreign, tiny_vae
+from instaflow_pl.tiny import clip_towers, refuse_foreign, tiny_unet_config, tiny_vae
 
 
 def build_tiny(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path:
@@ -30,16 +30,10 @@ def build_tiny(out_dir: str | Path, seed: int = 0, sample_size: int = 8) -> Path
     text_encoder, text_encoder_2 = clip_towers(out, ("text_encoder", "text_encoder_2"), (16, 32), projection=False)
     time_width = 8
     unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **tiny_unet_config(sample_size),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=16 + 32,
-        attention_head_dim=8,
-        norm_num_groups=16,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_width,
