@@ -1,6 +1,6 @@
 """InstaFlowPipeline: a diffusers pipeline that samples an exported velocity model in 1..N Euler steps.
 
-It is a thin shell around the project's own pieces (PromptEncoder, UNetVelocity, ClassifierFreeGuidance, LatentODE),
+It is a thin shell around the project's own pieces (PromptEncoder, NetworkVelocity, ClassifierFreeGuidance, LatentODE),
 so its latents equal ``FlowModule.sample`` and ``load_teacher(DIR).sample`` for the same noise.
 """
 
@@ -19,7 +19,7 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.families import family_of_network
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.text import PromptEncoder
-from instaflow_pl.velocity import ClassifierFreeGuidance, UNetVelocity
+from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity
 from instaflow_pl.velocity.mlp import MLPVelocityNet  # noqa: F401 - imported so diffusers may load demo folders
 from instaflow_pl.velocity.networks import latent_geometry
 
@@ -146,7 +146,7 @@ class InstaFlowPipeline(DiffusionPipeline):
 
         ``guidance_scale <= 1`` evaluates the conditional branch only (no guidance), as in diffusers.
         """
-        velocity = UNetVelocity(self.network, pixels_per_latent=self.vae_scale_factor)
+        velocity = NetworkVelocity(self.network, pixels_per_latent=self.vae_scale_factor)
         field = ClassifierFreeGuidance(velocity, guidance_scale)
         cond = self.prompt_encoder().condition(list(prompts), with_null=field.active)
         return LatentODE("euler", num_inference_steps).solve(field, x0, cond).x

@@ -78,7 +78,7 @@ def velocity_folder(model: str) -> Path:
             f"{root} is not a velocity model (its {KIND_FILE} does not mark it as one); sample draws from rectified "
             "flows such as the folders `instaflow-pl export` writes, not from a Stable Diffusion folder"
         )
-    from instaflow_pl.export import is_pixel_space
+    from instaflow_pl.export.folder import is_pixel_space
     from instaflow_pl.families import family_of_folder
 
     family = family_of_folder(root)
