@@ -207,7 +207,7 @@ def read_checkpoint(
         else:
             with torch.serialization.safe_globals(checkpoint_safe_globals()):
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
+    except (pickle.UnpicklingError, KeyError) as err:  # KeyError: pickle met an opcode it does not know
         if "Unsupported global" not in str(err) and "can still be loaded" not in str(err):
             raise _unreadable(path, "not a PyTorch file") from None
         unsafe = ", ".join(_unsafe_globals(path)) or "unknown globals"
