@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterable
 
+from instaflow_pl.export.lora import LORA_WEIGHTS_FILE
 from instaflow_pl.export.run import LORA_FORMATS, export_checkpoint
 
 
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LORA_FORMATS,
         default="merged",
         help="for a run that trained LoRA adapters: merged (default; a whole model folder, usable as the next "
-        "teacher) or file (pytorch_lora_weights.safetensors for diffusers' pipe.load_lora_weights(DIR))",
+        f"teacher) or file ({LORA_WEIGHTS_FILE} for diffusers' pipe.load_lora_weights(DIR))",
     )
     return parser
 

@@ -45,8 +45,8 @@ def export_checkpoint(
         force: Replace an earlier export in ``out``.
         trust_checkpoint: Allow arbitrary pickled objects in the checkpoint (runs code from the file).
         lora_format: For a LoRA run: ``merged`` (a whole model folder with the adapters folded in) or ``file``
-            (only the adapters' ``pytorch_lora_weights.safetensors``, for diffusers' ``load_lora_weights`` on the
-            base model).
+            (only the adapters' file, :data:`~instaflow_pl.export.lora.LORA_WEIGHTS_FILE`, for diffusers'
+            ``load_lora_weights`` on the base model).
 
     Returns:
         What was recorded in ``instaflow.json``, plus ``out`` and ``checkpoint``.
