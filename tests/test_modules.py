@@ -377,3 +377,17 @@ def test_a_gradient_scaler_with_a_fused_optimizer_and_clipping_is_one_line():
     check_clipping(SimpleNamespace(**{**vars(stand_in), "precision_plugin": SimpleNamespace(scaler=None)}))  # bf16
     foreach = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], foreach=True)
     check_clipping(SimpleNamespace(**{**vars(stand_in), "optimizers": [foreach]}))  # unscaled by Lightning first
+
+
+def test_records_from_before_the_network_rename_are_upgraded_and_injected_velocities_left_alone():
+    from instaflow_pl.checkpoints import read_record, upgrade_parameter_name
+
+    state = {"velocity.unet.w": 1, "ema.module.unet.w": 2, "encoder.x": 3}
+    old = {"instaflow_pl": {"module": "ReflowModule", "unet_config": {"a": 1}, "family": "sdxl"}, "state_dict": state}
+    record = read_record(old, "ReflowModule")
+    assert record.network_config == {"a": 1} and record.family == "sdxl" and "unet_config" not in old["instaflow_pl"]
+    assert set(old["state_dict"]) == {"velocity.network.w", "ema.module.network.w", "encoder.x"}
+    injected = {"instaflow_pl": {"module": "ReflowModule"}, "state_dict": {"velocity.unet.w": 1}}  # its own child
+    assert read_record(injected).network_config is None and set(injected["state_dict"]) == {"velocity.unet.w"}
+    assert upgrade_parameter_name("unet.down_blocks") == "network.down_blocks"
+    assert upgrade_parameter_name("head.unet.w") == "head.unet.w"
