@@ -137,7 +137,7 @@ def pairs(setup: Setup, batch: int = 8) -> list[Row]:
     ours(), theirs()  # warm-up
     t_pipe, t_ours = _best(theirs, setup.device, setup.rounds), _best(ours, setup.device, setup.rounds)
     error = ((ours().float() - theirs().float()).abs().max() / theirs().float().abs().max()).item()
-    speed_up(teacher.model.unet, compile=True, backend=setup.compile_backend)
+    speed_up(teacher.model.network, compile=True, backend=setup.compile_backend)
     ours()  # compile
     t_compiled = _best(ours, setup.device, setup.rounds)
     rate = {name: batch / t for name, t in (("pipe", t_pipe), ("ours", t_ours), ("compiled", t_compiled))}
@@ -217,7 +217,7 @@ def train_steps(setup: Setup, module, size: int, steps: int) -> tuple[float, flo
 def _shape(module) -> tuple[int, int, int]:
     from instaflow_pl.velocity.networks import latent_geometry
 
-    return latent_geometry(module.velocity.unet).shape
+    return latent_geometry(module.velocity.network).shape
 
 
 def training(setup: Setup, peak_tflops: float) -> list[Row]:
@@ -252,7 +252,7 @@ def lpips_memory(setup: Setup) -> list[Row]:
     for name, options in (("naive", {}), ("lean", lean)):
         module = _module("distill", setup.folder, distance={"lpips": 1.0, "l2": 1.0}, lpips_pretrained=False, **options)
         module.velocity.requires_grad_(False)
-        module.velocity.unet.conv_out.requires_grad_(True)  # the student's path still needs grad, the UNet state not
+        module.velocity.network.conv_out.requires_grad_(True)  # the student's path still needs grad, the UNet state not
         _, peak = train_steps(setup, module, setup.lpips_batch, 1)
         peaks[name] = peak
         del module

@@ -203,7 +203,7 @@ def run(workdir: Path, folder: Path | None = None, cfg: PairsConfig = PairsConfi
     guided = cfg.guidance > 1.0
     unet_batch = cfg.batch_size * (2 if guided else 1)
     null = teacher.encoder.condition([""], with_null=False).embeds
-    unet_seconds = _unet_forward_seconds(teacher.model.unet, unet_batch, latent_shape, null)
+    unet_seconds = _unet_forward_seconds(teacher.model.network, unet_batch, latent_shape, null)
     floor_per_batch = nfe * unet_seconds
 
     best = {name: min(ts) for name, ts in times.items()}

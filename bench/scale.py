@@ -49,7 +49,13 @@ from bench.common import REPO
 from bench.memory import _peak_rss
 
 GiB = 2**30
-FROZEN_MOST = ["unet.conv_in", "unet.down_blocks", "unet.mid_block", "unet.up_blocks.0", "unet.up_blocks.1"]
+FROZEN_MOST = [
+    "network.conv_in",
+    "network.down_blocks",
+    "network.mid_block",
+    "network.up_blocks.0",
+    "network.up_blocks.1",
+]
 """Freezing that leaves 92M of SD 1.5's 860M UNet parameters to train (up_blocks 2-3, time embedding, output)."""
 LORA = {"rank": 4, "alpha": 4.0}
 LEAN_LPIPS = {"lpips_checkpointing": True, "lpips_dtype": "bf16", "lpips_resize": 224}
@@ -154,16 +160,16 @@ def micro(result_file: Path, name: str, batch: int, folder: Path) -> None:
 
     from bench.memory import _reset_peak_rss
     from instaflow_pl.modules.losses import LPIPSDistance
-    from instaflow_pl.velocity import PretrainedUNetVelocity, TextCondition
+    from instaflow_pl.velocity import PretrainedVelocity, TextCondition
 
     generator = torch.Generator().manual_seed(0)
     shape = latent_shape(folder)
     x = torch.randn(batch, *shape, generator=generator)
     if name == "unet-step":
-        velocity = PretrainedUNetVelocity(str(folder), gradient_checkpointing=True)
+        velocity = PretrainedVelocity(str(folder), gradient_checkpointing=True)
         for param_name, param in velocity.named_parameters():
             param.requires_grad_(not any(param_name.startswith(prefix) for prefix in FROZEN_MOST))
-        width = int(velocity.unet.config.cross_attention_dim)
+        width = int(velocity.network.config.cross_attention_dim)
         cond = TextCondition(torch.randn(batch, 77, width, generator=generator))
 
         def step() -> None:

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 W=${1:-$(mktemp -d /tmp/sd15-recipes-XXXXXX)}
 BIN=.venv/bin
 export WANDB_MODE=${WANDB_MODE:-offline}
-FREEZE=unet.conv_in,unet.down_blocks,unet.mid_block,unet.up_blocks.0,unet.up_blocks.1
+FREEZE=network.conv_in,network.down_blocks,network.mid_block,network.up_blocks.0,network.up_blocks.1
 if [ -n "$(ls -A "$W" 2>/dev/null)" ]; then echo "$W is not empty; give a new folder" >&2; exit 2; fi
 mkdir -p "$W"
 echo "work folder: $W"

@@ -8,7 +8,7 @@ Measures samples/s of
 * the in-memory baseline: ``safetensors.torch.load`` of one file (already in memory) holding every X1 (fp16)
   and the regenerated X0 (fp32) stacked, then shuffled batches sliced out and cast to float32, with their
   prompts;
-* a tiny training step: the tiny folder's UNet as ``UNetVelocity``, prompts encoded by ``PromptEncoder``,
+* a tiny training step: the tiny folder's UNet as ``NetworkVelocity``, prompts encoded by ``PromptEncoder``,
   reflow loss ``|| (X1 - X0) - v(X_t, t) ||^2``, backward and an AdamW step, on batches of the same size.
 
 Streaming / training is the headroom of the reader over what training consumes (goal >= 20x): the reader must
@@ -123,10 +123,10 @@ def _training_step_seconds(
     from diffusers import UNet2DConditionModel
 
     from instaflow_pl.model_folder import ModelFolder
-    from instaflow_pl.velocity import UNetVelocity
+    from instaflow_pl.velocity import NetworkVelocity
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    model = UNetVelocity(unet).train()
+    model = NetworkVelocity(unet).train()
     encoder = ModelFolder.open(folder).load_encoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 

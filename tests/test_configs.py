@@ -35,7 +35,7 @@ def test_sd15_pairs_config_instantiates_on_the_tiny_folder(tiny_sd, tmp_path):
     model = cli.model
     assert isinstance(model, PairGenerator)
     assert (model.steps, model.guidance, model.latent_shape) == (25, 6.0, (4, 64, 64))
-    assert model.teacher.solver_name == "dpm++" and model.teacher.model.unet.dtype.itemsize == 2
+    assert model.teacher.solver_name == "dpm++" and model.teacher.model.network.dtype.itemsize == 2
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(Path(p).relative_to(REPO)))
@@ -177,12 +177,12 @@ def test_family_configs_instantiate_on_the_tiny_folders(family_folder, tmp_path,
         assert (model.steps, model.guidance, model.latent_shape, model.teacher.solver_name) == (
             steps, guidance, shape, solver
         )  # fmt: skip
-        assert model.teacher.model.unet.dtype == torch.float16
+        assert model.teacher.model.network.dtype == torch.float16
         return
     assert isinstance(cli.model, ReflowModule if stage == "reflow" else DistillModule)
     assert cli.model.velocity.family.name == family
     assert cli.datamodule.expected_latent_shape == native
-    assert cli.model.hparams.gradient_checkpointing and cli.model.velocity.unet.is_gradient_checkpointing
+    assert cli.model.hparams.gradient_checkpointing and cli.model.velocity.network.is_gradient_checkpointing
     text_dtype = torch.bfloat16 if family == "sd3" else torch.float32  # T5-XXL: 9.5 GB in bf16
     assert next(cli.model.encoder.parameters()).dtype == text_dtype
     root = config["trainer"]["default_root_dir"]

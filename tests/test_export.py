@@ -16,9 +16,10 @@ from conftest import PROMPTS, write_dataset
 from diffusers import UNet2DConditionModel
 from PIL import Image
 
+from instaflow_pl.checkpoints import checkpoint_safe_globals
 from instaflow_pl.cli import main
 from instaflow_pl.conventions import noise_for_indices
-from instaflow_pl.export import checkpoint_safe_globals, export_checkpoint
+from instaflow_pl.export import export_checkpoint
 from instaflow_pl.modules import DistillModule, ReflowModule
 from instaflow_pl.pipeline import InstaFlowPipeline
 from instaflow_pl.sampling_cli import build_parser
@@ -123,9 +124,9 @@ def test_export_writes_a_diffusers_velocity_folder(exported, reflow_run, tiny_sd
 def test_exported_unet_is_the_ema_unet_and_loads_with_stock_diffusers(exported, reflow_run):
     module = reflow_run[0]
     unet = UNet2DConditionModel.from_pretrained(exported, subfolder="unet")
-    raw = module.velocity.unet.state_dict()
+    raw = module.velocity.network.state_dict()
     with module.sampling_weights():
-        ema = {k: v.clone() for k, v in module.velocity.unet.state_dict().items()}
+        ema = {k: v.clone() for k, v in module.velocity.network.state_dict().items()}
     state = unet.state_dict()
     assert state.keys() == ema.keys()
     assert all(torch.equal(state[k], ema[k]) for k in state)
@@ -141,7 +142,7 @@ def test_export_without_ema_exports_the_raw_weights(tiny_sd, data, tmp_path, cap
     assert code == 0, err
     assert f"to {tmp_path / 'model'}" in out and "raw weights" in out
     state = UNet2DConditionModel.from_pretrained(tmp_path / "model", subfolder="unet").state_dict()
-    raw = module.velocity.unet.state_dict()
+    raw = module.velocity.network.state_dict()
     assert all(torch.equal(state[k], raw[k]) for k in raw)
     assert json.loads((tmp_path / "model" / "instaflow.json").read_text())["weights"] == "raw"
 
@@ -162,6 +163,85 @@ def test_distill_from_an_export_records_both_stages_and_metrics(exported, data, 
     card = (tmp_path / "student" / "README.md").read_text()
     best = float(watch.best_model_score)
     assert "reflow -> distill" in card and "train/loss (best)" in card and f"{best:.6g}" in card
+
+
+# ---- checkpoints from before the network rename -------------------------------------------------------------------
+
+OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "reflow_lora_d85363f.ckpt"
+"""A LoRA reflow checkpoint written by commit d85363f (``velocity.unet.*`` keys, ``unet_config``; see
+tests/fixtures/README.md)."""
+OLD_PREFIXES = {"velocity.unet.": "velocity.network.", "ema.module.unet.": "ema.module.network."}
+
+
+def _renamed(key: str) -> str:
+    for old, new in OLD_PREFIXES.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+def _moved(state, before: str, after: str):
+    """``state`` (nested dicts and lists) with every string ``before`` replaced by ``after``."""
+    if isinstance(state, dict):
+        return {k: _moved(v, before, after) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_moved(v, before, after) for v in state]
+    return after if state == before else state
+
+
+def _one_step_trainer(root: Path, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+
+
+def test_a_checkpoint_from_before_the_network_rename_resumes_and_exports_the_same_weights(tiny_sd, tmp_path):
+    from instaflow_pl.data import TriplesDataModule
+
+    old = torch.load(OLD_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert "unet_config" in old["instaflow_pl"] and "network_config" not in old["instaflow_pl"]
+    assert any(k.startswith("velocity.unet.") for k in old["state_dict"])
+    # The fixture was trained from the same seeded tiny SD and random triples, in other folders.
+    data = write_dataset(tmp_path / "pairs", count=8, shard_size=8)
+    old["hyper_parameters"]["base_model"] = str(tiny_sd)
+    old["loops"] = _moved(old["loops"], "/tmp/oldck_run/pairs", str(data))
+    ckpt = tmp_path / "old.ckpt"
+    torch.save(old, ckpt)
+
+    def module() -> ReflowModule:
+        return ReflowModule(str(tiny_sd), ema_decay=0.9, val_steps=[1], lora=old["hyper_parameters"]["lora"])
+
+    restored = module()  # a fit whose max_steps the checkpoint already reached: restores, takes no step
+    trainer = _one_step_trainer(tmp_path / "restore", max_steps=1)
+    trainer.fit(restored, TriplesDataModule(str(data), batch_size=4), ckpt_path=ckpt)
+    state = restored.state_dict()
+    assert all(torch.equal(state[_renamed(k)], v) for k, v in old["state_dict"].items()), "weights and EMA restored"
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    new = torch.load(tmp_path / "new.ckpt", map_location="cpu", weights_only=True)
+    config = {k: v for k, v in old["instaflow_pl"]["unet_config"].items() if k != "_name_or_path"}
+    assert config.items() <= new["instaflow_pl"]["network_config"].items(), "the record's network config, renamed"
+    assert sorted(new["state_dict"]) == sorted(_renamed(k) for k in old["state_dict"])
+
+    resumed = _one_step_trainer(tmp_path / "resume", max_steps=2)
+    resumed.fit(module(), TriplesDataModule(str(data), batch_size=4), ckpt_path=ckpt)
+    assert resumed.global_step == 2, "training goes on from the old checkpoint"
+
+    export_checkpoint(ckpt, tmp_path / "old-export")
+    export_checkpoint(tmp_path / "new.ckpt", tmp_path / "new-export")
+    before = UNet2DConditionModel.from_pretrained(tmp_path / "old-export", subfolder="unet").state_dict()
+    after = UNet2DConditionModel.from_pretrained(tmp_path / "new-export", subfolder="unet").state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with restored.sampling_weights() as velocity:
+        ema = dict(velocity.network.named_parameters())
+    key = next(k for k in ema if "lora_B" in k)  # the merged export holds the EMA adapters' update
+    assert ema[key].abs().sum() > 0, "the adapters trained"
 
 
 # ---- InstaFlowPipeline --------------------------------------------------------------------------------------------

@@ -12,9 +12,10 @@ from conftest import write_dataset
 from PIL import Image
 from test_export import run_main, train
 
+from instaflow_pl.checkpoints import checkpoint_safe_globals
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.errors import UserError
-from instaflow_pl.export import checkpoint_safe_globals, export_checkpoint
+from instaflow_pl.export import export_checkpoint
 from instaflow_pl.modules import ReflowModule
 from instaflow_pl.pipeline import InstaFlowPipeline
 from instaflow_pl.teachers import load_teacher
@@ -52,7 +53,7 @@ def test_export_loads_in_stock_diffusers_with_the_family_classes(run):
     assert type(stock).__name__ == pipeline_class
     network = getattr(diffusers, network_class).from_pretrained(out, subfolder=network_folder)
     with module.sampling_weights() as velocity:
-        expected = velocity.unet.state_dict()
+        expected = velocity.network.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in network.state_dict().items()), "the EMA weights are exported"
 
 
@@ -105,7 +106,7 @@ def test_lora_file_loads_in_the_family_pipeline_and_equals_the_merged_export(run
     from test_scale import adam
     from test_scale import fit as fit_lora
 
-    from instaflow_pl.velocity import UNetVelocity
+    from instaflow_pl.velocity import NetworkVelocity
 
     family, base, *_ = run
     _, shape, pipeline_class, network_folder, network_class = FAMILIES[family]
@@ -119,15 +120,15 @@ def test_lora_file_loads_in_the_family_pipeline_and_equals_the_merged_export(run
     t = torch.tensor([0.0, 0.7])
     cond = module.condition(PROMPTS)
     with torch.no_grad():
-        merged = UNetVelocity(
+        merged = NetworkVelocity(
             getattr(diffusers, network_class).from_pretrained(tmp_path / "merged", subfolder=network_folder)
         )
         pipe = getattr(diffusers, pipeline_class).from_pretrained(base)
         network = getattr(pipe, network_folder)
-        before = UNetVelocity(network, pixels_per_latent=2)(x, t, cond)
+        before = NetworkVelocity(network, pixels_per_latent=2)(x, t, cond)
         pipe.load_lora_weights(tmp_path / "lora")
-        loaded = UNetVelocity(network, pixels_per_latent=2)(x, t, cond)
-        exported = UNetVelocity(merged.unet, pixels_per_latent=2)(x, t, cond)
+        loaded = NetworkVelocity(network, pixels_per_latent=2)(x, t, cond)
+        exported = NetworkVelocity(merged.network, pixels_per_latent=2)(x, t, cond)
         with module.sampling_weights() as velocity:
             ours = velocity(x, t, cond)
     scale = ours.abs().max()

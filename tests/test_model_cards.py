@@ -22,7 +22,8 @@ import torch
 from conftest import write_dataset
 
 from instaflow_pl.conventions import noise_for_indices
-from instaflow_pl.export import PIPELINE_FILE, export_checkpoint
+from instaflow_pl.export import export_checkpoint
+from instaflow_pl.export.folder import PIPELINE_FILE
 from instaflow_pl.families import FAMILIES
 from instaflow_pl.modules import ReflowModule
 from instaflow_pl.pipeline import InstaFlowPipeline

@@ -162,9 +162,9 @@ def test_checkpoint_leaves_out_the_text_encoder_and_refuses_another_module_kind(
     checkpoint = torch.load(path, weights_only=True)  # plain types only: no pickle needed to read it
     assert checkpoint["instaflow_pl"]["module"] == "ReflowModule"
     assert not any(k.startswith("encoder.") for k in checkpoint["state_dict"])
-    assert any(k.startswith("ema.module.unet.") for k in checkpoint["state_dict"])
+    assert any(k.startswith("ema.module.network.") for k in checkpoint["state_dict"])
     again = ReflowModule.load_from_checkpoint(path, base_model=str(tiny_sd))
-    key = "ema.module.unet.conv_in.weight"
+    key = "ema.module.network.conv_in.weight"
     assert torch.equal(again.state_dict()[key], module.state_dict()[key])
     with pytest.raises(UserError, match="written by ReflowModule, not DistillModule"):
         trainer(tmp_path, 3).fit(
@@ -185,7 +185,8 @@ def test_latent_shape_mismatch_is_refused_before_training(tiny_sd, tmp_path):
         ({"val_guidance": -1.0}, "val_guidance must be >= 0"),
         ({"val_steps": [0, 4]}, "val_steps must be step counts >= 1"),
         ({"ema_decay": 1.0}, "ema_decay must be in"),
-        ({"freeze": ["unet."]}, None),
+        ({"freeze": ["network."]}, None),
+        ({"freeze": ["unet."]}, None),  # the network's name before the rename still names it
     ],
 )
 def test_bad_module_options(tiny_sd, kwargs, message):
@@ -376,3 +377,17 @@ def test_a_gradient_scaler_with_a_fused_optimizer_and_clipping_is_one_line():
     check_clipping(SimpleNamespace(**{**vars(stand_in), "precision_plugin": SimpleNamespace(scaler=None)}))  # bf16
     foreach = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], foreach=True)
     check_clipping(SimpleNamespace(**{**vars(stand_in), "optimizers": [foreach]}))  # unscaled by Lightning first
+
+
+def test_records_from_before_the_network_rename_are_upgraded_and_injected_velocities_left_alone():
+    from instaflow_pl.checkpoints import read_record, upgrade_parameter_name
+
+    state = {"velocity.unet.w": 1, "ema.module.unet.w": 2, "encoder.x": 3}
+    old = {"instaflow_pl": {"module": "ReflowModule", "unet_config": {"a": 1}, "family": "sdxl"}, "state_dict": state}
+    record = read_record(old, "ReflowModule")
+    assert record.network_config == {"a": 1} and record.family == "sdxl" and "unet_config" not in old["instaflow_pl"]
+    assert set(old["state_dict"]) == {"velocity.network.w", "ema.module.network.w", "encoder.x"}
+    injected = {"instaflow_pl": {"module": "ReflowModule"}, "state_dict": {"velocity.unet.w": 1}}  # its own child
+    assert read_record(injected).network_config is None and set(injected["state_dict"]) == {"velocity.unet.w"}
+    assert upgrade_parameter_name("unet.down_blocks") == "network.down_blocks"
+    assert upgrade_parameter_name("head.unet.w") == "head.unet.w"

@@ -127,16 +127,16 @@ def test_bad_lora_options_are_one_line_errors(tiny_sd, options, message):
 
 def test_frozen_blocks_stay_out_of_the_ema_and_the_checkpoint_and_export_restores_them(tiny_sd, tmp_path):
     data = write_dataset(tmp_path / "pairs", count=8, shard_size=4)
-    module = ReflowModule(str(tiny_sd), freeze=["unet.down_blocks"], ema_decay=0.9, val_steps=[1], optimizer=adam)
+    module = ReflowModule(str(tiny_sd), freeze=["network.down_blocks"], ema_decay=0.9, val_steps=[1], optimizer=adam)
     trainer = fit(module, data, tmp_path)
     trainer.save_checkpoint(tmp_path / "frozen.ckpt")
     keys = torch.load(tmp_path / "frozen.ckpt", weights_only=True)["state_dict"]
-    assert not any(k.startswith(("velocity.unet.down_blocks", "ema.module.unet.down_blocks")) for k in keys)
-    assert any(k.startswith("ema.module.unet.up_blocks") for k in keys)
+    assert not any(k.startswith(("velocity.network.down_blocks", "ema.module.network.down_blocks")) for k in keys)
+    assert any(k.startswith("ema.module.network.up_blocks") for k in keys)
     export_checkpoint(tmp_path / "frozen.ckpt", tmp_path / "out")
     exported = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet").state_dict()
     with module.sampling_weights():
-        expected = module.velocity.unet.state_dict()
+        expected = module.velocity.network.state_dict()
     assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in exported)
 
 
@@ -194,9 +194,9 @@ def _batch() -> TripleBatch:
 
 def test_attention_is_sdpa_and_channels_last_keeps_the_loss(tiny_sd):
     plain = ReflowModule(str(tiny_sd), ema_decay=0.0)
-    assert attention_processors(plain.velocity.unet) == {"AttnProcessor2_0"}  # diffusers' SDPA default stays on
+    assert attention_processors(plain.velocity.network) == {"AttnProcessor2_0"}  # diffusers' SDPA default stays on
     fast = ReflowModule(str(tiny_sd), ema_decay=0.0, channels_last=True)
-    assert fast.velocity.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.velocity.network.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(_loss(fast, _batch()), _loss(plain, _batch()), rtol=1e-5, atol=0)
 
 
@@ -205,7 +205,7 @@ def test_compile_keeps_the_loss(tiny_sd):
     plain = ReflowModule(str(tiny_sd), ema_decay=0.0)
     compiled = ReflowModule(str(tiny_sd), ema_decay=0.0, compile=True)
     torch.testing.assert_close(_loss(compiled, _batch()), _loss(plain, _batch()), rtol=1e-5, atol=0)
-    assert compiled.velocity.unet._compiled_call_impl is not None
+    assert compiled.velocity.network._compiled_call_impl is not None
     assert compiled.state_dict().keys() == plain.state_dict().keys()  # checkpoints keep their keys
 
 

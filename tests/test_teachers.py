@@ -11,7 +11,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler,
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.errors import UserError
 from instaflow_pl.teachers import Teacher, load_teacher
-from instaflow_pl.velocity import TextCondition, UNetVelocity
+from instaflow_pl.velocity import NetworkVelocity, TextCondition
 
 PARITY_PROMPTS = ["a photo of a cat", "a red car in the city"]
 
@@ -90,11 +90,11 @@ def test_sd_teacher_counts_one_evaluation_per_step_and_returns_trajectory(tiny_s
 def test_velocity_teacher_calls_unet_at_one_minus_t_times_1000(tiny_velocity):
     teacher = load_teacher(tiny_velocity, steps=3)
     assert teacher.kind == "velocity" and teacher.solver_name == "euler"
-    assert isinstance(teacher.model, UNetVelocity)
+    assert isinstance(teacher.model, NetworkVelocity)
     x = torch.randn(2, 4, 8, 8)
     cond = teacher.encoder.condition(["a cat", "a dog"], with_null=False)
     t = torch.tensor([0.0, 0.3])
-    expected = teacher.model.unet(x, torch.tensor([1000.0, 700.0]), encoder_hidden_states=cond.embeds).sample
+    expected = teacher.model.network(x, torch.tensor([1000.0, 700.0]), encoder_hidden_states=cond.embeds).sample
     assert torch.allclose(teacher.model(x, t, cond), expected, atol=1e-5)
     solution = teacher.sample(x, ["a cat", "a dog"], guidance=2.0)
     assert solution.nfe == 3
@@ -112,7 +112,7 @@ def test_velocity_teacher_euler_step_is_x0_plus_velocity(tiny_velocity):
 @pytest.mark.parametrize("dtype, torch_dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
 def test_teacher_dtypes(tiny_sd, dtype, torch_dtype):
     teacher = load_teacher(tiny_sd, solver="ddim", steps=2, dtype=dtype)
-    assert teacher.model.unet.dtype == torch_dtype
+    assert teacher.model.network.dtype == torch_dtype
     assert teacher.encoder.text_encoder.dtype == torch_dtype
     if dtype == "bf16":  # fp16 convolutions are not implemented on every CPU build
         out = teacher.sample(noise_for_indices(0, [0], teacher.latent_shape), ["a cat"], guidance=3.0).x

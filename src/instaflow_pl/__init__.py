@@ -18,8 +18,8 @@ _EXPORTS: dict[str, str] = {
     # velocity, guidance, text
     "ClassifierFreeGuidance": "instaflow_pl.velocity",
     "TextCondition": "instaflow_pl.velocity",
-    "UNetVelocity": "instaflow_pl.velocity",
-    "PretrainedUNetVelocity": "instaflow_pl.velocity",
+    "NetworkVelocity": "instaflow_pl.velocity",
+    "PretrainedVelocity": "instaflow_pl.velocity",
     "PromptEncoder": "instaflow_pl.text",
     # teachers
     "Teacher": "instaflow_pl.teachers",
@@ -56,6 +56,9 @@ _EXPORTS: dict[str, str] = {
 }
 """Public name -> the module that defines it."""
 
+_RENAMED = {"UNetVelocity": "NetworkVelocity", "PretrainedUNetVelocity": "PretrainedVelocity"}
+"""Earlier public names -> today's (they wrap any family's network, not only a UNet); the old names still import."""
+
 __all__ = [
     "CLIPScore",
     "CheckpointAtSteps",
@@ -68,11 +71,12 @@ __all__ = [
     "LatentODE",
     "LossByT",
     "ModelFolder",
+    "NetworkVelocity",
     "ODESolution",
     "PairGenerator",
     "PairStore",
     "PairWriter",
-    "PretrainedUNetVelocity",
+    "PretrainedVelocity",
     "PromptEncoder",
     "ReflowModule",
     "SampleGrid",
@@ -84,7 +88,6 @@ __all__ = [
     "Trajectories",
     "TripleBatch",
     "TriplesDataModule",
-    "UNetVelocity",
     "UserError",
     "export_checkpoint",
     "load_prompts",
@@ -106,15 +109,16 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
     from instaflow_pl.teachers import Teacher, load_teacher
     from instaflow_pl.text import PromptEncoder
-    from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity, TextCondition, UNetVelocity
+    from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, PretrainedVelocity, TextCondition
 
 
 def __getattr__(name: str) -> object:
     """Import a public name on first use and keep it (PEP 562)."""
-    module = _EXPORTS.get(name)
+    current = _RENAMED.get(name, name)
+    module = _EXPORTS.get(current)
     if module is None:
         raise AttributeError(f"module 'instaflow_pl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), current)
     globals()[name] = value
     return value
 

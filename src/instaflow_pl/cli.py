@@ -24,7 +24,7 @@ def _tiny_main(args: Sequence[str]) -> None:
 
 
 def _export_main(args: Sequence[str]) -> None:
-    from instaflow_pl.export import export_main
+    from instaflow_pl.export.command import export_main
 
     export_main(args)
 

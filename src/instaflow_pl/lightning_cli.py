@@ -112,16 +112,14 @@ class InstaFlowCLI(LightningCLI):
         ckpt_path = settings.get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        checkpoint = _read_checkpoint(str(ckpt_path))
-        if not isinstance(checkpoint, dict):
-            raise UserError(f"{ckpt_path} is not a Lightning checkpoint; give a .ckpt file written by a fit")
+        from instaflow_pl.checkpoints import read_checkpoint, read_record
+
+        checkpoint = read_checkpoint(ckpt_path, trust_option="--weights_only=false")
         # The hyperparameters below would replace the configured module class with the checkpoint's: a ReflowModule
         # checkpoint given to a distillation config would silently train a ReflowModule. Refuse that first.
         klass = _configured_flow_module(settings.get("model"))
         if klass is not None:
-            from instaflow_pl.modules.base import check_checkpoint_kind
-
-            check_checkpoint_kind(checkpoint, klass.__name__, source=str(ckpt_path))
+            read_record(checkpoint, klass.__name__, source=str(ckpt_path))
         hparams = dict(checkpoint.get("hyper_parameters", {}))
         hparams.pop("_instantiator", None)
         if not hparams:
@@ -187,29 +185,6 @@ class InstaFlowCLI(LightningCLI):
             # Checkpoints are read without pickle: a crafted file cannot run code. --weights_only=false trusts it.
             parser.set_defaults({"weights_only": True})
         return parser
-
-
-def _read_checkpoint(path: str):
-    """A checkpoint read without pickle (memory-mapped when it can be); one line if it is not a checkpoint at all."""
-    import pickle
-    import zipfile
-
-    import torch
-
-    try:
-        if zipfile.is_zipfile(path):
-            return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err) or "can still be loaded" in str(err):
-            raise  # a real pickle with objects in it: cli_main says so (and how to trust it)
-        reason = "not a PyTorch file"
-    except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0]
-    raise UserError(
-        f"{path} is not a readable checkpoint ({reason[:120]}); it may be truncated or another kind of file: give a "
-        ".ckpt file written by a fit (or 'last')"
-    )
 
 
 def _configured_flow_module(model_config) -> type | None:

@@ -18,7 +18,7 @@ from instaflow_pl import standalone_pipeline
 from instaflow_pl.errors import UserError
 from instaflow_pl.families import FAMILIES, family_of_network, latent_geometry
 from instaflow_pl.text import PromptEncoder
-from instaflow_pl.velocity import UNetVelocity
+from instaflow_pl.velocity import NetworkVelocity
 from instaflow_pl.velocity.condition import TextCondition
 
 

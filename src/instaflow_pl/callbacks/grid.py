@@ -70,11 +70,11 @@ class SampleGrid(L.Callback):
 
 def latent_shape_of(pl_module) -> tuple[int, int, int]:
     """(C, H, W) the module's velocity works on: from its UNet config, or from the validation data."""
-    unet = getattr(pl_module.velocity, "unet", None)
-    if unet is not None:
+    network = getattr(pl_module.velocity, "network", None)
+    if network is not None:
         from instaflow_pl.families import latent_geometry
 
-        return latent_geometry(unet).shape
+        return latent_geometry(network).shape
     manifest = getattr(pl_module.trainer.datamodule, "manifest", None)
     if manifest is None:
         raise ValueError("cannot tell the latent shape: the velocity has no UNet and the data no manifest")

@@ -172,11 +172,13 @@ class Evaluation(ShardedPredict):
         self.models = [m if isinstance(m, ModelToEvaluate) else ModelToEvaluate(**m) for m in models]
         self.rows: list[RowSpec] = []
         for spec in self.models:
-            kind, print_, solver = _check_model(spec)
+            kind, fingerprint, solver = _check_model(spec)
             name = spec.name or Path(spec.folder).name
             for steps in spec.steps:
                 for guidance in spec.guidance:
-                    row = RowSpec(name, str(spec.folder), kind, print_, solver, int(steps), float(guidance), spec.dtype)
+                    row = RowSpec(
+                        name, str(spec.folder), kind, fingerprint, solver, int(steps), float(guidance), spec.dtype
+                    )
                     self.rows.append(row)
         self.output_dir = output_dir
         self.seed = seed

@@ -168,9 +168,9 @@ class Family:
 
     def teacher_model(self, network: nn.Module, kind: str, pixels_per_latent: int) -> nn.Module:
         """The model a teacher of ``kind`` solves: a velocity for the LatentODE or a predictor for a scheduler."""
-        from instaflow_pl.velocity.unet import UNetPredictor, UNetVelocity
+        from instaflow_pl.velocity.network import NetworkPredictor, NetworkVelocity
 
-        cls = UNetVelocity if kind == VELOCITY_KIND or self.teacher_is_flow else UNetPredictor
+        cls = NetworkVelocity if kind == VELOCITY_KIND or self.teacher_is_flow else NetworkPredictor
         return cls(network, family=self, pixels_per_latent=pixels_per_latent)
 
     teacher_is_flow: ClassVar[bool] = False

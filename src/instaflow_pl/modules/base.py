@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from instaflow_pl.checkpoints import CheckpointRecord, read_record, upgrade_parameter_name
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
@@ -28,12 +29,8 @@ from instaflow_pl.ranks import setup_on_every_rank
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.speed import set_tf32, speed_up
 from instaflow_pl.text import NULL_PROMPT, PromptEncoder
-from instaflow_pl.velocity import ClassifierFreeGuidance, PretrainedUNetVelocity, TextCondition, UNetVelocity
+from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, PretrainedVelocity, TextCondition
 
-CHECKPOINT_KEY = "instaflow_pl"
-"""Key of the project's own record in every checkpoint (module kind, format version, UNet config)."""
-CHECKPOINT_FORMAT = 2
-"""2: the EMA holds trainable parameters only; frozen velocity weights loaded from ``base_model`` are left out."""
 _FROZEN_PREFIXES = ("encoder.", "distance.", "vae.")
 VAL_NOISE_SEED = 1_000_000_007
 """Validation noises for data without pairs: sample i uses the seed rule with this base seed."""
@@ -67,7 +64,7 @@ class FlowModule(L.LightningModule):
         base_model: Diffusers-format folder of the model being trained from (a released SD, SDXL or SD3 folder, or
             a k-RF export): its tokenizers and text encoders encode the prompts, and its network (UNet or SD3
             transformer) initialises the velocity by default. Its family (:mod:`instaflow_pl.families`) says how.
-        velocity: The velocity network ``v(x, t, cond)``; null: a UNet velocity initialised from ``base_model``.
+        velocity: The velocity network ``v(x, t, cond)``; null: a network velocity initialised from ``base_model``.
             Any ``nn.Module`` honouring the contract works.
         optimizer: Optimizer factory (AdamW, lr 1e-5 by default).
         lr_scheduler: Optional scheduler factory; when null, ``warmup_steps`` and ``lr_schedule`` apply.
@@ -76,8 +73,9 @@ class FlowModule(L.LightningModule):
         ema_decay: Decay of the exponential moving average of the weights (0: no EMA). Validation and export use the
             EMA weights.
         prompt_dropout: Probability of training on the null prompt "" instead, so guidance keeps working.
-        freeze: Parameter name prefixes of the velocity to keep frozen (e.g. ``unet.down_blocks.0``).
-        gradient_checkpointing: Enable the UNet's gradient checkpointing (SD-size UNets on small GPUs).
+        freeze: Parameter name prefixes of the velocity to keep frozen (e.g. ``network.down_blocks.0``; the earlier
+            ``unet.`` prefix still names the network).
+        gradient_checkpointing: Enable the network's gradient checkpointing (SD-size networks on small GPUs).
         val_steps: Euler step counts of the validation samples (``val/mse@N`` for each).
         val_guidance: Classifier-free guidance of the validation samples (<= 1: none).
         on_nonfinite: What a NaN or Inf loss does: ``stop`` (one-line error naming the step and the batch's sample
@@ -133,9 +131,11 @@ class FlowModule(L.LightningModule):
         if lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
         self.weights_from_base = velocity is None
-        self.velocity = velocity if velocity is not None else PretrainedUNetVelocity(base_model)
-        if gradient_checkpointing and isinstance(self.velocity, UNetVelocity):
-            self.velocity.unet.enable_gradient_checkpointing()
+        self.velocity = velocity if velocity is not None else PretrainedVelocity(base_model)
+        if isinstance(self.velocity, NetworkVelocity):
+            freeze = [upgrade_parameter_name(prefix) for prefix in freeze]
+            if gradient_checkpointing:
+                self.velocity.network.enable_gradient_checkpointing()
         for name, param in self.velocity.named_parameters():
             if any(name.startswith(prefix) for prefix in freeze):
                 param.requires_grad_(False)
@@ -145,8 +145,8 @@ class FlowModule(L.LightningModule):
 
         self.encoder = PromptEncoder.from_folder(base_model, parse_dtype(text_dtype), cache_mb=prompt_cache_mb)
         self.ema = EMA(self.velocity, ema_decay) if ema_decay > 0 else None
-        if isinstance(self.velocity, UNetVelocity):
-            speed_up(self.velocity.unet, compile=compile, channels_last=channels_last)
+        if isinstance(self.velocity, NetworkVelocity):
+            speed_up(self.velocity.network, compile=compile, channels_last=channels_last)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.val_steps = sorted(set(int(n) for n in val_steps))
@@ -167,10 +167,10 @@ class FlowModule(L.LightningModule):
 
     @setup_on_every_rank
     def setup(self, stage: str) -> None:
-        """Check that the triples fit the velocity's UNet before any step runs; apply the TF32 setting."""
+        """Check that the triples fit the velocity's network before any step runs; apply the TF32 setting."""
         set_tf32(self.hparams.tf32, self.trainer.strategy.root_device if self._trainer else None)
         manifest = getattr(self.trainer.datamodule, "manifest", None) if self.trainer else None
-        if manifest is not None and isinstance(self.velocity, UNetVelocity):
+        if manifest is not None and isinstance(self.velocity, NetworkVelocity):
             source = str(self.trainer.datamodule.path)
             family = self.velocity.family.name
             if manifest.family != family:
@@ -178,7 +178,7 @@ class FlowModule(L.LightningModule):
                     f"the triples in {source} come from an {manifest.family} teacher, but the model being trained is "
                     f"an {family} model; generate pairs with a teacher of the model's family"
                 )
-            check_latent_shape(self.velocity.unet, manifest.latent_shape, source=source)
+            check_latent_shape(self.velocity.network, manifest.latent_shape, source=source)
 
     def sampling_weights(self) -> contextlib.AbstractContextManager[nn.Module]:
         """A context in which the velocity holds the weights validation, sampling and export use: the EMA's when
@@ -343,28 +343,33 @@ class FlowModule(L.LightningModule):
             return set()
         return {f"velocity.{n}" for n, p in self.velocity.named_parameters() if not p.requires_grad}
 
+    def checkpoint_record(self, omitted: set[str]) -> CheckpointRecord:
+        """This module's record in its checkpoints (``omitted``: the frozen base weights left out of them)."""
+        network = self.velocity.network if isinstance(self.velocity, NetworkVelocity) else None
+        return CheckpointRecord(
+            module=type(self).__name__,
+            network_config=None if network is None else json.loads(network.to_json_string()),  # plain types
+            family=None if network is None else self.velocity.family.name,
+            lora=self.hparams.get("lora"),
+            base_weights_omitted=bool(omitted),
+        )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the module kind, UNet config and LoRA options; leave out what ``base_model`` restores (text
-        encoder, VAE, LPIPS net, frozen velocity weights)."""
-        record: dict[str, Any] = {"module": type(self).__name__, "format_version": CHECKPOINT_FORMAT}
-        if isinstance(self.velocity, UNetVelocity):
-            record["unet_config"] = json.loads(self.velocity.unet.to_json_string())  # plain types: weights_only loads
-            record["family"] = self.velocity.family.name
-        record["lora"] = self.hparams.get("lora")
+        """Write the record (:mod:`instaflow_pl.checkpoints`); leave out what ``base_model`` restores (text encoder,
+        VAE, LPIPS net, frozen velocity weights)."""
         omitted = self.frozen_base_keys()
-        record["base_weights_omitted"] = bool(omitted)
-        checkpoint[CHECKPOINT_KEY] = record
+        self.checkpoint_record(omitted).write(checkpoint)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(_FROZEN_PREFIXES) or k in omitted]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse another module kind's checkpoint; restore the parts left out from this module."""
-        check_checkpoint_kind(checkpoint, type(self).__name__)
-        recorded = checkpoint[CHECKPOINT_KEY].get("family", "sd")
-        if isinstance(self.velocity, UNetVelocity) and recorded != self.velocity.family.name:
+        """Refuse another module kind's checkpoint; bring an earlier version's to today's layout
+        (:func:`~instaflow_pl.checkpoints.upgrade`); restore the parts left out from this module."""
+        record = read_record(checkpoint, type(self).__name__)
+        if isinstance(self.velocity, NetworkVelocity) and record.family != self.velocity.family.name:
             raise UserError(
-                f"the checkpoint holds an {recorded} model, but this run's base_model is an "
+                f"the checkpoint holds an {record.family} model, but this run's base_model is an "
                 f"{self.velocity.family.name} model; resume with the base_model the checkpoint was trained from"
             )
         state = checkpoint["state_dict"]
@@ -424,26 +429,13 @@ def check_clipping(trainer: L.Trainer) -> None:
             )
 
 
-def check_latent_shape(unet: nn.Module, shape: Sequence[int], source: str = "the triples") -> None:
-    """A clear error when latents of ``shape`` (C, H, W) cannot go through ``unet``."""
+def check_latent_shape(network: nn.Module, shape: Sequence[int], source: str = "the triples") -> None:
+    """A clear error when latents of ``shape`` (C, H, W) cannot go through ``network``."""
     from instaflow_pl.velocity.networks import latent_geometry
 
-    geometry = latent_geometry(unet)
+    geometry = latent_geometry(network)
     if not geometry.fits(tuple(shape)):
         raise UserError(
             f"latents in {source} have shape {list(shape)}, but the model's UNet takes {geometry.describe()}; "
             "generate pairs with the student's latent shape or pick a matching base_model"
         )
-
-
-def check_checkpoint_kind(checkpoint: dict[str, Any], expected: str | None = None, source: str = "checkpoint") -> str:
-    """The module kind that wrote ``checkpoint``; a clear error if it is not ours or not ``expected``."""
-    record = checkpoint.get(CHECKPOINT_KEY)
-    if not isinstance(record, dict) or "module" not in record:
-        raise UserError(f"{source} was not written by an instaflow-pl training module (no {CHECKPOINT_KEY!r} record)")
-    if expected is not None and record["module"] != expected:
-        raise UserError(
-            f"{source} was written by {record['module']}, not {expected}; resume it with "
-            f"{record['module']} (model.class_path) or export it and start a new {expected} run from the export"
-        )
-    return record["module"]

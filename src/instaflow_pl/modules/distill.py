@@ -37,7 +37,7 @@ class DistillModule(FlowModule):
         student_steps: Euler steps of the student (1 = InstaFlow's one-step generator).
         prompt_dropout: Probability of the null prompt (0: the student learns the guided teacher's outputs).
         val_steps: Euler step counts of the validation samples.
-        velocity: The velocity network (default: the UNet of ``base_model``).
+        velocity: The velocity network (default: the network of ``base_model``, a UNet or a transformer).
         **kwargs: The shared training options of FlowModule (optimizer, schedule, EMA, freezing, validation).
     """
 

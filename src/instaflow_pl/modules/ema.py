@@ -14,7 +14,7 @@ class EMA(nn.Module):
     """Averages ``ema = decay * ema + (1 - decay) * weights`` of a model's trainable parameters and its buffers.
 
     Frozen parameters never change, so their average is the parameter itself: they are not copied (with most of a
-    UNet frozen, or with LoRA, the EMA costs only what trains). The first update copies the weights. Floating-point
+    network frozen, or with LoRA, the EMA costs only what trains). The first update copies the weights. Floating-point
     tensors are averaged in one fused call; integer buffers are copied. State-dict keys are ``module.<name>`` (the
     model's own parameter names) and ``n_averaged``.
 

@@ -93,7 +93,8 @@ def add_lora(network: nn.Module, options: LoraOptions) -> int:
 
 def diffusers_lora_layers(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The adapter weights among a network's state dict, in the layout diffusers' ``save_lora_weights`` takes as
-    ``unet_lora_layers`` (``<layer>.lora.down.weight`` ...), which ``load_lora_weights`` reads back."""
+    ``unet_lora_layers`` or ``transformer_lora_layers`` (``<layer>.lora.down.weight`` ...), which
+    ``load_lora_weights`` reads back."""
     from diffusers.utils import convert_state_dict_to_diffusers
 
     peft_names = {k.replace(f".{ADAPTER}.", "."): v for k, v in weights.items() if ".lora_" in k}

@@ -97,7 +97,7 @@ class PairGenerator(ShardedPredict):
         if guidance < 0:
             raise UserError(f"guidance must be >= 0 (1 or less means no guidance), got {guidance}")
         self.teacher = load_teacher(teacher, solver=solver, steps=steps, dtype=teacher_dtype)
-        network = getattr(self.teacher.model, "unet", None)
+        network = getattr(self.teacher.model, "network", None)
         if network is not None:
             speed_up(network, compile=compile, channels_last=channels_last)
         self.tf32 = tf32

@@ -35,7 +35,7 @@ class ReflowModule(FlowModule):
             is still curved.
         encode_images: Batches hold images in [-1, 1] (an ImagePromptDataModule): encode them with the base
             model's VAE to scaled latents, ``latent_dist.sample() * scaling_factor``.
-        velocity: The velocity network (default: the UNet of ``base_model``).
+        velocity: The velocity network (default: the network of ``base_model``, a UNet or a transformer).
         **kwargs: The shared training options of FlowModule (optimizer, schedule, EMA, freezing, validation).
     """
 

@@ -1,7 +1,7 @@
-"""The velocity contract ``v(x, t, cond) -> velocity``, UNet-based models and the guidance wrapper."""
+"""The velocity contract ``v(x, t, cond) -> velocity``, velocities built on a family's network, the guidance wrapper."""
 
 from instaflow_pl.velocity.condition import TextCondition
 from instaflow_pl.velocity.guidance import ClassifierFreeGuidance
-from instaflow_pl.velocity.unet import PretrainedUNetVelocity, UNetPredictor, UNetVelocity
+from instaflow_pl.velocity.network import NetworkPredictor, NetworkVelocity, PretrainedVelocity
 
-__all__ = ["ClassifierFreeGuidance", "PretrainedUNetVelocity", "TextCondition", "UNetPredictor", "UNetVelocity"]
+__all__ = ["ClassifierFreeGuidance", "NetworkPredictor", "NetworkVelocity", "PretrainedVelocity", "TextCondition"]

@@ -3,7 +3,7 @@
 A diffusers UNet is far too slow to train on a laptop CPU. This network takes the same inputs as
 ``UNet2DConditionModel`` (``sample``, diffusers ``timestep``, ``encoder_hidden_states``) and is a diffusers
 ``ModelMixin``/``ConfigMixin``, so it is saved to and loaded from the ``unet/`` subfolder of a model folder and goes
-through exactly the code an SD UNet goes through (UNetVelocity, teachers, training modules, export).
+through exactly the code an SD UNet goes through (NetworkVelocity, teachers, training modules, export).
 """
 
 from __future__ import annotations

@@ -13,35 +13,35 @@ DEFAULT_PIXELS_PER_LATENT = 8
 """The VAE downsampling of every released SD, SDXL and SD3 model (used when a folder does not say)."""
 
 
-class UNetPredictor(nn.Module):
+class NetworkPredictor(nn.Module):
     """A family's network called as ``f(x, timestep, cond)``, returning its raw output.
 
     This is how a diffusion teacher (epsilon- or v-prediction) is evaluated inside its scheduler. Inputs are cast to
     the network's dtype and the output is returned in float32, so solvers step in full precision.
 
     Args:
-        unet: The network (attribute ``unet`` whatever its class, so checkpoints keep one layout).
+        network: The network (attribute ``network`` whatever its class, so checkpoints keep one layout).
         family: Its family; None: found from the network.
         pixels_per_latent: Image pixels per latent pixel (SDXL's size conditioning needs it).
     """
 
-    def __init__(self, unet: nn.Module, family=None, pixels_per_latent: int = DEFAULT_PIXELS_PER_LATENT):
+    def __init__(self, network: nn.Module, family=None, pixels_per_latent: int = DEFAULT_PIXELS_PER_LATENT):
         super().__init__()
         from instaflow_pl.families import family_of_network
 
-        self.unet = unet
-        self.family = family if family is not None else family_of_network(unet)
+        self.network = network
+        self.family = family if family is not None else family_of_network(network)
         self.pixels_per_latent = int(pixels_per_latent)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """Evaluate the network at diffusers ``timestep`` (scalar or per sample)."""
-        dtype = next(self.unet.parameters()).dtype  # (ModelMixin.dtype walks every module)
+        dtype = next(self.network.parameters()).dtype  # (ModelMixin.dtype walks every module)
         if cond.embeds.dtype != dtype:
             cond = cond.map(lambda v: v.to(dtype))
-        return self.family.call(self.unet, x.to(dtype), timestep, cond, self.pixels_per_latent).float()
+        return self.family.call(self.network, x.to(dtype), timestep, cond, self.pixels_per_latent).float()
 
 
-class UNetVelocity(UNetPredictor):
+class NetworkVelocity(NetworkPredictor):
     """The velocity ``v(x, t, cond)`` of a rectified flow built on a family's network.
 
     Flow time ``t`` (0 = noise, 1 = data) is given to the network as timestep ``(1 - t) * 1000``; the velocity is the
@@ -49,7 +49,7 @@ class UNetVelocity(UNetPredictor):
     flow-matching output points from data to noise).
 
     Args:
-        unet: The network (initialised from a teacher or a k-rectified flow).
+        network: The network (initialised from a teacher or a k-rectified flow).
         family: Its family; None: found from the network.
         pixels_per_latent: Image pixels per latent pixel.
     """
@@ -60,7 +60,7 @@ class UNetVelocity(UNetPredictor):
         return out if self.family.velocity_sign == 1.0 else self.family.velocity_sign * out
 
 
-class PretrainedUNetVelocity(UNetVelocity):
+class PretrainedVelocity(NetworkVelocity):
     """A velocity initialised from a diffusers-format folder (a released teacher or an exported k-RF).
 
     Args:
@@ -76,13 +76,13 @@ class PretrainedUNetVelocity(UNetVelocity):
 
         root = resolve_model_folder(folder)
         family = family_of_folder(root)
-        unet = load_network(root, subfolder=subfolder or family.network_folder)
+        network = load_network(root, subfolder=subfolder or family.network_folder)
         if gradient_checkpointing:
-            if unet._supports_gradient_checkpointing:
-                unet.enable_gradient_checkpointing()
+            if network._supports_gradient_checkpointing:
+                network.enable_gradient_checkpointing()
             else:
                 from lightning.pytorch.utilities import rank_zero_warn
 
-                rank_zero_warn(f"{type(unet).__name__} has no gradient checkpointing; training without it")
-        super().__init__(unet, family=family, pixels_per_latent=pixels_per_latent(root))
+                rank_zero_warn(f"{type(network).__name__} has no gradient checkpointing; training without it")
+        super().__init__(network, family=family, pixels_per_latent=pixels_per_latent(root))
         self.folder = str(folder)

@@ -1,0 +1,183 @@
+"""What a training checkpoint gives an export: its network with the exported weights, and the facts its folder and
+model card record (stages, training steps, data, metrics). The record itself is :mod:`instaflow_pl.checkpoints`'."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from instaflow_pl.checkpoints import CheckpointRecord, network_weights, read_record
+from instaflow_pl.errors import UserError
+from instaflow_pl.export.folder import read_json
+
+EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
+"""Module kinds whose checkpoints export, and the stage each one is."""
+
+
+def find_checkpoint(source: str | Path) -> Path:
+    """``source`` itself, or the newest ``*.ckpt`` in it when it is a folder (e.g. a run's ``checkpoints/``).
+
+    Raises:
+        UserError: nothing there, or a folder without checkpoints.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
+        if not found:
+            raise UserError(f"no *.ckpt checkpoint in {path}; train first or pass a checkpoint file")
+        return found[-1]
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    return path
+
+
+def exportable_record(checkpoint: dict[str, Any], source: str) -> CheckpointRecord:
+    """The record of a checkpoint written by a module whose checkpoints export (``ReflowModule``,
+    ``DistillModule``); the checkpoint is brought to today's layout on the way.
+
+    Raises:
+        UserError: not written by the project's training modules, or by a module whose checkpoints do not export.
+    """
+    record = read_record(checkpoint, source=source)
+    if record.module not in EXPORTABLE_MODULES:
+        raise UserError(
+            f"{source} was written by {record.module}, which has no model to export; export a checkpoint of "
+            f"{' or '.join(EXPORTABLE_MODULES)}"
+        )
+    return record
+
+
+def checkpoint_family(record: CheckpointRecord, source: str):
+    """The model family of a checkpoint's velocity (``sd`` for checkpoints from before families were recorded)."""
+    from instaflow_pl.families import family_named
+
+    return family_named(record.family, source)
+
+
+def _base_weights(base: Path, keys: set[str], source: str) -> dict[str, torch.Tensor]:
+    """The base model's network weights for ``keys`` (LoRA's ``.base_layer`` names map to the plain layer names)."""
+    from instaflow_pl.families import family_of_folder
+    from instaflow_pl.velocity.networks import load_network
+
+    network = load_network(base, family_of_folder(base).network_folder)
+    plain = network.state_dict()
+    out = {}
+    for key in keys:
+        name = key.replace(".base_layer.", ".")
+        if name not in plain:
+            raise UserError(f"{source}: its base model {base} has no network weight {name}; export needs the same base")
+        out[key] = plain[name]
+    return out
+
+
+def build_network(checkpoint: dict[str, Any], record: CheckpointRecord, source: str, base: Path | None = None):
+    """The checkpoint's velocity network as a diffusers model with the exported weights: the EMA's (or raw)
+    trained weights, frozen weights from ``base``'s network where the checkpoint left them out, and LoRA adapters
+    merged into their layers.
+
+    Returns:
+        ``(network, is_ema)``.
+    """
+    from instaflow_pl.modules.lora import LoraOptions, add_lora, merge_lora
+    from instaflow_pl.velocity.networks import network_from_config
+
+    if record.network_config is None:
+        raise UserError(
+            f"{source} has no network config: its velocity is not a diffusers network, and export writes diffusers "
+            "folders"
+        )
+    weights, is_ema = network_weights(checkpoint, source)
+    lora = LoraOptions.parse(record.lora)
+    with torch.device("meta"):  # no memory for weights that are assigned next
+        network = network_from_config(record.network_config, source)
+        if lora is not None:
+            add_lora(network, lora)
+    missing = set(network.state_dict()) - set(weights)
+    if missing and record.base_weights_omitted and base is not None:
+        weights = weights | _base_weights(base, missing, source)
+    try:
+        network.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{source}: the network weights do not fit its recorded network config ({first})") from None
+    network.requires_grad_(False)
+    if lora is not None:
+        merge_lora(network)
+    dtype = next(iter(weights.values())).dtype
+    return (network if dtype == torch.float32 else network.to(dtype)), is_ema
+
+
+def data_path(checkpoint: dict[str, Any]) -> str | None:
+    """The training data's path, when the checkpoint records it (DataModule hyperparameters or the stream state)."""
+    hparams = checkpoint.get("datamodule_hyper_parameters") or {}
+    if isinstance(hparams, dict) and isinstance(hparams.get("path"), str):
+        return hparams["path"]
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader", [])
+    for loader in loaders if isinstance(loaders, list) else []:
+        dataset = loader.get("dataset") if isinstance(loader, dict) else None
+        if isinstance(dataset, dict):
+            path = dataset.get("input_dir_url") or dataset.get("input_dir_path")
+            if isinstance(path, str):
+                return path
+    return None
+
+
+def recorded_metrics(checkpoint: dict[str, Any]) -> dict[str, float]:
+    """Monitored scores the checkpoint's callbacks kept (``ModelCheckpoint``'s best score, early stopping's)."""
+    metrics: dict[str, float] = {}
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if not isinstance(state, dict) or not isinstance(state.get("monitor"), str):
+            continue
+        for key in ("best_model_score", "best_score"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = value.item()
+            if isinstance(value, int | float) and math.isfinite(value):
+                metrics[f"{state['monitor']} (best)"] = float(value)
+                break
+    return metrics
+
+
+def _stages(base_info: dict[str, Any], stage: str) -> list[str]:
+    earlier = base_info.get("stages")
+    return [*(s for s in earlier if isinstance(s, str)), stage] if isinstance(earlier, list) else [stage]
+
+
+def export_info(
+    checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: Path, is_ema: bool
+) -> dict[str, Any]:
+    """What ``instaflow.json`` records about an export (besides ``kind`` and ``format_version``)."""
+    from instaflow_pl.teachers import model_kind
+
+    hparams = checkpoint.get("hyper_parameters") or {}
+    stage = EXPORTABLE_MODULES[record.module]
+    family = checkpoint_family(record, str(ckpt_path))
+    info: dict[str, Any] = {
+        "module": record.module,
+        "stage": stage,
+        "stages": _stages(read_json(base / "instaflow.json"), stage),
+        "base_model": str(hparams.get("base_model")),
+        "base_kind": model_kind(base),
+        "training_steps": int(checkpoint.get("global_step", 0)),
+        "epoch": int(checkpoint.get("epoch", 0)),
+        "weights": "ema" if is_ema else "raw",
+        "ema_decay": hparams.get("ema_decay"),
+        "val_guidance": hparams.get("val_guidance"),
+        "data": data_path(checkpoint),
+        "metrics": recorded_metrics(checkpoint),
+        "exported_from": str(ckpt_path.resolve()),
+        "family": family.name,
+        "sampler": sampler_note(family),
+    }
+    if record.module == "DistillModule":
+        info["student_steps"] = int(hparams.get("student_steps", 1))
+    return info
+
+
+def sampler_note(family) -> str:
+    """How an export of ``family`` is sampled, in one line (recorded in ``instaflow.json``)."""
+    sign = "output = velocity" if family.velocity_sign == 1.0 else "velocity = -output (SD3's flow-matching sign)"
+    return f"LatentODE euler; t=0 noise, t=1 data; network timestep (1 - t) * 1000; {sign}"
