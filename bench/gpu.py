@@ -167,9 +167,9 @@ def unet_train_flops(folder: Path, device: str, shape) -> float:
     """Forward + backward FLOPs of the UNet per sample (no checkpointing recomputation), counted by torch."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from instaflow_pl.velocity.networks import load_network
+    from instaflow_pl.model_folder import ModelFolder
 
-    unet = load_network(folder, "unet").to(device)
+    unet = ModelFolder.open(folder).load_network().to(device)
     x = torch.randn(1, *shape, device=device)
     embeds = torch.randn(1, 77, unet.config.cross_attention_dim, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -215,7 +215,7 @@ def train_steps(setup: Setup, module, size: int, steps: int) -> tuple[float, flo
 
 
 def _shape(module) -> tuple[int, int, int]:
-    from instaflow_pl.velocity.networks import latent_geometry
+    from instaflow_pl.families import latent_geometry
 
     return latent_geometry(module.velocity.network).shape
 

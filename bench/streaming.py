@@ -122,11 +122,12 @@ def _training_step_seconds(
     """Median seconds of one reflow training step of the tiny UNet (forward, backward, AdamW) on one batch."""
     from diffusers import UNet2DConditionModel
 
+    from instaflow_pl.families import FAMILIES
     from instaflow_pl.model_folder import ModelFolder
     from instaflow_pl.velocity import NetworkVelocity
 
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
-    model = NetworkVelocity(unet).train()
+    model = NetworkVelocity(unet, FAMILIES["sd"]).train()
     encoder = ModelFolder.open(folder).load_encoder()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 

@@ -19,7 +19,7 @@ _EXPORTS: dict[str, str] = {
     "ClassifierFreeGuidance": "instaflow_pl.velocity",
     "TextCondition": "instaflow_pl.velocity",
     "NetworkVelocity": "instaflow_pl.velocity",
-    "PretrainedVelocity": "instaflow_pl.velocity",
+    "PretrainedVelocity": "instaflow_pl.velocity.pretrained",
     "PromptEncoder": "instaflow_pl.text",
     # teachers
     "Teacher": "instaflow_pl.teachers",
@@ -109,7 +109,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
     from instaflow_pl.teachers import Teacher, load_teacher
     from instaflow_pl.text import PromptEncoder
-    from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, PretrainedVelocity, TextCondition
+    from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, TextCondition
+    from instaflow_pl.velocity.pretrained import PretrainedVelocity
 
 
 def __getattr__(name: str) -> object:

@@ -124,4 +124,4 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
     def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: TextCondition) -> torch.Tensor:
         """The velocity at flow time ``t`` (B,), in float32: the network called as its family says."""
         family = family_of_network(self.network)
-        return UNetVelocity(self.network, family=family, pixels_per_latent=self.vae_scale_factor)(x, t, cond)
+        return NetworkVelocity(self.network, family, pixels_per_latent=self.vae_scale_factor)(x, t, cond)

@@ -122,12 +122,3 @@ def clip_states(
     out = text_encoder(ids, output_hidden_states=True)
     return out.hidden_states[layer], out[0]
 
-
-# TEMPORARY shim while branches merge (removed before commit)
-def _from_folder(folder, dtype=torch.float32, cache_mb=0.0):
-    from instaflow_pl.model_folder import ModelFolder
-
-    return ModelFolder.open(folder).load_encoder(dtype, cache_mb)
-
-
-PromptEncoder.from_folder = staticmethod(_from_folder)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
+from instaflow_pl.dtypes import DTYPES
 from instaflow_pl.errors import UserError
 from instaflow_pl.faults import CRASH_ENV, crashpoint
 from instaflow_pl.fileio import atomic_write_text, remove_stale_temporaries
@@ -48,7 +49,8 @@ __all__ = [
 INDEX_FILE = "index.json"
 _PROGRESS = ".progress"
 _TMP = ".tmp"
-STORAGE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+STORAGE_DTYPES = DTYPES
+"""Storage dtypes of X1 (and of X0 when stored), by name."""
 
 
 def encode_tensor(x: torch.Tensor, dtype_name: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from instaflow_pl.checkpoints import CheckpointRecord, network_weights, read_record
 from instaflow_pl.errors import UserError
-from instaflow_pl.export.folder import read_json
+from instaflow_pl.model_folder import ModelFolder
 
 EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
 """Module kinds whose checkpoints export, and the stage each one is."""
@@ -57,23 +57,21 @@ def checkpoint_family(record: CheckpointRecord, source: str):
     return family_named(record.family, source)
 
 
-def _base_weights(base: Path, keys: set[str], source: str) -> dict[str, torch.Tensor]:
+def _base_weights(base: ModelFolder, keys: set[str], source: str) -> dict[str, torch.Tensor]:
     """The base model's network weights for ``keys`` (LoRA's ``.base_layer`` names map to the plain layer names)."""
-    from instaflow_pl.families import family_of_folder
-    from instaflow_pl.velocity.networks import load_network
-
-    network = load_network(base, family_of_folder(base).network_folder)
-    plain = network.state_dict()
+    plain = base.load_network().state_dict()
     out = {}
     for key in keys:
         name = key.replace(".base_layer.", ".")
         if name not in plain:
-            raise UserError(f"{source}: its base model {base} has no network weight {name}; export needs the same base")
+            raise UserError(
+                f"{source}: its base model {base.root} has no network weight {name}; export needs the same base"
+            )
         out[key] = plain[name]
     return out
 
 
-def build_network(checkpoint: dict[str, Any], record: CheckpointRecord, source: str, base: Path | None = None):
+def build_network(checkpoint: dict[str, Any], record: CheckpointRecord, source: str, base: ModelFolder | None = None):
     """The checkpoint's velocity network as a diffusers model with the exported weights: the EMA's (or raw)
     trained weights, frozen weights from ``base``'s network where the checkpoint left them out, and LoRA adapters
     merged into their layers.
@@ -81,8 +79,8 @@ def build_network(checkpoint: dict[str, Any], record: CheckpointRecord, source: 
     Returns:
         ``(network, is_ema)``.
     """
+    from instaflow_pl.families import network_from_config
     from instaflow_pl.modules.lora import LoraOptions, add_lora, merge_lora
-    from instaflow_pl.velocity.networks import network_from_config
 
     if record.network_config is None:
         raise UserError(
@@ -147,10 +145,9 @@ def _stages(base_info: dict[str, Any], stage: str) -> list[str]:
 
 
 def export_info(
-    checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: Path, is_ema: bool
+    checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: ModelFolder, is_ema: bool
 ) -> dict[str, Any]:
     """What ``instaflow.json`` records about an export (besides ``kind`` and ``format_version``)."""
-    from instaflow_pl.teachers import model_kind
 
     hparams = checkpoint.get("hyper_parameters") or {}
     stage = EXPORTABLE_MODULES[record.module]
@@ -158,9 +155,9 @@ def export_info(
     info: dict[str, Any] = {
         "module": record.module,
         "stage": stage,
-        "stages": _stages(read_json(base / "instaflow.json"), stage),
+        "stages": _stages(base.info, stage),
         "base_model": str(hparams.get("base_model")),
-        "base_kind": model_kind(base),
+        "base_kind": base.kind,
         "training_steps": int(checkpoint.get("global_step", 0)),
         "epoch": int(checkpoint.get("epoch", 0)),
         "weights": "ema" if is_ema else "raw",

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from instaflow_pl.errors import UserError
+from instaflow_pl.model_folder import ModelFolder, mark_velocity_folder
 
 PIPELINE_CLASS = "InstaFlowPipeline"
 PIPELINE_FILE = "instaflow_pipeline.py"
@@ -30,13 +31,7 @@ def read_json(path: Path) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def is_pixel_space(root: Path) -> bool:
-    """Whether a model folder declares no VAE (its ``model_index.json`` lists none): latents are images."""
-    index = read_json(root / "model_index.json")
-    return "unet" in index and "vae" not in index
-
-
-def write_folder(folder: Path, network: nn.Module, family, base: Path, info: dict[str, Any]) -> None:
+def write_folder(folder: Path, network: nn.Module, family, base: ModelFolder, info: dict[str, Any]) -> None:
     """Write the export of ``network`` (a model of ``family``, trained from ``base``) into the empty ``folder``:
     everything but the model card.
 
@@ -44,12 +39,10 @@ def write_folder(folder: Path, network: nn.Module, family, base: Path, info: dic
         folder: The (temporary) folder to fill.
         network: The velocity network with the exported weights.
         family: Its model family (:mod:`instaflow_pl.families`): which parts, pipeline file and index entries.
-        base: The base model's folder, whose VAE and text parts are copied.
+        base: The base model, whose VAE and text parts are copied.
         info: What ``instaflow.json`` records besides the kind (``export_info``).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
-
-    from instaflow_pl.teachers import mark_velocity_folder
 
     # Shards of at most 1 GB: safetensors serialises a whole file in memory before writing it.
     network.save_pretrained(folder / family.network_folder, safe_serialization=True, max_shard_size="1GB")
@@ -82,8 +75,8 @@ def write_pipeline_file(folder: Path, in_index: bool = True) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _copy_component(base: Path, name: str, dest: Path) -> None:
-    source = base / name
+def _copy_component(base: ModelFolder, name: str, dest: Path) -> None:
+    source = base.root / name
     if not source.is_dir():
         raise UserError(f"base model {base} has no {name}/ subfolder; export needs its vae, text encoders, tokenizers")
     if not name.startswith("tokenizer") and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in source.iterdir()):
@@ -91,21 +84,18 @@ def _copy_component(base: Path, name: str, dest: Path) -> None:
     shutil.copytree(source, dest / name)  # follows symlinks (hub caches): the export stands alone
 
 
-def _components(base: Path, family) -> tuple[str, ...]:
-    """The parts copied from the base model: its VAE (not for a pixel-space model, the digits demo) and the text
-    parts its family needs (and the optional ones it has, e.g. SD3's T5).
-
-    A folder whose model index lists a VAE must have it: a missing ``vae/`` is an error, not pixel space.
-    """
-    vae = () if is_pixel_space(base) else ("vae",)
-    optional = tuple(name for name in family.optional_text_parts if (base / name).is_dir())
+def _components(base: ModelFolder, family) -> tuple[str, ...]:
+    """The parts copied from the base model: its VAE (for a family that uses one) and the text parts its family
+    needs (and the optional ones it has, e.g. SD3's T5)."""
+    vae = ("vae",) if family.uses_vae else ()
+    optional = tuple(name for name in family.optional_text_parts if base.has(name))
     return (*vae, *family.text_parts, *optional)
 
 
-def _model_index(base: Path, network_class: type, family) -> dict[str, Any]:
+def _model_index(base: ModelFolder, network_class: type, family) -> dict[str, Any]:
     import diffusers
 
-    base_index = read_json(base / "model_index.json")
+    base_index = base.index
     index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
     for name in _components(base, family):
         entry = base_index.get(name)

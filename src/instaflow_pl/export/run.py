@@ -22,6 +22,8 @@ from instaflow_pl.export.checkpoint import (
 from instaflow_pl.export.folder import PIPELINE_FILE, read_json, write_folder
 from instaflow_pl.export.lora import LORA_KIND, LORA_WEIGHTS_FILE, write_lora_file
 from instaflow_pl.families import PARTS
+from instaflow_pl.kinds import VELOCITY_KIND
+from instaflow_pl.model_folder import ModelFolder
 
 LORA_FORMATS = ("merged", "file")
 """``--lora-format``: a whole folder with the adapters merged, or the adapters' file alone."""
@@ -78,21 +80,20 @@ def export_checkpoint(
     return {**info, "out": str(out), "checkpoint": source}
 
 
-def _base_model(checkpoint: dict[str, Any], source: str) -> Path:
-    """The local folder of the checkpoint's ``base_model`` (its VAE and text parts go into the export)."""
-    from instaflow_pl.teachers import resolve_model_folder
+def _base_model(checkpoint: dict[str, Any], source: str) -> ModelFolder:
+    """The checkpoint's ``base_model`` folder (its VAE and text parts go into the export)."""
 
     base_model = (checkpoint.get("hyper_parameters") or {}).get("base_model")
     if not isinstance(base_model, str | Path):
         raise UserError(f"{source} does not record its base_model, whose vae, text encoder and tokenizer export needs")
     try:
-        return resolve_model_folder(base_model)
+        return ModelFolder.open(base_model)
     except UserError as err:
         raise UserError(f"{source}: its base model (for vae, text encoder, tokenizer) is unavailable: {err}") from None
 
 
 def _write_folder(
-    tmp: Path, checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: Path
+    tmp: Path, checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: ModelFolder
 ) -> dict[str, Any]:
     source = str(ckpt_path)
     network, is_ema = build_network(checkpoint, record, source, base)
@@ -103,7 +104,7 @@ def _write_folder(
 
 
 def _write_lora(
-    tmp: Path, checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: Path
+    tmp: Path, checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: ModelFolder
 ) -> dict[str, Any]:
     from instaflow_pl.modules.lora import LoraOptions
 
@@ -143,8 +144,6 @@ def check_target(out: Path, force: bool) -> None:
 
 
 def _is_previous_export(root: Path) -> bool:
-    from instaflow_pl.teachers.folder import VELOCITY_KIND
-
     marker = read_json(root / "instaflow.json")
     return marker.get("kind") in (VELOCITY_KIND, LORA_KIND) and "exported_from" in marker
 

@@ -97,15 +97,3 @@ __all__ = [
     "unregister",
 ]
 
-
-# TEMPORARY shim while branches merge (removed before commit)
-def family_of_folder(root):
-    from instaflow_pl.model_folder import ModelFolder
-
-    return ModelFolder.open(root).family
-
-
-def pixels_per_latent(root):
-    from instaflow_pl.model_folder import ModelFolder
-
-    return ModelFolder.open(root).pixels_per_latent

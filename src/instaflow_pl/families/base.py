@@ -166,13 +166,6 @@ class Family:
 
     # ---- teachers -------------------------------------------------------------------------------------------
 
-    def teacher_model(self, network: nn.Module, kind: str, pixels_per_latent: int) -> nn.Module:
-        """The model a teacher of ``kind`` solves: a velocity for the LatentODE or a predictor for a scheduler."""
-        from instaflow_pl.velocity.network import NetworkPredictor, NetworkVelocity
-
-        cls = NetworkVelocity if kind == VELOCITY_KIND or self.teacher_is_flow else NetworkPredictor
-        return cls(network, family=self, pixels_per_latent=pixels_per_latent)
-
     teacher_is_flow: ClassVar[bool] = False
     """A released folder is already a rectified flow solved by the LatentODE (SD3), not a diffusion model."""
 

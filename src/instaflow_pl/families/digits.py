@@ -27,6 +27,7 @@ class Digits(StableDiffusion):
     teacher_solvers = ()
     default_teacher_solver = "euler"
     fixture = "instaflow_pl.families.digits_tiny"
+    standalone_pipeline = False  # the shipped file could not load the MLP without instaflow-pl
     card_steps_note = (
         "The network is instaflow-pl's pixel-space `MLPVelocityNet` (no VAE: the latents are the images), sampled by",
         "the project's Euler LatentODE: t = 0 is noise, t = 1 is data, the network is called at timestep",

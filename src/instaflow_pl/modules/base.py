@@ -28,8 +28,8 @@ from instaflow_pl.modules.lora import LoraOptions, add_lora
 from instaflow_pl.ranks import setup_on_every_rank
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.speed import set_tf32, speed_up
-from instaflow_pl.text import NULL_PROMPT, PromptEncoder
-from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, PretrainedVelocity, TextCondition
+from instaflow_pl.text import NULL_PROMPT
+from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, TextCondition
 
 _FROZEN_PREFIXES = ("encoder.", "distance.", "vae.")
 VAL_NOISE_SEED = 1_000_000_007
@@ -130,8 +130,13 @@ class FlowModule(L.LightningModule):
             raise UserError(f"on_nonfinite must be stop or skip, got {on_nonfinite!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
+        from instaflow_pl.dtypes import parse_dtype
+        from instaflow_pl.model_folder import ModelFolder
+        from instaflow_pl.velocity.pretrained import PretrainedVelocity
+
+        folder = ModelFolder.open(base_model)
         self.weights_from_base = velocity is None
-        self.velocity = velocity if velocity is not None else PretrainedVelocity(base_model)
+        self.velocity = velocity if velocity is not None else PretrainedVelocity(folder)
         if isinstance(self.velocity, NetworkVelocity):
             freeze = [upgrade_parameter_name(prefix) for prefix in freeze]
             if gradient_checkpointing:
@@ -141,9 +146,7 @@ class FlowModule(L.LightningModule):
                 param.requires_grad_(False)
         if lora is not None:
             add_lora(self.velocity, lora)
-        from instaflow_pl.teachers import parse_dtype
-
-        self.encoder = PromptEncoder.from_folder(base_model, parse_dtype(text_dtype), cache_mb=prompt_cache_mb)
+        self.encoder = folder.load_encoder(parse_dtype(text_dtype), cache_mb=prompt_cache_mb)
         self.ema = EMA(self.velocity, ema_decay) if ema_decay > 0 else None
         if isinstance(self.velocity, NetworkVelocity):
             speed_up(self.velocity.network, compile=compile, channels_last=channels_last)
@@ -431,11 +434,11 @@ def check_clipping(trainer: L.Trainer) -> None:
 
 def check_latent_shape(network: nn.Module, shape: Sequence[int], source: str = "the triples") -> None:
     """A clear error when latents of ``shape`` (C, H, W) cannot go through ``network``."""
-    from instaflow_pl.velocity.networks import latent_geometry
+    from instaflow_pl.families import latent_geometry
 
     geometry = latent_geometry(network)
     if not geometry.fits(tuple(shape)):
         raise UserError(
-            f"latents in {source} have shape {list(shape)}, but the model's UNet takes {geometry.describe()}; "
+            f"latents in {source} have shape {list(shape)}, but the model's network takes {geometry.describe()}; "
             "generate pairs with the student's latent shape or pick a matching base_model"
         )

@@ -63,11 +63,9 @@ class DistillModule(FlowModule):
         weights = dict(distance or {"l2": 1.0})
         lpips = None
         if "lpips" in weights:
-            from diffusers import AutoencoderKL
+            from instaflow_pl.model_folder import ModelFolder
 
-            from instaflow_pl.teachers.folder import resolve_model_folder
-
-            vae = AutoencoderKL.from_pretrained(resolve_model_folder(base_model), subfolder="vae")
+            vae = ModelFolder.open(base_model).load_vae()
             lpips = LPIPSDistance(vae, lpips_net, lpips_pretrained, lpips_checkpointing, lpips_dtype, lpips_resize)
         self.distance = Distance(weights, huber_c, lpips)
         self.student = LatentODE("euler", student_steps)

@@ -33,7 +33,7 @@ def lpips_backbone_path(net: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_BACKBONE_FILES[net]
 
 
-LPIPS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+LPIPS_DTYPES = ("fp32", "bf16")
 CHECKPOINTED_LAYERS = ("ResnetBlock2D", "Attention", "Upsample2D", "UNetMidBlock2D")
 """The decoder layers that LPIPS checkpointing recomputes (by class name; the mid block counts as one)."""
 
@@ -99,6 +99,8 @@ class LPIPSDistance(nn.Module):
             raise UserError(f"unknown LPIPS net {net!r}: choose one of {', '.join(LPIPS_BACKBONE_FILES)}")
         if dtype not in LPIPS_DTYPES:
             raise UserError(f"lpips_dtype must be one of {', '.join(LPIPS_DTYPES)}, got {dtype!r}")
+        from instaflow_pl.dtypes import DTYPES
+
         if resize is not None and resize < 16:
             raise UserError(f"lpips_resize must be >= 16 pixels (or null), got {resize}")
         if pretrained and not lpips_backbone_path(net).is_file():
@@ -106,7 +108,7 @@ class LPIPSDistance(nn.Module):
                 f"LPIPS needs {lpips_backbone_path(net)} (torchvision's {net} ImageNet weights); copy the file there "
                 "or set TORCH_HOME to a folder whose hub/checkpoints/ holds it"
             )
-        self.dtype = LPIPS_DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.resize = resize
         self.vae = vae.requires_grad_(False).eval().to(self.dtype)
         self.checkpointed = checkpoint_layers(self.vae.decoder, CHECKPOINTED_LAYERS) if checkpointing else 0

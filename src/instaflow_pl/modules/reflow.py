@@ -58,14 +58,12 @@ class ReflowModule(FlowModule):
         super().__init__(base_model, velocity, **kwargs)
         self.vae = None
         if encode_images:
-            from diffusers import AutoencoderKL
+            from instaflow_pl.model_folder import ModelFolder
 
-            from instaflow_pl.teachers.folder import resolve_model_folder
-
-            root = resolve_model_folder(base_model)
-            if not (root / "vae").is_dir():
-                raise UserError(f"encode_images needs a VAE, but {root} has no vae/ subfolder")
-            self.vae = AutoencoderKL.from_pretrained(root, subfolder="vae").requires_grad_(False).eval()
+            folder = ModelFolder.open(base_model)
+            if folder.vae_config is None:
+                raise UserError(f"encode_images needs a VAE, but {folder.root} has no vae/ subfolder")
+            self.vae = folder.load_vae()
 
     @torch.no_grad()
     def to_latents(self, batch: TripleBatch) -> TripleBatch:

@@ -16,7 +16,7 @@ from instaflow_pl.kinds import VELOCITY_KIND
 from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
 from instaflow_pl.text import PromptEncoder
-from instaflow_pl.velocity import ClassifierFreeGuidance
+from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkPredictor, NetworkVelocity
 
 
 class Teacher(nn.Module):
@@ -112,6 +112,14 @@ class Teacher(nn.Module):
         return solver.solve(field, x0, cond, return_trajectory=return_trajectory)
 
 
+def teacher_model(folder: ModelFolder, network: nn.Module) -> nn.Module:
+    """What a teacher's solver steps: the velocity of a velocity folder or of a flow family's released folder (the
+    LatentODE), else the network's raw prediction (the folder's diffusers scheduler)."""
+    flow = folder.kind == VELOCITY_KIND or folder.family.teacher_is_flow
+    cls = NetworkVelocity if flow else NetworkPredictor
+    return cls(network, folder.family, pixels_per_latent=folder.pixels_per_latent)
+
+
 def load_teacher(
     source: str | Path | ModelFolder,
     solver: str = "auto",
@@ -145,7 +153,7 @@ def load_teacher(
     solver_obj = family.make_solver(folder.kind, solver_name, steps, scheduler_config, folder.geometry.shape)
     teacher = Teacher(
         encoder=folder.load_encoder(torch_dtype),
-        model=family.teacher_model(folder.load_network(torch_dtype), folder.kind, folder.pixels_per_latent),
+        model=teacher_model(folder, folder.load_network(torch_dtype)),
         solver=solver_obj,
         kind=folder.kind,
         source=folder.source,

@@ -2,6 +2,6 @@
 
 from instaflow_pl.velocity.condition import TextCondition
 from instaflow_pl.velocity.guidance import ClassifierFreeGuidance
-from instaflow_pl.velocity.network import NetworkPredictor, NetworkVelocity, PretrainedVelocity
+from instaflow_pl.velocity.network import NetworkPredictor, NetworkVelocity
 
-__all__ = ["ClassifierFreeGuidance", "NetworkPredictor", "NetworkVelocity", "PretrainedVelocity", "TextCondition"]
+__all__ = ["ClassifierFreeGuidance", "NetworkPredictor", "NetworkVelocity", "TextCondition"]

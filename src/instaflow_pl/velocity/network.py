@@ -1,5 +1,6 @@
-"""Velocities and predictors built on a family's denoising network (a diffusers UNet or SD3 transformer, or the
-demo's MLP). How the network is called is its family's business (:mod:`instaflow_pl.families`)."""
+"""Velocities and predictors built on a family's denoising network (a diffusers UNet or transformer, or the digits
+MLP). How the network is called is its family's business (:mod:`instaflow_pl.families`); a velocity initialised
+from a model folder is :class:`~instaflow_pl.velocity.pretrained.PretrainedVelocity`."""
 
 from __future__ import annotations
 
@@ -21,16 +22,14 @@ class NetworkPredictor(nn.Module):
 
     Args:
         network: The network (attribute ``network`` whatever its class, so checkpoints keep one layout).
-        family: Its family; None: found from the network.
+        family: Its family (:func:`instaflow_pl.families.family_of_network` finds it from the network).
         pixels_per_latent: Image pixels per latent pixel (SDXL's size conditioning needs it).
     """
 
-    def __init__(self, network: nn.Module, family=None, pixels_per_latent: int = DEFAULT_PIXELS_PER_LATENT):
+    def __init__(self, network: nn.Module, family, pixels_per_latent: int = DEFAULT_PIXELS_PER_LATENT):
         super().__init__()
-        from instaflow_pl.families import family_of_network
-
         self.network = network
-        self.family = family if family is not None else family_of_network(network)
+        self.family = family
         self.pixels_per_latent = int(pixels_per_latent)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, cond: TextCondition) -> torch.Tensor:
@@ -50,7 +49,7 @@ class NetworkVelocity(NetworkPredictor):
 
     Args:
         network: The network (initialised from a teacher or a k-rectified flow).
-        family: Its family; None: found from the network.
+        family: Its family.
         pixels_per_latent: Image pixels per latent pixel.
     """
 
@@ -58,31 +57,3 @@ class NetworkVelocity(NetworkPredictor):
         """Evaluate the velocity at flow time ``t`` (scalar or per sample)."""
         out = super().forward(x, unet_timestep(t), cond)
         return out if self.family.velocity_sign == 1.0 else self.family.velocity_sign * out
-
-
-class PretrainedVelocity(NetworkVelocity):
-    """A velocity initialised from a diffusers-format folder (a released teacher or an exported k-RF).
-
-    Args:
-        folder: Model folder; its family says where the network is (``unet/`` or ``transformer/``).
-        subfolder: Subfolder of the network (null: the family's).
-        gradient_checkpointing: Trade compute for memory (for SD-size networks).
-    """
-
-    def __init__(self, folder: str, subfolder: str | None = None, gradient_checkpointing: bool = False):
-        from instaflow_pl.families import family_of_folder, pixels_per_latent
-        from instaflow_pl.teachers.folder import resolve_model_folder
-        from instaflow_pl.velocity.networks import load_network
-
-        root = resolve_model_folder(folder)
-        family = family_of_folder(root)
-        network = load_network(root, subfolder=subfolder or family.network_folder)
-        if gradient_checkpointing:
-            if network._supports_gradient_checkpointing:
-                network.enable_gradient_checkpointing()
-            else:
-                from lightning.pytorch.utilities import rank_zero_warn
-
-                rank_zero_warn(f"{type(network).__name__} has no gradient checkpointing; training without it")
-        super().__init__(network, family=family, pixels_per_latent=pixels_per_latent(root))
-        self.folder = str(folder)

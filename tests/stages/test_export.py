@@ -14,10 +14,10 @@ import pytest
 import torch
 from conftest import PROMPTS, write_dataset
 from diffusers import UNet2DConditionModel
+from helpers import assert_one_line_error, run_main, train
 from PIL import Image
 
 from instaflow_pl.checkpoints import checkpoint_safe_globals
-from instaflow_pl.cli import main
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.export import export_checkpoint
 from instaflow_pl.modules import DistillModule, ReflowModule
@@ -27,23 +27,6 @@ from instaflow_pl.teachers import load_teacher
 
 PARITY_PROMPTS = PROMPTS[:2]
 TOLERANCE = 1e-5
-
-
-def train(module: L.LightningModule, data: Path, root: Path, **trainer_args) -> L.Trainer:
-    """Three CPU steps on the triples in ``data``; checkpoints land in ``root/checkpoints``."""
-    from instaflow_pl.data import TriplesDataModule
-
-    trainer = L.Trainer(
-        max_steps=3,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        **trainer_args,
-    )
-    trainer.fit(module, TriplesDataModule(str(data), batch_size=4, val_fraction=0.25))
-    return trainer
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +63,6 @@ def loaded_module(reflow_run) -> ReflowModule:
     (ckpt,) = reflow_run[1].glob("*.ckpt")
     with torch.serialization.safe_globals(checkpoint_safe_globals()):
         return ReflowModule.load_from_checkpoint(ckpt, map_location="cpu").eval()
-
-
-def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    """Run ``instaflow-pl`` in-process: exit code, stdout, stderr."""
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> None:
-    code, _, err = result
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("instaflow-pl: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # ---- the exported folder ------------------------------------------------------------------------------------------
@@ -167,7 +130,7 @@ def test_distill_from_an_export_records_both_stages_and_metrics(exported, data, 
 
 # ---- checkpoints from before the network rename -------------------------------------------------------------------
 
-OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "reflow_lora_d85363f.ckpt"
+OLD_CHECKPOINT = Path(__file__).parents[1] / "fixtures" / "reflow_lora_d85363f.ckpt"
 """A LoRA reflow checkpoint written by commit d85363f (``velocity.unet.*`` keys, ``unet_config``; see
 tests/fixtures/README.md)."""
 OLD_PREFIXES = {"velocity.unet.": "velocity.network.", "ema.module.unet.": "ema.module.network."}

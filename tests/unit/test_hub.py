@@ -16,7 +16,7 @@ from conftest import REPO
 from instaflow_pl.cli import main
 from instaflow_pl.errors import UserError
 from instaflow_pl.metrics.clip_score import load_clip
-from instaflow_pl.teachers.folder import resolve_model_folder
+from instaflow_pl.model_folder import resolve_model_folder
 
 LIMIT_S = 2.0
 

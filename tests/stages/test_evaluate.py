@@ -179,7 +179,7 @@ def test_other_rows_keep_the_earlier_report_and_go_to_wandb(inputs, uninterrupte
     import time
 
     import wandb
-    from test_wandb import item_key, read_wandb_records
+    from helpers import item_key, read_wandb_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = Path(shutil.copytree(uninterrupted, tmp_path / "eval"))

@@ -33,7 +33,7 @@ KILL_AT = 11  # killed before step 11 (epoch 1, batch 3): the last checkpoint is
 
 def step_checkpointing_config(tmp_path: Path, name: str = "reflow") -> Path:
     """configs/tiny/NAME.yaml with checkpoints every ``EVERY`` steps (the shipped file sets the same options)."""
-    config = yaml.safe_load((REPO / f"configs/tiny/{name}.yaml").read_text())
+    config = yaml.safe_load((REPO / f"configs/tiny/sd/{name}.yaml").read_text())
     callbacks = config["trainer"]["callbacks"]
     checkpoint = next(c for c in callbacks if c["class_path"].endswith("ModelCheckpoint"))["init_args"]
     assert checkpoint["save_last"] is True and checkpoint["every_n_train_steps"] > 0, "the config checkpoints by steps"

@@ -64,7 +64,7 @@ def folders(tmp_path_factory, inception_weights):
     """``get(name)``: tiny folders and files, each built once for this module: ``<family>`` (the released tiny folder),
     ``<family>-rf`` (a copy marked as a k-RF export), ``<family>-pairs`` (a finished triples dataset at the tiny
     latent shape), ``clip``, ``reference``, ``inception``."""
-    from instaflow_pl.teachers import mark_velocity_folder
+    from instaflow_pl.model_folder import mark_velocity_folder
     from instaflow_pl.tiny import build_tiny_clip, build_tiny_reference
 
     built: dict[str, Path] = {"inception": inception_weights}

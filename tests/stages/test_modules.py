@@ -174,7 +174,7 @@ def test_checkpoint_leaves_out_the_text_encoder_and_refuses_another_module_kind(
 
 def test_latent_shape_mismatch_is_refused_before_training(tiny_sd, tmp_path):
     root = write_dataset(tmp_path / "d", count=16, shard_size=16, shape=(3, 8, 8))
-    with pytest.raises(UserError, match=r"have shape \[3, 8, 8\], but the model's UNet takes \[4, H, W\]"):
+    with pytest.raises(UserError, match=r"have shape \[3, 8, 8\], but the model's network takes \[4, H, W\]"):
         trainer(tmp_path, 1).fit(ReflowModule(str(tiny_sd)), datamodule=TriplesDataModule(str(root), batch_size=8))
 
 

@@ -2,7 +2,7 @@
 modes (``bench/scale.py --tiny``, ``bench/prompt_cost.py --tiny``) in ``make test-all``. Each runs in a subprocess from
 the repository root (``bench`` is not importable from the tests) and must exit 0 with every row of its table, so a
 benchmark broken by a change in the package fails the tests instead of rotting unseen. (``bench/gpu.py --tiny``:
-tests/test_bench_gpu.py.)"""
+tests/e2e/test_bench_gpu.py.)"""
 
 from __future__ import annotations
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
-import lightning as L
 import pytest
 import torch
 from conftest import PROMPTS, write_dataset
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from helpers import adam
+from helpers import fit_quietly as fit
 
-from instaflow_pl.data import TriplesDataModule
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 from instaflow_pl.export import export_checkpoint
@@ -20,25 +20,6 @@ from instaflow_pl.modules.lora import LoraOptions
 from instaflow_pl.speed import attention_processors, set_tf32
 
 LORA = {"rank": 2, "alpha": 4.0}  # alpha != rank: the scale must travel with the exported file
-
-
-def fit(module: L.LightningModule, data, root, steps: int = 3) -> L.Trainer:
-    trainer = L.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(module, TriplesDataModule(str(data), batch_size=4))
-    return trainer
-
-
-def adam(params):
-    return torch.optim.AdamW(params, lr=0.05)  # large enough that the adapters move away from B = 0 in 3 steps
 
 
 @pytest.fixture(scope="module")

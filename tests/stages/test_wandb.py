@@ -6,7 +6,6 @@ Also: the config reaches the logger, and other Lightning loggers still plug in t
 from __future__ import annotations
 
 import json
-import struct
 import time
 from pathlib import Path
 
@@ -14,47 +13,10 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_dataset
+from helpers import item_key, read_wandb_records
 
 from instaflow_pl.cli import cli_main
 from instaflow_pl.tiny import build_tiny_clip
-
-BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc32, length, type) chunks
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
-
-def read_wandb_records(path: Path) -> list:
-    """The protobuf records of a ``.wandb`` transaction log (wandb 0.31 has no Python reader of its own)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", "not a W&B transaction log"
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
-            pos += BLOCK - pos % BLOCK
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == FULL:
-            records.append(chunk)
-        elif kind == FIRST:
-            pending = chunk
-        elif kind == MIDDLE:
-            pending += chunk
-        elif kind == LAST:
-            records.append(pending + chunk)
-        else:
-            break
-    parsed = []
-    for chunk in records:
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        parsed.append(record)
-    return parsed
-
-
-def item_key(item) -> str:
-    return item.key or ".".join(item.nested_key)
 
 
 def test_fit_logs_metrics_and_config_to_an_offline_wandb_run(tiny_sd, tmp_path, monkeypatch):

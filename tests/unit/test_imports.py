@@ -23,7 +23,7 @@ from collections import deque
 from pathlib import Path
 
 PACKAGE = "instaflow_pl"
-SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
+SOURCE = Path(__file__).resolve().parents[2] / "src" / PACKAGE
 
 
 def module_files(root: Path = SOURCE) -> dict[str, Path]:

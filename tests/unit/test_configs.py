@@ -129,7 +129,7 @@ def test_eval_coco5k_config_instantiates_on_the_tiny_folders(tiny_sd, tiny_veloc
 def family_folder(tmp_path_factory):
     """``get(family, kind)``: the family's tiny folder (``base``) or a copy of it marked as a velocity (k-RF) folder
     (``velocity``), each built once for this module."""
-    from instaflow_pl.teachers import mark_velocity_folder
+    from instaflow_pl.model_folder import mark_velocity_folder
 
     built: dict[tuple[str, str], Path] = {}
 
