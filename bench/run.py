@@ -14,8 +14,8 @@ interleaved, best of several rounds. Everything runs offline in a temporary fold
 
 A benchmark that crashes prints its traceback and leaves a FAILED row, which counts as a missed goal (``--strict``
 then exits with status 1). ``--quick`` runs every benchmark at tiny sizes with fewer rounds (well under a minute on
-2 cores; ``tests/e2e/test_bench.py`` runs it, so a broken benchmark fails the tests): there the speed goals are shown but
-not applied, since one round on a busy machine is noise; a crash and the goals that check the computation or memory
+2 cores; ``tests/e2e/test_bench.py`` runs it, so a broken benchmark fails the tests): there the speed goals are shown
+but not applied, since one round on a busy machine is noise; a crash and the goals that check the computation or memory
 (latents against diffusers', per-step losses of fit against the loop, NFE, peak RSS) still count.
 
 Usage::

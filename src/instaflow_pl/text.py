@@ -121,4 +121,3 @@ def clip_states(
         return out[0], out[0]
     out = text_encoder(ids, output_hidden_states=True)
     return out.hidden_states[layer], out[0]
-

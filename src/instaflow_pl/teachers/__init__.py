@@ -3,4 +3,3 @@
 from instaflow_pl.teachers.teacher import Teacher, load_teacher
 
 __all__ = ["Teacher", "load_teacher"]
-
