@@ -114,16 +114,14 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         """The velocity network: the UNet, or SD3's transformer."""
         return self.unet if self.unet is not None else self.transformer
 
-    @property
-    def default_size(self) -> int:
-        """Image height and width by default: the network's native latent size (its family's geometry) in pixels."""
-        return latent_geometry(self.network).size * self.vae_scale_factor
+    def native_latent_size(self) -> int:
+        """The network's native latent height and width, as its family's geometry says."""
+        return latent_geometry(self.network).size
 
-    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
-        """The (C, H, W) latent shape of ``height`` x ``width`` images, with the latent channels of the network's
-        family (a Flux transformer's ``in_channels`` counts 2 x 2 packed patches)."""
-        shape = super().latent_shape(height, width)
-        return (latent_geometry(self.network).channels, *shape[1:])
+    def latent_channels(self) -> int:
+        """Latent channels, as the network's family's geometry says (a Flux transformer's ``in_channels`` counts
+        2 x 2 packed patches)."""
+        return latent_geometry(self.network).channels
 
     def latent_multiple(self) -> int:
         """Latent height and width must be multiples of this (0: only the native size): the network's geometry."""
