@@ -147,6 +147,15 @@ class Family:
         records about its conditioning (Flux: the guidance input a reflowed student keeps)."""
         return encoder
 
+    def encoder_info(self, encoder) -> dict[str, Any]:
+        """What an export's ``instaflow.json`` records about a trained model's conditioning, for
+        :meth:`configure_encoder` to read back (Flux: its guidance input and prompt length; none for the others)."""
+        return {}
+
+    def configure_encoder_for_pairs(self, encoder, teacher_kind: str, guidance: float) -> None:
+        """Set up the prompt encoder of a model trained on pairs a ``teacher_kind`` teacher made at ``guidance``
+        (Flux: a student of a released [dev] teacher keeps its guidance input at the pairs' value)."""
+
     def _load_part(self, root: Path, name: str, index: dict[str, Any], dtype: torch.dtype) -> Any:
         entry = index.get(name)
         library, class_name = entry if isinstance(entry, list) and None not in entry else self.default_classes[name]
