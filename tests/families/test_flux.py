@@ -141,6 +141,27 @@ def test_a_student_keeps_its_recorded_guidance_input(tiny_dev, tmp_path):
     assert teacher.model.guidance_as_input and teacher.encoder.guidance == DEFAULT_GUIDANCE
 
 
+def test_the_student_keeps_the_guidance_its_pairs_were_made_with(tiny_dev, tiny_schnell, tmp_path):
+    """What the training modules and export ask the family: pairs of a released [dev] teacher at guidance g make
+    the student's input g, which instaflow.json records and the exported folder reads back; pairs of a velocity
+    teacher (classifier-free guidance) leave the student's input alone; [schnell] has none."""
+    family = FAMILIES["flux"]
+    encoder = ModelFolder.open(tiny_dev).load_encoder()
+    family.configure_encoder_for_pairs(encoder, "released", 2.0)
+    assert encoder.guidance == 2.0
+    family.configure_encoder_for_pairs(encoder, "velocity", 5.0)
+    assert encoder.guidance == 2.0
+    info = family.encoder_info(encoder)
+    assert info == {INFO_GUIDANCE: 2.0, "max_sequence_length": 512}
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_dev, folder)
+    mark_velocity_folder(folder, family="flux", **info)
+    assert ModelFolder.open(folder).load_encoder().guidance == 2.0
+    schnell = ModelFolder.open(tiny_schnell).load_encoder()
+    family.configure_encoder_for_pairs(schnell, "released", 2.0)
+    assert schnell.guidance is None and family.encoder_info(schnell)[INFO_GUIDANCE] is None
+
+
 def test_flux_folder_without_t5(tiny_dev, tmp_path):
     folder = tmp_path / "no-t5"
     shutil.copytree(tiny_dev, folder)

@@ -26,7 +26,7 @@ from torch import nn
 from instaflow_pl.errors import UserError
 from instaflow_pl.families.base import Family
 from instaflow_pl.families.geometry import LatentGeometry
-from instaflow_pl.kinds import VELOCITY_KIND
+from instaflow_pl.kinds import VELOCITY_KIND, normalise_kind
 from instaflow_pl.solver.ode import METHODS
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity.condition import TextCondition
@@ -241,3 +241,13 @@ class Flux(Family):
         if encoder.guidance is not None and info.get(INFO_GUIDANCE) is not None:
             encoder.guidance = float(info[INFO_GUIDANCE])
         return encoder
+
+    def encoder_info(self, encoder) -> dict[str, Any]:
+        """The guidance input (None for [schnell]) and the prompt length, for ``instaflow.json``."""
+        return {INFO_GUIDANCE: encoder.guidance, INFO_TOKENS: encoder.max_sequence_length}
+
+    def configure_encoder_for_pairs(self, encoder, teacher_kind: str, guidance: float) -> None:
+        """Pairs of a released [dev]-like teacher were made with ``guidance`` as its input: the student keeps it (a
+        velocity teacher's guidance is classifier-free guidance on top of its own input, which the student keeps)."""
+        if encoder.guidance is not None and normalise_kind(teacher_kind) != VELOCITY_KIND:
+            encoder.guidance = float(guidance)
