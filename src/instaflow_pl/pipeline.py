@@ -10,6 +10,7 @@ and decoding are the standalone pipeline's, so its latents equal the shipped fil
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ModelMixin
@@ -17,6 +18,8 @@ from diffusers import AutoencoderKL, ModelMixin
 from instaflow_pl import standalone_pipeline
 from instaflow_pl.errors import UserError
 from instaflow_pl.families import FAMILIES, family_of_network, latent_geometry
+from instaflow_pl.kinds import KIND_FILE
+from instaflow_pl.model_folder import read_json
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import NetworkVelocity
 from instaflow_pl.velocity.condition import TextCondition
@@ -80,6 +83,8 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
             vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt
         )
         self.register_modules(text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer)
+        self.instaflow_info: dict = {}
+        """The loaded folder's ``instaflow.json`` (empty for a released folder or one built in memory)."""
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -88,7 +93,11 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         for family in FAMILIES.values():
             for module, _ in family.network_classes:
                 importlib.import_module(module)
-        return super().from_pretrained(*args, **kwargs)
+        pipe = super().from_pretrained(*args, **kwargs)
+        source = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")))
+        if (source / KIND_FILE).is_file():
+            pipe.instaflow_info = read_json(source / KIND_FILE, "")
+        return pipe
 
     @classmethod
     def load_config(cls, *args, **kwargs):
@@ -105,6 +114,15 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         """The velocity network: the UNet, or SD3's transformer."""
         return self.unet if self.unet is not None else self.transformer
 
+    def native_latent_size(self) -> int:
+        """The network's native latent height and width, as its family's geometry says."""
+        return latent_geometry(self.network).size
+
+    def latent_channels(self) -> int:
+        """Latent channels, as the network's family's geometry says (a Flux transformer's ``in_channels`` counts
+        2 x 2 packed patches)."""
+        return latent_geometry(self.network).channels
+
     def latent_multiple(self) -> int:
         """Latent height and width must be multiples of this (0: only the native size): the network's geometry."""
         return latent_geometry(self.network).down_factor
@@ -114,7 +132,8 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         family = family_of_network(self.network)
         names = family.text_parts + family.optional_text_parts
         parts = {name: getattr(self, name, None) for name in names}
-        return family.encoder_from_parts(parts, dict(self.config), dict(self.network.config))
+        encoder = family.encoder_from_parts(parts, dict(self.config), dict(self.network.config))
+        return family.configure_encoder(encoder, self.instaflow_info)
 
     def condition(self, prompts: list[str], guided: bool) -> TextCondition:
         """The family's conditioning of ``prompts``; with ``guided``, the null condition's batch first, then theirs."""

@@ -102,9 +102,17 @@ class InstaFlowPipeline(DiffusionPipeline):
 
     @property
     def default_size(self) -> int:
-        """Image height and width by default: the network's sample size times the VAE's scale factor."""
+        """Image height and width by default: the network's native latent size times the VAE's scale factor."""
+        return self.native_latent_size() * self.vae_scale_factor
+
+    def native_latent_size(self) -> int:
+        """The network's native latent height and width: its ``sample_size``."""
         size = self.network.config.sample_size
-        return int(size if isinstance(size, int) else size[0]) * self.vae_scale_factor
+        return int(size if isinstance(size, int) else size[0])
+
+    def latent_channels(self) -> int:
+        """Latent channels: the network's ``in_channels``."""
+        return int(self.network.config.in_channels)
 
     def latent_multiple(self) -> int:
         """Latent height and width must be multiples of this: the UNet's downsampling (0: a fixed-size network,
@@ -125,7 +133,7 @@ class InstaFlowPipeline(DiffusionPipeline):
         if not fits:
             wanted = f"multiples of {multiple}" if multiple else f"{self.default_size}"
             raise self.argument_error(f"height and width must be {wanted}, got {height} x {width}")
-        return (int(self.network.config.in_channels), height // scale, width // scale)
+        return (self.latent_channels(), height // scale, width // scale)
 
     @staticmethod
     def tokens(tokenizer, encoder, prompts: list[str]) -> torch.Tensor:

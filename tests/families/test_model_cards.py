@@ -46,10 +46,9 @@ def needs_stock_diffusers(name: str) -> None:
 def _fit(base: Path, family: str, root: Path, **module_args) -> Path:
     """Two CPU steps of a ReflowModule on random triples; returns the checkpoint."""
     from instaflow_pl.data import TriplesDataModule
+    from instaflow_pl.model_folder import ModelFolder
 
-    network = FAMILIES[family].network_folder
-    config = json.loads((base / network / "config.json").read_text())
-    shape = (config["in_channels"], config["sample_size"], config["sample_size"])
+    shape = ModelFolder.open(base).geometry.shape
     data = write_dataset(root / "pairs", count=8, shard_size=8, shape=shape, family=family)
     module = ReflowModule(base_model=str(base), ema_decay=0.5, val_steps=[1], **module_args)
     trainer = L.Trainer(

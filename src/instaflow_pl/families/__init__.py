@@ -16,6 +16,7 @@ from torch import nn
 from instaflow_pl.errors import UserError
 from instaflow_pl.families.base import Family
 from instaflow_pl.families.digits import Digits
+from instaflow_pl.families.flux import Flux
 from instaflow_pl.families.geometry import LatentGeometry
 from instaflow_pl.families.sd import StableDiffusion
 from instaflow_pl.families.sd3 import StableDiffusion3
@@ -42,7 +43,7 @@ def unregister(name: str) -> None:
     FAMILIES.pop(name, None)
 
 
-for _family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Digits()):
+for _family in (StableDiffusion(), StableDiffusionXL(), StableDiffusion3(), Digits(), Flux()):
     register(_family)
 
 

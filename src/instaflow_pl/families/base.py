@@ -139,7 +139,22 @@ class Family:
         parts = {}
         for name in self.text_parts + self.optional_text_parts:
             parts[name] = self._load_part(folder.root, name, folder.index, dtype) if folder.has(name) else None
-        return self.encoder_from_parts(parts, folder.index, folder.network_config, cache_mb)
+        encoder = self.encoder_from_parts(parts, folder.index, folder.network_config, cache_mb)
+        return self.configure_encoder(encoder, folder.info)
+
+    def configure_encoder(self, encoder, info: Mapping[str, Any]):
+        """The prompt encoder set up with what a folder's ``instaflow.json`` (``info``; empty for a released folder)
+        records about its conditioning (Flux: the guidance input a reflowed student keeps)."""
+        return encoder
+
+    def encoder_info(self, encoder) -> dict[str, Any]:
+        """What an export's ``instaflow.json`` records about a trained model's conditioning, for
+        :meth:`configure_encoder` to read back (Flux: its guidance input and prompt length; none for the others)."""
+        return {}
+
+    def configure_encoder_for_pairs(self, encoder, teacher_kind: str, guidance: float) -> None:
+        """Set up the prompt encoder of a model trained on pairs a ``teacher_kind`` teacher made at ``guidance``
+        (Flux: a student of a released [dev] teacher keeps its guidance input at the pairs' value)."""
 
     def _load_part(self, root: Path, name: str, index: dict[str, Any], dtype: torch.dtype) -> Any:
         entry = index.get(name)

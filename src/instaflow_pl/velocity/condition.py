@@ -12,18 +12,23 @@ import torch
 class TextCondition:
     """Text conditioning of a batch, in whatever parts a model family needs.
 
-    Every tensor has the batch first. Stable Diffusion 1.x/2.x uses ``embeds`` only; SDXL and SD3 add ``pooled``
-    (see :mod:`instaflow_pl.families`, where each family says how its network takes these parts).
+    Every tensor has the batch first. Stable Diffusion 1.x/2.x uses ``embeds`` only; SDXL and SD3 add ``pooled``;
+    a guidance-distilled network (FLUX.1 [dev]) also takes ``guidance`` (see :mod:`instaflow_pl.families`, where each
+    family says how its network takes these parts).
 
     Attributes:
         embeds: Token embeddings, (B, L, D): the text encoder's hidden states (SDXL: CLIP-L and CLIP-G joined;
             SD3: both CLIPs, padded to T5's width, followed by the T5 tokens).
-        pooled: Pooled prompt embedding, (B, P), for families that take one (SDXL: CLIP-G's; SD3: both CLIPs').
+        pooled: Pooled prompt embedding, (B, P), for families that take one (SDXL: CLIP-G's; SD3: both CLIPs';
+            Flux: CLIP-L's).
+        guidance: The value of the network's guidance input, (B,) float32, for guidance-distilled networks
+            (FLUX.1 [dev]: a teacher's guidance scale, or the value a reflowed student keeps); None for the others.
         null: The condition of the null prompt (batch 1), needed for classifier-free guidance.
     """
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
+    guidance: torch.Tensor | None = None
     null: TextCondition | None = None
 
     def __len__(self) -> int:
@@ -54,6 +59,19 @@ class TextCondition:
     def with_null(self, null: TextCondition | None) -> TextCondition:
         """The same condition with ``null`` as its null condition."""
         return TextCondition(**self.parts(), null=null)
+
+    def with_guidance(self, value: float | None) -> TextCondition:
+        """The same condition, its null condition too, with ``value`` as every sample's guidance input (None: no
+        guidance input)."""
+
+        def parts(cond: TextCondition) -> dict[str, torch.Tensor]:
+            out = {name: tensor for name, tensor in cond.parts().items() if name != "guidance"}
+            if value is not None:
+                out["guidance"] = torch.full((len(cond),), float(value), device=cond.embeds.device)
+            return out
+
+        null = None if self.null is None else TextCondition(**parts(self.null))
+        return TextCondition(**parts(self), null=null)
 
     def unconditional(self) -> TextCondition:
         """The same batch conditioned on the null prompt."""
