@@ -18,7 +18,7 @@ from __future__ import annotations
 import pathlib
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,8 @@ class CheckpointRecord:
             records that predate families.
         lora: The LoRA options (``LoraOptions.to_dict()``), None without LoRA.
         base_weights_omitted: Frozen velocity weights loaded from ``base_model`` were left out of the state dict.
+        conditioning: What the family records about the model's conditioning (``Family.encoder_info``; Flux: the
+            guidance input and prompt length), copied into an export's ``instaflow.json``.
     """
 
     module: str
@@ -64,6 +66,7 @@ class CheckpointRecord:
     family: str | None = None
     lora: dict[str, Any] | None = None
     base_weights_omitted: bool = False
+    conditioning: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (a checkpoint loads with ``weights_only=True``); unset network fields are left out."""
@@ -72,6 +75,8 @@ class CheckpointRecord:
             record["network_config"] = self.network_config
         if self.family is not None:
             record["family"] = self.family
+        if self.conditioning:
+            record["conditioning"] = dict(self.conditioning)
         return record | {"lora": self.lora, "base_weights_omitted": self.base_weights_omitted}
 
     def write(self, checkpoint: dict[str, Any]) -> None:
@@ -111,6 +116,7 @@ def read_record(
         family=raw.get("family", LEGACY_FAMILY),
         lora=raw.get("lora"),
         base_weights_omitted=bool(raw.get("base_weights_omitted", False)),
+        conditioning=dict(raw.get("conditioning") or {}),
     )
 
 

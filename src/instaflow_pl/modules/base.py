@@ -182,6 +182,7 @@ class FlowModule(L.LightningModule):
                     f"an {family} model; generate pairs with a teacher of the model's family"
                 )
             check_latent_shape(self.velocity.network, manifest.latent_shape, source=source)
+            self.velocity.family.configure_encoder_for_pairs(self.encoder, manifest.teacher_kind, manifest.guidance)
 
     def sampling_weights(self) -> contextlib.AbstractContextManager[nn.Module]:
         """A context in which the velocity holds the weights validation, sampling and export use: the EMA's when
@@ -355,6 +356,7 @@ class FlowModule(L.LightningModule):
             family=None if network is None else self.velocity.family.name,
             lora=self.hparams.get("lora"),
             base_weights_omitted=bool(omitted),
+            conditioning={} if network is None else self.velocity.family.encoder_info(self.encoder),
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
