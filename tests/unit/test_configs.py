@@ -200,11 +200,14 @@ def test_tiny_command_writes_a_folder_of_the_family(tmp_path, capsys):
     main(["tiny", "--family", "sd3", str(tmp_path / "sd3")])
     assert "already holds a model" in capsys.readouterr().out
     for args, fragment in [
-        (["--family", "flux", str(tmp_path / "flux")], f"unknown model family 'flux'; known: {', '.join(FAMILIES)}"),
+        (
+            ["--family", "kandinsky", str(tmp_path / "kandinsky")],
+            f"unknown model family 'kandinsky'; known: {', '.join(FAMILIES)}",
+        ),
         (["--family", "sdxl", str(tmp_path / "sd3")], "holds a model of the sd3 family, not sdxl"),
     ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["tiny", *args])
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
-    assert not (tmp_path / "flux").exists()
+    assert not (tmp_path / "kandinsky").exists()

@@ -181,6 +181,11 @@ class Family:
 
     # ---- teachers -------------------------------------------------------------------------------------------
 
+    def guidance_as_input(self, kind: str, network_config: Mapping[str, Any]) -> bool:
+        """Whether a teacher of ``kind`` with this network takes its guidance scale as an input (one branch, a
+        guidance-distilled network as its pipeline guides it) rather than as classifier-free guidance."""
+        return False
+
     teacher_is_flow: ClassVar[bool] = False
     """A released folder is already a rectified flow solved by the LatentODE (SD3), not a diffusion model."""
 

@@ -26,6 +26,10 @@ class NetworkPredictor(nn.Module):
         pixels_per_latent: Image pixels per latent pixel (SDXL's size conditioning needs it).
     """
 
+    guidance_as_input: bool = False
+    """Guidance is this network's input, not two branches (a released guidance-distilled teacher; see
+    :class:`~instaflow_pl.velocity.guidance.ClassifierFreeGuidance`)."""
+
     def __init__(self, network: nn.Module, family, pixels_per_latent: int = DEFAULT_PIXELS_PER_LATENT):
         super().__init__()
         self.network = network
