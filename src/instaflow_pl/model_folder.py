@@ -156,7 +156,7 @@ class ModelFolder:
         """
         root = resolve_model_folder(source)
         index = read_json(root / "model_index.json", f"{root} has no model_index.json; it is not a model folder")
-        info = _read_marker(root)
+        info = read_info(root)
         kind = normalise_kind(info.get("kind", RELEASED_KIND)) if info else RELEASED_KIND
         if kind not in KINDS:
             raise UserError(f"{root / KIND_FILE} names an unknown model kind {kind!r}; expected {VELOCITY_KIND!r}")
@@ -230,7 +230,8 @@ def vae_scale_factor(vae_config: dict[str, Any] | None) -> int:
     return 2 ** max(len(vae_config.get("block_out_channels", [])) - 1, 0)
 
 
-def _read_marker(root: Path) -> dict[str, Any]:
+def read_info(root: Path) -> dict[str, Any]:
+    """``root``'s ``instaflow.json`` (empty without one: a released model); one clear error when damaged."""
     marker = root / KIND_FILE
     if not marker.is_file():
         return {}

@@ -18,8 +18,7 @@ from diffusers import AutoencoderKL, ModelMixin
 from instaflow_pl import standalone_pipeline
 from instaflow_pl.errors import UserError
 from instaflow_pl.families import FAMILIES, family_of_network, latent_geometry
-from instaflow_pl.kinds import KIND_FILE
-from instaflow_pl.model_folder import read_json
+from instaflow_pl.model_folder import read_info
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import NetworkVelocity
 from instaflow_pl.velocity.condition import TextCondition
@@ -95,8 +94,8 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
                 importlib.import_module(module)
         pipe = super().from_pretrained(*args, **kwargs)
         source = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")))
-        if (source / KIND_FILE).is_file():
-            pipe.instaflow_info = read_json(source / KIND_FILE, "")
+        if source.is_dir():
+            pipe.instaflow_info = read_info(source)
         return pipe
 
     @classmethod
