@@ -207,3 +207,21 @@ def test_a_network_without_blocks_to_wrap_is_one_line():
 
     with pytest.raises(UserError, match=r"^sharded training found no block to wrap in the Sequential"):
         shard_network(nn.Sequential(nn.Linear(2, 2)), ("BasicTransformerBlock",), mesh=None, mixed_precision=None)
+
+
+# ---- the memory model (bench/sharding_memory.py) ----------------------------------------------------------------
+
+
+def test_memory_model_counts_bytes_per_parameter_and_runs_quick(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))  # bench/ is a folder of the repository, not of the package
+    from bench.sharding_memory import GiB, Measured, per_gpu, quick_rows, table
+
+    model = Measured("m", params=10**9, lora_params=10**6, largest_unit=10**7, activations=0, checkpointed=GiB)
+    one, eight = per_gpu(model, 1), per_gpu(model, 8)
+    assert one["ddp"] == pytest.approx(20e9 / GiB + 1) and eight["ddp"] == one["ddp"], "DDP replicates 20 B/param"
+    assert eight["sharded"] == pytest.approx(20e9 / 8 / GiB + 2 * 2e7 / GiB + 1), "1/8 of it, plus 2 bf16 units"
+    assert one["lora"] == pytest.approx((4e9 + 20e6) / GiB + 1), "frozen fp32 base, trained adapters"
+    rows = quick_rows()
+    assert [r.name for r in rows] == ["tiny sdxl", "tiny sd3"]
+    assert all(r.params > 0 and 0 < r.checkpointed <= r.activations for r in rows)
+    assert "| tiny sd3 |" in table(rows)
