@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pathlib
 import pickle
+import warnings
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -275,7 +276,10 @@ def read_sharded_checkpoint(
         stored = FileSystemReader(path).read_metadata().state_dict_metadata
         names = [k[len(_SHARDED_STATE) :] for k in stored if k.startswith(_SHARDED_STATE)]
         chosen = set(names) if keys is None else keys(names)
-        loaded = _load_state_dict_from_keys({_SHARDED_STATE + k for k in chosen}, checkpoint_id=path) if chosen else {}
+        with warnings.catch_warnings():  # "no process group: loading in a single process", which is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            wanted = {_SHARDED_STATE + k for k in chosen}
+            loaded = _load_state_dict_from_keys(wanted, checkpoint_id=path) if chosen else {}
     except Exception as err:  # noqa: BLE001 - a damaged folder becomes one line
         raise _unreadable(path, (str(err).strip().splitlines() or [type(err).__name__])[0]) from None
     checkpoint["state_dict"] = dict(loaded.get("state_dict", {}))

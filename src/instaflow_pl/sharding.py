@@ -198,10 +198,9 @@ def check_sharded_run(trainer, model, ckpt_path: str | Path | None = None) -> No
     _check_checkpoint_kind(trainer, ckpt_path, sharded)
     if not sharded:
         return
-    from instaflow_pl.modules.base import FlowModule
     from instaflow_pl.velocity import NetworkVelocity
 
-    if not isinstance(model, FlowModule):
+    if not hasattr(model, "keys_left_out_of_checkpoints"):  # the training modules (FlowModule)
         raise UserError(f"strategy {STRATEGY_NAME} trains ReflowModule and DistillModule, not {type(model).__name__}")
     if not isinstance(model.velocity, NetworkVelocity):
         raise UserError(
