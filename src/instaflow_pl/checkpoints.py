@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import pathlib
 import pickle
+import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,8 +193,10 @@ def read_checkpoint(
     """Read a Lightning checkpoint on the CPU without executing anything in it (memory-mapped when it can be:
     tensors are read from the file as they are used).
 
+    A sharded checkpoint folder is read by :func:`read_sharded_checkpoint` (all of its weights).
+
     Args:
-        path: The ``.ckpt`` file.
+        path: The ``.ckpt`` file (or sharded checkpoint folder).
         trust_checkpoint: Load with full pickle (``weights_only=False``), which can run arbitrary code from the
             file; only for checkpoints from a trusted source that hold objects the safe loader refuses.
         trust_option: The command-line option that sets ``trust_checkpoint``, named in the error.
@@ -204,6 +208,8 @@ def read_checkpoint(
     import torch
 
     path = Path(path).expanduser()
+    if _is_sharded(path):
+        return read_sharded_checkpoint(path, trust_checkpoint, trust_option)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     mmap = zipfile.is_zipfile(path)  # the legacy (non-zip) format cannot be memory-mapped
@@ -229,6 +235,62 @@ def read_checkpoint(
             "file written by a fit"
         )
     return checkpoint
+
+
+SHARDED_META_FILE = "meta.pt"
+"""Lightning's file in a sharded checkpoint folder: everything but the weights and the optimizer states."""
+_SHARDED_STATE = "state_dict."
+"""Prefix of the module's state-dict entries among a sharded checkpoint's keys (``optimizer_0.`` holds the rest)."""
+
+
+def _is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def read_sharded_checkpoint(
+    path: str | Path,
+    trust_checkpoint: bool = False,
+    trust_option: str = "--trust-checkpoint",
+    keys: Callable[[list[str]], set[str]] | None = None,
+) -> dict[str, Any]:
+    """Read a sharded checkpoint folder (written by ``--trainer.strategy=sharded``) in this one process, as the
+    checkpoint dict a single-file checkpoint gives: Lightning's ``meta.pt`` plus ``state_dict`` put together from
+    every rank's shards. Optimizer states are not read.
+
+    Args:
+        path: The checkpoint folder.
+        trust_checkpoint: See :func:`read_checkpoint` (for ``meta.pt``).
+        trust_option: The option that sets ``trust_checkpoint``, named in errors.
+        keys: Chooses which state-dict keys to read from all of them (default: all); e.g. :func:`exported_keys`,
+            so that only what an export writes is ever in memory.
+
+    Raises:
+        UserError: a damaged folder.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    path = Path(path).expanduser()
+    checkpoint = read_checkpoint(path / SHARDED_META_FILE, trust_checkpoint, trust_option)
+    try:
+        stored = FileSystemReader(path).read_metadata().state_dict_metadata
+        names = [k[len(_SHARDED_STATE) :] for k in stored if k.startswith(_SHARDED_STATE)]
+        chosen = set(names) if keys is None else keys(names)
+        with warnings.catch_warnings():  # "no process group: loading in a single process", which is the intent
+            warnings.simplefilter("ignore", UserWarning)
+            wanted = {_SHARDED_STATE + k for k in chosen}
+            loaded = _load_state_dict_from_keys(wanted, checkpoint_id=path) if chosen else {}
+    except Exception as err:  # noqa: BLE001 - a damaged folder becomes one line
+        raise _unreadable(path, (str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+    checkpoint["state_dict"] = dict(loaded.get("state_dict", {}))
+    return checkpoint
+
+
+def exported_keys(names: list[str]) -> set[str]:
+    """The state-dict keys an export reads: the EMA averages, and the velocity weights that have none."""
+    averaged = {k[len(EMA_PREFIX) :] for k in names if k.startswith(EMA_PREFIX)}
+    raw = {k for k in names if k.startswith(VELOCITY_PREFIX) and k[len(VELOCITY_PREFIX) :] not in averaged}
+    return raw | {k for k in names if k.startswith(EMA_PREFIX)}
 
 
 def _unreadable(path: Path, reason: str) -> UserError:

@@ -152,10 +152,24 @@ class InstaFlowCLI(LightningCLI):
 
             quiet_wandb()
 
+    def before_fit(self) -> None:
+        """Refuse what does not compose with the strategy (sharded training) before any rank starts."""
+        self._check_strategy()
+
+    def before_validate(self) -> None:
+        """As :meth:`before_fit`."""
+        self._check_strategy()
+
+    def _check_strategy(self) -> None:
+        from instaflow_pl.sharding import check_sharded_run
+
+        check_sharded_run(self.trainer, self.model, self.config[self.config.subcommand].get("ckpt_path"))
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # One progress bar per long step, steps out of max_steps for step-bounded fits (unless the config chose one).
         from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
+        import instaflow_pl.sharding  # noqa: F401 - registers --trainer.strategy=sharded
         from instaflow_pl.callbacks.progress import StepProgressBar
         from instaflow_pl.callbacks.summary import ParameterSummary
         from instaflow_pl.callbacks.threads import AdaptiveThreads
@@ -300,7 +314,8 @@ def _check_ckpt_path(argv: Sequence[str]) -> None:
         else:
             continue
         if value not in ("last", "best", "hpc", "registry", "null", "None") and "://" not in value:
-            if not Path(value).expanduser().is_file():
+            path = Path(value).expanduser()
+            if not path.is_file() and not (path / ".metadata").is_file():  # a file, or a sharded checkpoint folder
                 raise UserError(
                     f"checkpoint not found: {value!r} (give a .ckpt file, or 'last' to resume the last one)"
                 )

@@ -18,12 +18,15 @@ EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
 
 
 def find_checkpoint(source: str | Path) -> Path:
-    """``source`` itself, or the newest ``*.ckpt`` in it when it is a folder (e.g. a run's ``checkpoints/``).
+    """``source`` itself (a file, or the folder of a sharded checkpoint), or the newest ``*.ckpt`` in it when it is a
+    folder of checkpoints (e.g. a run's ``checkpoints/``).
 
     Raises:
         UserError: nothing there, or a folder without checkpoints.
     """
     path = Path(source).expanduser()
+    if (path / ".metadata").is_file():  # a sharded checkpoint (a folder of shards)
+        return path
     if path.is_dir():
         found = sorted(path.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name))
         if not found:

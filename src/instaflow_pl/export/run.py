@@ -9,7 +9,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from instaflow_pl.checkpoints import CheckpointRecord, network_weights, read_checkpoint
+from instaflow_pl.checkpoints import (
+    CheckpointRecord,
+    exported_keys,
+    network_weights,
+    read_checkpoint,
+    read_sharded_checkpoint,
+)
 from instaflow_pl.errors import UserError
 from instaflow_pl.export.cards import lora_card, model_card
 from instaflow_pl.export.checkpoint import (
@@ -41,7 +47,8 @@ def export_checkpoint(
     nothing half-written.
 
     Args:
-        ckpt: A Lightning checkpoint, or a folder of them (its newest ``*.ckpt`` is used).
+        ckpt: A Lightning checkpoint (a file, or the folder a sharded fit writes), or a folder of them (its newest
+            ``*.ckpt`` is used).
         out: The folder to write: new, empty, or (with ``force``) an earlier export, which is replaced. A folder
             holding anything else is refused: export never overwrites other files.
         force: Replace an earlier export in ``out``.
@@ -61,7 +68,10 @@ def export_checkpoint(
     ckpt_path = find_checkpoint(ckpt)
     out = Path(out).expanduser()
     check_target(out, force)
-    checkpoint = read_checkpoint(ckpt_path, trust_checkpoint)
+    if ckpt_path.is_dir():  # sharded: only the weights the export writes are read, each from its shards
+        checkpoint = read_sharded_checkpoint(ckpt_path, trust_checkpoint, keys=exported_keys)
+    else:
+        checkpoint = read_checkpoint(ckpt_path, trust_checkpoint)
     source = str(ckpt_path)
     record = exportable_record(checkpoint, source)
     base = _base_model(checkpoint, source)

@@ -74,6 +74,9 @@ class Family:
 
     network_classes: ClassVar[tuple[tuple[str, str], ...]]
     """(module, class) of each network class the family loads (its ``config.json`` ``_class_name``)."""
+    shard_blocks: ClassVar[tuple[str, ...]] = ()
+    """Class names of the network's blocks that sharded training wraps as FSDP units, one each
+    (:mod:`instaflow_pl.sharding`); empty: the family cannot be trained sharded."""
     uses_vae: ClassVar[bool] = True
     """Latents come from a VAE in ``vae/`` (False: the network works on pixels, latent = image)."""
     legacy_names: ClassVar[tuple[str, ...]] = ()

@@ -22,6 +22,7 @@ class Digits(StableDiffusion):
     title = "digits demo"
     pipeline_classes = ()
     network_classes = (("instaflow_pl.velocity.mlp", "MLPVelocityNet"),)
+    shard_blocks = ("ResidualBlock",)
     uses_vae = False
     legacy_names = ("sd",)
     teacher_solvers = ()

@@ -136,6 +136,7 @@ class Flux(Family):
     default_teacher_solver = "euler"
     lora_pipeline = "FluxPipeline"
     network_classes = (("diffusers", "FluxTransformer2DModel"),)
+    shard_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     fixture = "instaflow_pl.families.flux_tiny"
     default_max_shift = 1.15
     card_steps_note = (

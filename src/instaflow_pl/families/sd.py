@@ -56,6 +56,7 @@ class StableDiffusion(Family):
     lora_pipeline = "StableDiffusionPipeline"
     standalone_pipeline = True
     network_classes = (("diffusers", "UNet2DConditionModel"),)
+    shard_blocks = ("ResnetBlock2D", "BasicTransformerBlock")
     fixture = "instaflow_pl.families.sd_tiny"
 
     def owns_network_config(self, config: Mapping[str, Any]) -> bool:

@@ -83,6 +83,7 @@ class StableDiffusion3(Family):
     default_teacher_solver = "euler"
     lora_pipeline = "StableDiffusion3Pipeline"
     network_classes = (("diffusers", "SD3Transformer2DModel"),)
+    shard_blocks = ("JointTransformerBlock", "SD3SingleTransformerBlock")
     fixture = "instaflow_pl.families.sd3_tiny"
     card_steps_note = (
         "The transformer keeps SD3's flow-matching convention: at sigma = 1 - t (t = 0 noise, t = 1 data) it is",

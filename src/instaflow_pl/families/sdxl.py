@@ -67,6 +67,7 @@ class StableDiffusionXL(Family):
     pipeline_file_in_index = False  # StableDiffusionXLPipeline.from_pretrained(DIR) still loads the parts
     pipeline_config = ("force_zeros_for_empty_prompt",)
     network_classes = (("diffusers", "UNet2DConditionModel"),)
+    shard_blocks = ("ResnetBlock2D", "BasicTransformerBlock")
     fixture = "instaflow_pl.families.sdxl_tiny"
 
     def owns_network_config(self, config: Mapping[str, Any]) -> bool:

@@ -338,7 +338,31 @@ class FlowModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_model(self) -> None:
+        """Under a sharded strategy (:mod:`instaflow_pl.sharding`): shard the velocity's network by its family's
+        blocks, and rebuild the EMA over the shards (each rank averages its own); under any other strategy,
+        nothing."""
+        mesh = self.device_mesh
+        if mesh is None or not isinstance(self.velocity, NetworkVelocity):
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        from instaflow_pl.sharding import compute_dtype, shard_network
+
+        if isinstance(self.velocity.network, FSDPModule):  # configure_model runs once per stage
+            return
+        precision = compute_dtype(self.trainer.precision if self._trainer else None)
+        shard_network(self.velocity.network, self.velocity.family.shard_blocks, mesh["data_parallel"], precision)
+        if self.ema is not None:
+            self.ema = EMA(self.velocity, self.ema.decay)
+
     # ---- checkpoints -----------------------------------------------------------------------------------------
+
+    def keys_left_out_of_checkpoints(self) -> set[str]:
+        """State-dict keys this module's checkpoints leave out (the text encoder, VAE and LPIPS net, and frozen
+        velocity weights from ``base_model``): a resume keeps them as ``base_model`` gave them."""
+        omitted = self.frozen_base_keys()
+        return {k for k in self.state_dict() if k.startswith(_FROZEN_PREFIXES) or k in omitted}
 
     def frozen_base_keys(self) -> set[str]:
         """State-dict keys of velocity weights that are frozen and were loaded from ``base_model`` unchanged (the
@@ -350,9 +374,14 @@ class FlowModule(L.LightningModule):
     def checkpoint_record(self, omitted: set[str]) -> CheckpointRecord:
         """This module's record in its checkpoints (``omitted``: the frozen base weights left out of them)."""
         network = self.velocity.network if isinstance(self.velocity, NetworkVelocity) else None
+        config = None if network is None else json.loads(network.to_json_string())  # plain types
+        if config is not None:
+            from instaflow_pl.sharding import unsharded_class
+
+            config["_class_name"] = unsharded_class(network).__name__  # not FSDP2's FSDP<name>
         return CheckpointRecord(
             module=type(self).__name__,
-            network_config=None if network is None else json.loads(network.to_json_string()),  # plain types
+            network_config=config,
             family=None if network is None else self.velocity.family.name,
             lora=self.hparams.get("lora"),
             base_weights_omitted=bool(omitted),
@@ -364,7 +393,7 @@ class FlowModule(L.LightningModule):
         VAE, LPIPS net, frozen velocity weights)."""
         omitted = self.frozen_base_keys()
         self.checkpoint_record(omitted).write(checkpoint)
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(_FROZEN_PREFIXES) or k in omitted]:
             del state[key]
 
@@ -377,6 +406,8 @@ class FlowModule(L.LightningModule):
                 f"the checkpoint holds an {record.family} model, but this run's base_model is an "
                 f"{self.velocity.family.name} model; resume with the base_model the checkpoint was trained from"
             )
+        if "state_dict" not in checkpoint:  # a sharded checkpoint: the strategy has already read the shards
+            return
         state = checkpoint["state_dict"]
         omitted = self.frozen_base_keys()
         for key, value in self.state_dict().items():

@@ -18,6 +18,9 @@ class EMA(nn.Module):
     tensors are averaged in one fused call; integer buffers are copied. State-dict keys are ``module.<name>`` (the
     model's own parameter names) and ``n_averaged``.
 
+    Built over a sharded model (FSDP2: DTensor parameters), the averages are DTensors sharded like the parameters:
+    each rank averages and checkpoints its own shards, and nothing is gathered.
+
     Args:
         model: The model to follow; the parameters that require grad now are the ones averaged.
         decay: The decay, in [0, 1).
@@ -32,6 +35,7 @@ class EMA(nn.Module):
         self.shadow = [tensor.detach().clone() for _, tensor in tracked]
 
     def _targets(self, model: nn.Module) -> list[torch.Tensor]:
+        _reshard(model)  # a sharded model's parameters are its shards only while resharded
         tensors = dict(model.named_parameters()) | dict(model.named_buffers())
         return [tensors[name] for name in self.names]
 
@@ -41,16 +45,18 @@ class EMA(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """Move the average towards ``model``'s current weights."""
-        targets = self._targets(model)
-        floats = [(a, b) for a, b in zip(self.shadow, targets, strict=True) if a.is_floating_point()]
+        """Move the average towards ``model``'s current weights (of a sharded model: each rank its own shards, with
+        no communication)."""
+        targets = [_local(t) for t in self._targets(model)]
+        shadow = [_local(t) for t in self.shadow]
+        floats = [(a, b) for a, b in zip(shadow, targets, strict=True) if a.is_floating_point()]
         if floats:
             ours, theirs = [a for a, _ in floats], [b.detach() for _, b in floats]
             if int(self.n_averaged) == 0:
                 torch._foreach_copy_(ours, theirs)
             else:
                 torch._foreach_lerp_(ours, theirs, 1.0 - self.decay)
-        for a, b in zip(self.shadow, targets, strict=True):
+        for a, b in zip(shadow, targets, strict=True):
             if not a.is_floating_point():
                 a.copy_(b)
         self.n_averaged += 1
@@ -71,12 +77,20 @@ class EMA(nn.Module):
         try:
             yield model
         finally:
+            _reshard(model)  # gathered copies of the averages must not outlive the swap
             self._swap(targets)
 
     @torch.no_grad()
     def _swap(self, targets: list[torch.Tensor]) -> None:
         for i, target in enumerate(targets):
-            target.data, self.shadow[i] = self.shadow[i], target.data
+            if _is_dtensor(target):
+                # A sharded parameter's storage belongs to FSDP (its all-gather reads it), so the values move instead.
+                ours, theirs = _local(self.shadow[i]), _local(target)
+                held = theirs.clone()
+                theirs.copy_(ours)
+                ours.copy_(held)
+            else:
+                target.data, self.shadow[i] = self.shadow[i], target.data
 
     # The shadow tensors are saved under the model's own names, ``module.<name>``, so a checkpoint reads like the
     # model's state dict (export overlays them on the raw weights).
@@ -99,3 +113,24 @@ class EMA(nn.Module):
         # parameters that are frozen here (checkpoints of format 1 kept them all) are ignored: a frozen parameter's
         # average is the parameter itself.
         unexpected_keys[:] = [k for k in unexpected_keys if not k.startswith(f"{prefix}module.")]
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (DTensor) parameter, as a view of its storage; any other tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _reshard(model: nn.Module) -> None:
+    """Free the gathered weights of a sharded (FSDP2) model, so its parameters are the DTensor shards again (FSDP
+    keeps the outermost unit's weights gathered after a forward without gradients)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
