@@ -3,6 +3,8 @@ with K windows, checkpoints without the teacher, and one line for each bad optio
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import write_dataset
@@ -105,3 +107,46 @@ def test_bad_window_options_are_one_line(tiny_sd, options, message):
 def test_windows_with_distillation_is_one_line(tiny_velocity):
     with pytest.raises(UserError, match="windows=4 is piecewise reflow, an option of ReflowModule"):
         DistillModule(str(tiny_velocity), windows=4)
+
+
+def test_export_records_windows_and_every_sampler_honours_them(tiny_sd, tmp_path, capsys):
+    from helpers import assert_one_line_error, run_main
+
+    from instaflow_pl import standalone_pipeline
+    from instaflow_pl.conventions import noise_for_indices
+    from instaflow_pl.export import export_checkpoint
+    from instaflow_pl.model_folder import read_info
+    from instaflow_pl.pipeline import InstaFlowPipeline
+
+    data = write_dataset(tmp_path / "d", count=8)
+    module = windowed(tiny_sd, teacher_solver="ddim", windows=2, val_steps=[2])
+    fit_quietly(module, data, tmp_path / "run", steps=1)
+    out = tmp_path / "export"
+    export_checkpoint(sorted((tmp_path / "run").rglob("*.ckpt"))[-1], out)
+    assert read_info(out)["windows"] == 2
+    assert json.loads((out / "model_index.json").read_text())["windows"] == 2
+
+    pipe = InstaFlowPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.windows == 2
+    x0 = noise_for_indices(0, range(2), pipe.latent_shape())
+    ours = pipe.sample_latents(x0, PROMPTS[:2], num_inference_steps=3)
+    expected = module.sample(x0, PROMPTS[:2], steps=3).x
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+    with pytest.raises(UserError, match="num_inference_steps=1 cannot cross the model's 2 time windows"):
+        pipe.sample_latents(x0, PROMPTS[:2], num_inference_steps=1)
+    stock = standalone_pipeline.InstaFlowPipeline.from_pretrained(out, trust_remote_code=True)  # model_index windows
+    assert torch.equal(stock.sample_latents(x0, PROMPTS[:2], num_inference_steps=3), ours)
+    for steps, windows in [(1, 1), (5, 1), (4, 4), (7, 4), (9, 3)]:
+        assert standalone_pipeline.euler_grid(steps, windows) == piecewise_grid(steps, windows)
+
+    teacher = load_teacher(out, steps=3)
+    assert teacher.solver.time_grid == piecewise_grid(3, 2) and teacher.with_steps(5).solver.nfe == 5
+    with pytest.raises(UserError, match="1 sampling steps cannot cross 2 windows"):
+        load_teacher(out, steps=1)
+
+    capsys.readouterr()  # the loads above wrote progress bars
+    args = ["sample", "--model", out, "--prompt", "a cat", "--n", "1", "--out", tmp_path / "g.png"]
+    assert_one_line_error(run_main([*args, "--steps", "1"], capsys), "cannot cross the model's 2 time windows")
+    code, _, err = run_main([*args, "--steps", "2"], capsys)
+    assert code == 0, err
