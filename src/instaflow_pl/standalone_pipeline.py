@@ -18,12 +18,12 @@ exports do not ship it: stock ``StableDiffusion3Pipeline`` samples them.
 The sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data) on a uniform
 grid (a piecewise rectified flow's, ``windows`` > 1 in ``model_index.json``: uniform inside each of its equal time
 windows, ``n // windows`` steps per window and the remainder in the first ones), the UNet called at timestep
-``(1 - t) * 1000`` with its output taken as the velocity, and classifier-free guidance ``v_uncond + w (v_cond -
-v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is the null prompt). Prompts are encoded as the family's diffusers
-pipeline does: SD's CLIP last hidden state, or, for SDXL (a folder with ``text_encoder_2``), both CLIP towers'
-penultimate states joined, CLIP-G's pooled embedding and the default size ids (zeros for the null prompt when
-``force_zeros_for_empty_prompt``). A folder without a VAE is a pixel-space model (the digits demo's): its latents are
-the images.
+``(1 - t) * 1000`` with its output taken as the velocity, and classifier-free guidance
+``v_uncond + w (v_cond - v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is the null prompt). Prompts
+are encoded as the family's diffusers pipeline does: SD's CLIP last hidden state, or, for SDXL (a folder with
+``text_encoder_2``), both CLIP towers' penultimate states joined, CLIP-G's pooled embedding and the default size ids
+(zeros for the null prompt when ``force_zeros_for_empty_prompt``). A folder without a VAE is a pixel-space model (the
+digits demo's): its latents are the images.
 
 ``instaflow_pl.pipeline.InstaFlowPipeline`` is a subclass: it keeps this sampling loop, latent shape, noise and
 decoding, and replaces the two seams, :meth:`InstaFlowPipeline.condition` and :meth:`InstaFlowPipeline.velocity`,
