@@ -74,15 +74,15 @@ STORY_PROMPTS = ["a photo of a cat", "a red car in the city", "a small bird sitt
 """The prompts of the tiny training stories."""
 
 
-def story_fit(config: str, base, data, root, steps: int, lr: float):
-    """Fit ``configs/tiny/<config>.yaml`` from ``base`` on ``data`` (``steps`` at ``lr``), validating before and after;
-    (metrics before, metrics after, final checkpoint)."""
+def story_fit(config: str, base, data, root, steps: int, lr: float, *extra: str):
+    """Fit ``configs/tiny/<config>.yaml`` from ``base`` on ``data`` (``steps`` at ``lr``, ``extra`` arguments),
+    validating before and after; (metrics before, metrics after, final checkpoint)."""
     cli = cli_main(
         ["--config", str(REPO / f"configs/tiny/{config}.yaml"), f"--model.init_args.base_model={base}",
          f"--data.init_args.path={data}", f"--trainer.default_root_dir={root}", f"--trainer.max_steps={steps}",
          f"--model.init_args.optimizer.init_args.lr={lr}", "--trainer.enable_progress_bar=false",
          "--trainer.enable_model_summary=false", "--trainer.val_check_interval=1000", "--trainer.limit_val_batches=2",
-         "--trainer.logger=false"],
+         "--trainer.logger=false", *extra],
         run=False,
     )  # fmt: skip
     before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]

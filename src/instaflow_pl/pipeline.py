@@ -46,6 +46,7 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         tokenizer_3: Its tokenizer.
         transformer: The velocity transformer of SD3 exports (instead of ``unet``).
         force_zeros_for_empty_prompt: SDXL: the null prompt's condition is zeros (copied from the base folder).
+        windows: Time windows of a piecewise rectified flow (an export's ``instaflow.json`` ``windows``; 1: none).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->unet->transformer->vae"
@@ -75,11 +76,20 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         tokenizer_3=None,
         transformer: ModelMixin | None = None,
         force_zeros_for_empty_prompt: bool = True,
+        windows: int = 1,
     ):
         if (unet is None) == (transformer is None):
             raise UserError("an InstaFlowPipeline needs exactly one velocity network: a unet or a transformer")
         super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, text_encoder_2, tokenizer_2, force_zeros_for_empty_prompt
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+            text_encoder_2,
+            tokenizer_2,
+            force_zeros_for_empty_prompt,
+            windows,
         )
         self.register_modules(text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3, transformer=transformer)
         self.instaflow_info: dict = {}
@@ -96,6 +106,7 @@ class InstaFlowPipeline(standalone_pipeline.InstaFlowPipeline):
         source = Path(str(args[0] if args else kwargs.get("pretrained_model_name_or_path", "")))
         if source.is_dir():
             pipe.instaflow_info = read_info(source)
+            pipe.register_to_config(windows=int(pipe.instaflow_info.get("windows", 1)))  # a piecewise flow's K
         return pipe
 
     @classmethod

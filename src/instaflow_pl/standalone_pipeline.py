@@ -15,13 +15,15 @@ SDXL exports keep ``StableDiffusionXLPipeline``-loadable parts and name the file
 ``DiffusionPipeline.from_pretrained(DIR, custom_pipeline="instaflow_pipeline", trust_remote_code=True)``. SD3
 exports do not ship it: stock ``StableDiffusion3Pipeline`` samples them.
 
-The sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data) on a
-uniform grid, the UNet called at timestep ``(1 - t) * 1000`` with its output taken as the velocity, and
-classifier-free guidance ``v_uncond + w (v_cond - v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is
-the null prompt). Prompts are encoded as the family's diffusers pipeline does: SD's CLIP last hidden state, or, for
-SDXL (a folder with ``text_encoder_2``), both CLIP towers' penultimate states joined, CLIP-G's pooled embedding and
-the default size ids (zeros for the null prompt when ``force_zeros_for_empty_prompt``). A folder without a VAE is a
-pixel-space model (the digits demo's): its latents are the images.
+The sampler is the project's, written out: Euler steps of the velocity from t = 0 (noise) to t = 1 (data) on a uniform
+grid (a piecewise rectified flow's, ``windows`` > 1 in ``model_index.json``: uniform inside each of its equal time
+windows, ``n // windows`` steps per window and the remainder in the first ones), the UNet called at timestep
+``(1 - t) * 1000`` with its output taken as the velocity, and classifier-free guidance
+``v_uncond + w (v_cond - v_uncond)`` in one batched call when ``w > 1`` (the empty prompt is the null prompt). Prompts
+are encoded as the family's diffusers pipeline does: SD's CLIP last hidden state, or, for SDXL (a folder with
+``text_encoder_2``), both CLIP towers' penultimate states joined, CLIP-G's pooled embedding and the default size ids
+(zeros for the null prompt when ``force_zeros_for_empty_prompt``). A folder without a VAE is a pixel-space model (the
+digits demo's): its latents are the images.
 
 ``instaflow_pl.pipeline.InstaFlowPipeline`` is a subclass: it keeps this sampling loop, latent shape, noise and
 decoding, and replaces the two seams, :meth:`InstaFlowPipeline.condition` and :meth:`InstaFlowPipeline.velocity`,
@@ -46,6 +48,18 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 """What ``InstaFlowPipeline.__call__`` can return."""
 
 
+def euler_grid(steps: int, windows: int = 1) -> list[float]:
+    """Flow times of ``steps`` Euler steps over ``windows`` equal windows of [0, 1]: ``steps // windows`` per window,
+    one more in the first ``steps % windows``, uniform inside each (one window: ``k / steps``)."""
+    grid = [0.0]
+    base, extra = divmod(steps, windows)
+    for k in range(windows):
+        n = base + (1 if k < extra else 0)
+        start, end = k / windows, (k + 1) / windows
+        grid += [start + (end - start) * j / n for j in range(1, n)] + [end]
+    return grid
+
+
 class InstaFlowPipeline(DiffusionPipeline):
     """One-step (or few-step) text-to-image sampling of an InstaFlow / k-rectified-flow export.
 
@@ -61,6 +75,8 @@ class InstaFlowPipeline(DiffusionPipeline):
         text_encoder_2: SDXL's CLIP-G (with projection); None for SD.
         tokenizer_2: Its tokenizer.
         force_zeros_for_empty_prompt: SDXL: the null prompt's condition is zeros (copied from the base folder).
+        windows: Time windows of a piecewise rectified flow (1: an InstaFlow / k-RF model); it samples with at least
+            one step per window.
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
@@ -80,6 +96,7 @@ class InstaFlowPipeline(DiffusionPipeline):
         text_encoder_2=None,
         tokenizer_2=None,
         force_zeros_for_empty_prompt: bool = True,
+        windows: int = 1,
     ):
         super().__init__()
         self.register_modules(
@@ -91,7 +108,7 @@ class InstaFlowPipeline(DiffusionPipeline):
             text_encoder_2=text_encoder_2,
             tokenizer_2=tokenizer_2,
         )
-        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+        self.register_to_config(force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, windows=int(windows))
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -208,9 +225,15 @@ class InstaFlowPipeline(DiffusionPipeline):
             raise self.argument_error(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if guidance_scale < 0:
             raise self.argument_error(f"guidance_scale must be >= 0 (1 or less means none), got {guidance_scale}")
+        windows = int(self.config.get("windows", 1) or 1)
+        if num_inference_steps < windows:
+            raise self.argument_error(
+                f"num_inference_steps={num_inference_steps} cannot cross the model's {windows} time windows: take at "
+                f"least {windows} steps (one per window)"
+            )
         guided = guidance_scale > 1.0
         cond = self.condition(list(prompts), guided)
-        grid = [k / num_inference_steps for k in range(num_inference_steps + 1)]
+        grid = euler_grid(num_inference_steps, windows)
         x = x0
         for t, t_next in zip(grid, grid[1:], strict=False):
             t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)

@@ -125,6 +125,8 @@ def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, An
                 callback["init_args"]["num_samples"] = BATCH
         trainer["default_root_dir"] = str(out / "run")
         init["base_model"] = str(folder)
+        if init.get("teacher"):  # a piecewise reflow's teacher: the released tiny folder
+            init["teacher"] = str(get(family))
         data["path"] = str(get(f"{family}-pairs"))
         if "expected_latent_shape" in data:
             data["expected_latent_shape"] = tiny_latent_shape(folder)

@@ -171,6 +171,7 @@ def export_info(
         "exported_from": str(ckpt_path.resolve()),
         "family": family.name,
         "sampler": sampler_note(family),
+        "windows": int(hparams.get("windows", 1)),  # a piecewise rectified flow's time windows (1: none)
         **record.conditioning,  # e.g. Flux's guidance input, read back by the family's configure_encoder
     }
     if record.module == "DistillModule":

@@ -50,6 +50,8 @@ def write_folder(folder: Path, network: nn.Module, family, base: ModelFolder, in
         _copy_component(base, name, folder)
     FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(folder / "scheduler")
     index = _model_index(base, type(network), family)
+    if family.standalone_pipeline and info.get("windows", 1) > 1:
+        index["windows"] = info["windows"]  # the shipped pipeline's Euler grid (a piecewise rectified flow)
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     mark_velocity_folder(folder, **info)
     if family.standalone_pipeline:

@@ -26,12 +26,12 @@ from instaflow_pl.metrics import straightness
 from instaflow_pl.modules.ema import EMA
 from instaflow_pl.modules.lora import LoraOptions, add_lora
 from instaflow_pl.ranks import setup_on_every_rank
-from instaflow_pl.solver import LatentODE
+from instaflow_pl.solver import LatentODE, uniform_grid
 from instaflow_pl.speed import set_tf32, speed_up
 from instaflow_pl.text import NULL_PROMPT
 from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, TextCondition
 
-_FROZEN_PREFIXES = ("encoder.", "distance.", "vae.")
+_FROZEN_PREFIXES = ("encoder.", "distance.", "vae.", "teacher.")
 VAL_NOISE_SEED = 1_000_000_007
 """Validation noises for data without pairs: sample i uses the seed rule with this base seed."""
 
@@ -204,7 +204,12 @@ class FlowModule(L.LightningModule):
         with self.sampling_weights() as model:
             field = ClassifierFreeGuidance(model, guidance)
             cond = self.condition(prompts, with_null=field.active)
-            return LatentODE("euler", steps).solve(field, x0, cond, return_trajectory=trajectory)
+            grid = self.sampling_grid(steps)
+            return LatentODE("euler", time_grid=grid).solve(field, x0, cond, return_trajectory=trajectory)
+
+    def sampling_grid(self, steps: int) -> list[float]:
+        """The Euler time grid of ``steps`` sampling steps (uniform; a piecewise flow's is uniform per window)."""
+        return uniform_grid(steps)
 
     def training_step(self, batch: TripleBatch, batch_idx: int) -> torch.Tensor:
         """One optimisation step: the module's loss, logged as ``train/loss``.

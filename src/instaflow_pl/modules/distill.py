@@ -37,6 +37,7 @@ class DistillModule(FlowModule):
         student_steps: Euler steps of the student (1 = InstaFlow's one-step generator).
         prompt_dropout: Probability of the null prompt (0: the student learns the guided teacher's outputs).
         val_steps: Euler step counts of the validation samples.
+        windows: Only 1: piecewise (windowed) reflow is an option of ReflowModule, not of distillation.
         velocity: The velocity network (default: the network of ``base_model``, a UNet or a transformer).
         **kwargs: The shared training options of FlowModule (optimizer, schedule, EMA, freezing, validation).
     """
@@ -55,8 +56,14 @@ class DistillModule(FlowModule):
         student_steps: int = 1,
         prompt_dropout: float = 0.0,
         val_steps: Sequence[int] = (1, 2, 4),
+        windows: int = 1,
         **kwargs,
     ):
+        if windows != 1:
+            raise UserError(
+                f"windows={windows} is piecewise reflow, an option of ReflowModule; DistillModule distils pairs into a "
+                "student of student_steps Euler steps (use class_path: instaflow_pl.modules.ReflowModule)"
+            )
         if student_steps < 1:
             raise UserError(f"student_steps must be >= 1, got {student_steps}")
         super().__init__(base_model, velocity, prompt_dropout=prompt_dropout, val_steps=val_steps, **kwargs)

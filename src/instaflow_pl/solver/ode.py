@@ -87,6 +87,19 @@ def uniform_grid(steps: int) -> list[float]:
     return [k / steps for k in range(steps + 1)]
 
 
+_SAME_TIME = 1e-7
+"""Grid points closer than this to an interval's end are that end (no sliver steps from rounding)."""
+
+
+def sub_grid(grid: Sequence[float], start: float, end: float) -> list[float]:
+    """The part of ``grid`` inside ``[start, end]``, with both ends as grid points (the interval a window solve
+    steps through; on a grid that holds both ends it is the grid's own points between them)."""
+    if not 0.0 <= start < end <= 1.0:
+        raise UserError(f"an interval of flow time must satisfy 0 <= start < end <= 1, got [{start}, {end}]")
+    inside = [float(t) for t in grid if start + _SAME_TIME < t < end - _SAME_TIME]
+    return [float(start), *inside, float(end)]
+
+
 class LatentODE:
     """Integrates ``dx/dt = v(x, t, cond)`` from t=0 (noise) to t=1 (data) with an explicit method.
 
@@ -109,6 +122,15 @@ class LatentODE:
         self.method = method
         self.time_grid = [float(t) for t in grid]
 
+    can_solve_interval = True
+    """Any sub-interval ``[t_s, t_e]`` of [0, 1] can be solved (on the grid's points inside it)."""
+
+    @staticmethod
+    def marginal(x1: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """The state of the straight forward process at time ``t``, ``t X1 + (1 - t) X0`` (a rectified flow's and a
+        flow-matching teacher's marginal, our convention): where a solve of ``[t, ...]`` starts from data ``x1``."""
+        return t * x1 + (1.0 - t) * noise
+
     @property
     def steps(self) -> int:
         """Number of steps on the grid."""
@@ -127,29 +149,33 @@ class LatentODE:
         *,
         return_trajectory: bool = False,
         enable_grad: bool = False,
+        interval: tuple[float, float] | None = None,
     ) -> ODESolution:
         """Integrate ``field`` from ``x0`` along the time grid.
 
         Args:
             field: The velocity ``v(x, t, cond)``.
-            x0: Start states at ``time_grid[0]``, shape (B, ...).
+            x0: Start states at ``time_grid[0]`` (or at the interval's start), shape (B, ...).
             cond: Conditioning passed to every call of ``field``.
             return_trajectory: Also return every state on the grid and its time.
             enable_grad: Keep the autograd graph (for training through the solve).
+            interval: Solve only ``[t_s, t_e]``, stepping through the grid's points inside it (:func:`sub_grid`):
+                solving ``[t_s, t_m]`` and then ``[t_m, t_e]`` at a grid point ``t_m`` is one solve of ``[t_s, t_e]``.
 
         Returns:
             The end point, the number of evaluations and, on request, the trajectory.
         """
+        grid = self.time_grid if interval is None else sub_grid(self.time_grid, *interval)
         f = _CountedField(field, cond)
         step = METHODS[self.method]
         x = x0
         states = [x0] if return_trajectory else None
         with torch.set_grad_enabled(enable_grad):
-            for t, t_next in zip(self.time_grid, self.time_grid[1:], strict=False):
+            for t, t_next in zip(grid, grid[1:], strict=False):
                 x = step(f, x, t, t_next - t)
                 if states is not None:
                     states.append(x)
         if states is None:
             return ODESolution(x=x, nfe=f.calls)
-        times = torch.tensor(self.time_grid, dtype=torch.float32)
+        times = torch.tensor(grid, dtype=torch.float32)
         return ODESolution(x=x, nfe=f.calls, states=torch.stack(states), times=times)

@@ -35,6 +35,12 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
 }
 """Diffusers schedulers by the solver names the project accepts."""
 
+INTERVAL_SCHEDULERS = ("ddim", "dpm++", "unipc")
+"""Schedulers that can solve a sub-interval of their timesteps (a PeRFlow window): their state at a timestep is the
+noised latent itself (the DDPM marginal; unit ``init_noise_sigma``, no input scaling). DDIM (PeRFlow's) keeps no
+history, so consecutive sub-intervals make up the full solve exactly; the multistep ones restart their history at an
+interval's start. PNDM (its warm-up revisits timesteps) and Euler (its state is scaled by sigma) cannot."""
+
 
 def scheduler_solver(config: dict[str, Any]) -> str | None:
     """The solver name of the scheduler a config describes (its ``_class_name``, as in a folder's
@@ -69,6 +75,45 @@ class SchedulerODE:
         self.steps = steps
 
     @property
+    def can_solve_interval(self) -> bool:
+        """Whether :meth:`solve` accepts an ``interval`` (the scheduler is one of :data:`INTERVAL_SCHEDULERS`)."""
+        return any(type(self.scheduler) is SCHEDULERS[name] for name in INTERVAL_SCHEDULERS)
+
+    def _flow_times(self, num_train: float) -> list[float]:
+        """Flow time of each timestep of the current schedule, ``1 - timestep / num_train_timesteps``."""
+        return [1.0 - float(ts) / num_train for ts in self.scheduler.timesteps]
+
+    def _interval_steps(self, start: float, end: float) -> list[int]:
+        """Indices of the schedule's timesteps whose flow time lies in ``[start, end)`` (``set_timesteps`` done)."""
+        if not self.can_solve_interval:
+            raise UserError(
+                f"the {type(self.scheduler).__name__} solver cannot solve a sub-interval of its timesteps: choose one "
+                f"of {', '.join(INTERVAL_SCHEDULERS)} (PeRFlow uses ddim)"
+            )
+        if not 0.0 <= start < end <= 1.0:
+            raise UserError(f"an interval of flow time must satisfy 0 <= start < end <= 1, got [{start}, {end}]")
+        times = self._flow_times(float(self.scheduler.config.num_train_timesteps))
+        chosen = [k for k, t in enumerate(times) if start <= t < end]
+        if not chosen:
+            raise UserError(
+                f"no timestep of {self.steps} {type(self.scheduler).__name__} steps lies in [{start}, {end}): "
+                "take more solver steps"
+            )
+        return chosen
+
+    def marginal(self, x1: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """The state an interval solve from ``t`` starts from for data ``x1`` and standard normal ``noise``: the DDPM
+        marginal ``sqrt(a) X1 + sqrt(1 - a) X0`` at the schedule's first timestep at or after ``t`` (``a`` its
+        ``alphas_cumprod``), and the noise itself at the schedule's first timestep, where a full solve starts."""
+        sched = self.scheduler
+        sched.set_timesteps(self.steps, device=x1.device)
+        first = self._interval_steps(t, 1.0)[0]
+        if first == 0:
+            return noise * sched.init_noise_sigma
+        alpha = sched.alphas_cumprod[int(sched.timesteps[first])].to(device=x1.device, dtype=torch.float64)
+        return (alpha.sqrt() * x1 + (1.0 - alpha).sqrt() * noise).to(x1.dtype)
+
+    @property
     def nfe(self) -> int:
         """Model evaluations one solve costs."""
         sched = copy.deepcopy(self.scheduler)  # leave the solver's own scheduler untouched
@@ -83,16 +128,21 @@ class SchedulerODE:
         *,
         return_trajectory: bool = False,
         enable_grad: bool = False,
+        interval: tuple[float, float] | None = None,
     ) -> ODESolution:
         """Integrate from the noise ``x0`` (unit variance) to data.
 
         Args:
             field: The model ``f(x, timestep, cond)`` (guidance already wrapped around it if wanted).
-            x0: Standard normal noise, shape (B, ...).
+            x0: Standard normal noise, shape (B, ...); with ``interval``, the state at the interval's first timestep
+                (:meth:`marginal`).
             cond: Conditioning passed to every call.
             return_trajectory: Also return the state after each scheduler step, with its flow time (a step that
                 revisits the last time, as PNDM's second one does, replaces that state).
             enable_grad: Keep the autograd graph.
+            interval: ``(t_s, t_e)``: take only the steps from the schedule's timesteps whose flow time lies in
+                ``[t_s, t_e)``, the same steps the full solve takes there (schedulers of :data:`INTERVAL_SCHEDULERS`);
+                the state reached is the one at the next timestep of the schedule (data after the last).
 
         Returns:
             The end point, the number of model evaluations and, on request, the trajectory.
@@ -100,11 +150,17 @@ class SchedulerODE:
         sched = self.scheduler
         sched.set_timesteps(self.steps, device=x0.device)
         num_train = float(sched.config.num_train_timesteps)
-        x = x0 * sched.init_noise_sigma
-        states, times = ([x0], [0.0]) if return_trajectory else (None, None)
+        chosen = range(len(sched.timesteps)) if interval is None else self._interval_steps(*interval)
+        first = chosen[0]
+        if first > 0 and hasattr(sched, "set_begin_index"):
+            sched.set_begin_index(first)  # multistep schedulers find their step index (and sigmas) from here
+        x = x0 * sched.init_noise_sigma if first == 0 else x0
+        t_first = 0.0 if first == 0 else 1.0 - float(sched.timesteps[first]) / num_train
+        states, times = ([x0], [t_first]) if return_trajectory else (None, None)
         nfe = 0
         with torch.set_grad_enabled(enable_grad):
-            for k, timestep in enumerate(sched.timesteps):
+            for k in chosen:
+                timestep = sched.timesteps[k]
                 model_input = sched.scale_model_input(x, timestep)
                 prediction = field(model_input, timestep, cond)
                 nfe += 1

@@ -14,7 +14,7 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.families import Family, LatentGeometry
 from instaflow_pl.kinds import VELOCITY_KIND
 from instaflow_pl.model_folder import ModelFolder
-from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE
+from instaflow_pl.solver import LatentODE, ODESolution, SchedulerODE, piecewise_grid
 from instaflow_pl.text import PromptEncoder
 from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkPredictor, NetworkVelocity
 
@@ -34,6 +34,9 @@ class Teacher(nn.Module):
         solver_name: The solver's name (scheduler or ODE method), as recorded in dataset manifests.
         family: The model family (:mod:`instaflow_pl.families`).
         scheduler_config: The folder's scheduler config (to build the same solver at other step counts).
+        windows: A piecewise rectified flow's number of time windows (its ``instaflow.json``'s ``windows``): a
+            velocity teacher's solver then steps uniformly inside each window
+            (:func:`~instaflow_pl.solver.piecewise_grid`).
     """
 
     def __init__(
@@ -48,6 +51,7 @@ class Teacher(nn.Module):
         solver_name: str,
         family: Family,
         scheduler_config: dict[str, Any] | None = None,
+        windows: int = 1,
     ):
         super().__init__()
         self.encoder = encoder
@@ -61,6 +65,8 @@ class Teacher(nn.Module):
         self.solver_name = solver_name
         self.family = family
         self.scheduler_config = scheduler_config or {}
+        self.windows = int(windows)
+        self.solver = self._windowed(solver)
         self._solvers: dict[tuple[int, ...], LatentODE | SchedulerODE] = {}
 
     def check_latent_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -78,11 +84,19 @@ class Teacher(nn.Module):
         import copy
 
         other = copy.copy(self)
-        other.solver = self.family.make_solver(
-            self.kind, self.solver_name, steps, self.scheduler_config, latent_shape=self.latent_shape
+        other.solver = self._windowed(
+            self.family.make_solver(
+                self.kind, self.solver_name, steps, self.scheduler_config, latent_shape=self.latent_shape
+            )
         )
         other._solvers = {}
         return other
+
+    def _windowed(self, solver: LatentODE | SchedulerODE) -> LatentODE | SchedulerODE:
+        """``solver`` on a piecewise flow's grid (same method and steps) when the teacher has windows."""
+        if self.windows == 1 or not isinstance(solver, LatentODE):
+            return solver
+        return LatentODE(solver.method, time_grid=piecewise_grid(solver.steps, self.windows))
 
     def solver_for(self, shape: Sequence[int]) -> LatentODE | SchedulerODE:
         """The solver for latents of (C, H, W) ``shape``: :attr:`solver` at the native shape, else one built for the
@@ -164,5 +178,6 @@ def load_teacher(
         solver_name=solver_name,
         family=family,
         scheduler_config=scheduler_config,
+        windows=int(folder.info.get("windows", 1)) if folder.kind == VELOCITY_KIND else 1,
     )
     return teacher.to(device)

@@ -1,0 +1,152 @@
+"""Piecewise rectified flow as a mode of ReflowModule: online window targets from a teacher in the module, sampling
+with K windows, checkpoints without the teacher, and one line for each bad option."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import write_dataset
+from helpers import fit_quietly
+
+from instaflow_pl.data import TripleBatch
+from instaflow_pl.errors import UserError
+from instaflow_pl.modules import DistillModule, ReflowModule
+from instaflow_pl.solver import piecewise_grid
+from instaflow_pl.teachers import load_teacher
+
+PROMPTS = ["a cat", "a dog", "a red car", "a house"]
+
+
+def windowed(base, teacher=None, **options) -> ReflowModule:
+    options = {"ema_decay": 0.0, "val_steps": [4], "window_solver_steps": 2, **options}
+    return ReflowModule(str(base), teacher=str(teacher or base), **options)
+
+
+@pytest.mark.parametrize(("teacher", "solver", "guidance"), [("tiny_sd", "ddim", 3.0), ("tiny_velocity", "auto", 1.0)])
+def test_one_window_online_target_is_the_stored_pair_target(teacher, solver, guidance, request):
+    """K = 1, the teacher's full solve from pure noise: the target is X1 - X0 of the pair the teacher makes."""
+    folder = request.getfixturevalue(teacher)
+    module = windowed(folder, teacher_solver=solver, teacher_guidance=guidance, window_solver_steps=4)
+    reference = load_teacher(folder, solver=solver, steps=4)
+    x0 = torch.randn(4, 4, 8, 8)
+    pair_x1 = reference.sample(x0, PROMPTS, guidance=guidance).x
+    batch = TripleBatch(None, torch.randn(4, 4, 8, 8), PROMPTS, torch.arange(4))
+    t = torch.rand(4)
+    out = module.window_targets(batch, module.condition(PROMPTS), x0, t)
+    difference = (out.target - (pair_x1 - x0)).abs().max().item()
+    assert difference == 0.0, difference
+    assert out.nfe == 4 * (2 if guidance > 1 else 1)
+
+
+def test_cfg_sync_teacher_sees_the_students_condition(tiny_sd):
+    module = windowed(tiny_sd, teacher_solver="ddim", cfg_sync=True, windows=2, val_steps=[2])
+    cond = module.condition(PROMPTS)
+    field, teacher_cond = module.teacher_field(PROMPTS, cond)
+    assert teacher_cond is cond and not field.active
+    guided = windowed(tiny_sd, teacher_solver="ddim", teacher_guidance=7.5)
+    field, teacher_cond = guided.teacher_field(PROMPTS, cond)
+    assert field.active and teacher_cond.null is not None
+
+
+def test_windowed_fit_trains_saves_no_teacher_and_samples_on_the_piecewise_grid(tiny_velocity, tmp_path):
+    data = write_dataset(tmp_path / "d", count=16)
+    module = windowed(tiny_velocity, windows=4, val_steps=[4, 6])
+    before = {k: v.clone() for k, v in module.velocity.state_dict().items()}
+    trainer = fit_quietly(module, data, tmp_path / "run", steps=2)
+    assert any(not torch.equal(before[k], v) for k, v in module.velocity.state_dict().items())
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert not any(m.training for m in module.teacher.model.modules())
+    checkpoint = torch.load(trainer.checkpoint_callback.best_model_path or _last(tmp_path), weights_only=False)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]
+    assert checkpoint["hyper_parameters"]["windows"] == 4
+    solution = module.sample(torch.randn(2, 4, 8, 8), PROMPTS[:2], steps=6, trajectory=True)
+    assert solution.times.tolist() == pytest.approx(piecewise_grid(6, 4)) and solution.nfe == 6
+    with pytest.raises(UserError, match="3 sampling steps cannot cross 4 windows"):
+        module.sample(torch.randn(1, 4, 8, 8), PROMPTS[:1], steps=3)
+
+
+def _last(root):
+    return str(sorted((root / "run").rglob("*.ckpt"))[-1])
+
+
+def test_windowed_training_step_is_reproducible_from_its_seed(tiny_velocity):
+    """The online noise and times come from the batch's seeded generator: the same seed, the same loss."""
+    from instaflow_pl.modules.base import seeded_rng
+
+    module = windowed(tiny_velocity, windows=2, val_steps=[2])
+    batch = TripleBatch(None, torch.randn(4, 4, 8, 8), PROMPTS, torch.arange(4))
+    losses = []
+    for _ in range(2):
+        with seeded_rng(1234):
+            losses.append(module.compute_loss(batch, module.condition(PROMPTS)).loss.item())
+    with seeded_rng(99):
+        other = module.compute_loss(batch, module.condition(PROMPTS)).loss.item()
+    assert losses[0] == losses[1] != other
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"windows": 0}, "windows must be an integer >= 1"),
+        ({"windows": 4, "teacher": None}, "windows=4 needs a teacher"),
+        ({"teacher_solver": "auto"}, "teacher's solver 'pndm' cannot solve a window"),
+        ({"cfg_sync": True, "teacher_guidance": 7.5}, "cfg_sync runs the teacher on the student's condition"),
+        ({"windows": 4, "val_steps": [1, 4]}, "val_steps [1, 4] has step counts below windows=4"),
+        ({"window_solver_steps": 0}, "window_solver_steps must be >= 1"),
+    ],
+)
+def test_bad_window_options_are_one_line(tiny_sd, options, message):
+    options = {"teacher_solver": "ddim", **options}
+    teacher = options.pop("teacher", tiny_sd)
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ReflowModule(str(tiny_sd), teacher=None if teacher is None else str(teacher), ema_decay=0.0, **options)
+
+
+def test_windows_with_distillation_is_one_line(tiny_velocity):
+    with pytest.raises(UserError, match="windows=4 is piecewise reflow, an option of ReflowModule"):
+        DistillModule(str(tiny_velocity), windows=4)
+
+
+def test_export_records_windows_and_every_sampler_honours_them(tiny_sd, tmp_path, capsys):
+    from helpers import assert_one_line_error, run_main
+
+    from instaflow_pl import standalone_pipeline
+    from instaflow_pl.conventions import noise_for_indices
+    from instaflow_pl.export import export_checkpoint
+    from instaflow_pl.model_folder import read_info
+    from instaflow_pl.pipeline import InstaFlowPipeline
+
+    data = write_dataset(tmp_path / "d", count=8)
+    module = windowed(tiny_sd, teacher_solver="ddim", windows=2, val_steps=[2])
+    fit_quietly(module, data, tmp_path / "run", steps=1)
+    out = tmp_path / "export"
+    export_checkpoint(sorted((tmp_path / "run").rglob("*.ckpt"))[-1], out)
+    assert read_info(out)["windows"] == 2
+    assert json.loads((out / "model_index.json").read_text())["windows"] == 2
+
+    pipe = InstaFlowPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.windows == 2
+    x0 = noise_for_indices(0, range(2), pipe.latent_shape())
+    ours = pipe.sample_latents(x0, PROMPTS[:2], num_inference_steps=3)
+    expected = module.sample(x0, PROMPTS[:2], steps=3).x
+    assert torch.allclose(ours, expected, atol=1e-5), (ours - expected).abs().max()
+    with pytest.raises(UserError, match="num_inference_steps=1 cannot cross the model's 2 time windows"):
+        pipe.sample_latents(x0, PROMPTS[:2], num_inference_steps=1)
+    stock = standalone_pipeline.InstaFlowPipeline.from_pretrained(out, trust_remote_code=True)  # model_index windows
+    assert torch.equal(stock.sample_latents(x0, PROMPTS[:2], num_inference_steps=3), ours)
+    for steps, windows in [(1, 1), (5, 1), (4, 4), (7, 4), (9, 3)]:
+        assert standalone_pipeline.euler_grid(steps, windows) == piecewise_grid(steps, windows)
+
+    teacher = load_teacher(out, steps=3)
+    assert teacher.solver.time_grid == piecewise_grid(3, 2) and teacher.with_steps(5).solver.nfe == 5
+    with pytest.raises(UserError, match="1 sampling steps cannot cross 2 windows"):
+        load_teacher(out, steps=1)
+
+    capsys.readouterr()  # the loads above wrote progress bars
+    args = ["sample", "--model", out, "--prompt", "a cat", "--n", "1", "--out", tmp_path / "g.png"]
+    assert_one_line_error(run_main([*args, "--steps", "1"], capsys), "cannot cross the model's 2 time windows")
+    code, _, err = run_main([*args, "--steps", "2"], capsys)
+    assert code == 0, err
