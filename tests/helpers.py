@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from conftest import REPO
 
@@ -66,6 +71,26 @@ def assert_one_line_error(result: tuple[int, str, str], *fragments: str) -> None
 def config(name: str) -> str:
     """The path of ``configs/<name>.yaml`` in this checkout."""
     return str(REPO / "configs" / f"{name}.yaml")
+
+
+def run_process_group(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
+    """``instaflow-pl ARGS`` in a session of its own; on a hang every rank is killed, not only the launcher."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "instaflow_pl.cli", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"the DDP fit hung for {timeout} s (every rank killed); stderr tail:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 # ---- the training story ---------------------------------------------------------------------------------------

@@ -10,15 +10,12 @@ rank then skipped the metric reduction the other waited for.
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import socket
-import subprocess
-import sys
 
 import pytest
 import yaml
 from conftest import REPO, write_dataset
+from helpers import run_process_group
 
 from instaflow_pl.cli import cli_main
 
@@ -38,26 +35,6 @@ def ddp_config(tmp_path):
     path = tmp_path / "reflow.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def run_process_group(args: list[str], env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:
-    """``instaflow-pl ARGS`` in a session of its own; on a hang every rank is killed, not only the launcher."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "instaflow_pl.cli", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-        pytest.fail(f"the DDP fit hung for {timeout} s (every rank killed); stderr tail:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
 def test_fit_on_two_ddp_cpu_ranks(tiny_sd, tmp_path):

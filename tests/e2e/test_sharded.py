@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from conftest import REPO, write_dataset
-from test_ddp_fit import run_process_group
+from helpers import run_process_group
 
 from instaflow_pl.cli import cli_main
 from instaflow_pl.errors import UserError
@@ -35,15 +35,15 @@ def free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def sharded_config(tmp_path: Path, family: str = "sd", every: int = 3) -> Path:
-    """configs/tiny/FAMILY/reflow.yaml without the callbacks that sample on rank zero alone (a sharded model samples
+def sharded_config(tmp_path: Path, family: str = "sd", every: int = 3, stage: str = "reflow") -> Path:
+    """configs/tiny/FAMILY/STAGE.yaml without the callbacks that sample on rank zero alone (a sharded model samples
     on every rank), checkpointing every ``every`` steps, clipping gradients (so the clipping is compared too)."""
-    config = yaml.safe_load((REPO / f"configs/tiny/{family}/reflow.yaml").read_text())
+    config = yaml.safe_load((REPO / f"configs/tiny/{family}/{stage}.yaml").read_text())
     trainer = config["trainer"]
     trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     trainer["callbacks"][0]["init_args"].update(every_n_train_steps=every, save_top_k=-1)
     trainer["gradient_clip_val"] = 0.05
-    path = tmp_path / f"reflow-{family}.yaml"
+    path = tmp_path / f"{stage}-{family}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -93,12 +93,12 @@ def export(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
     return exported_weights(out)
 
 
-def compare_with_ddp(tmp_path: Path, base: Path, family: str) -> None:
+def compare_with_ddp(tmp_path: Path, base: Path, family: str, stage: str = "reflow", *extra: str) -> None:
     data = write_dataset(tmp_path / "pairs", count=40, shard_size=8, shape=latent_shape(base), family=family)
-    config = sharded_config(tmp_path, family)
+    config = sharded_config(tmp_path, family, stage=stage)
     runs = {}
     for strategy in ("ddp", "sharded"):
-        result = fit(config, base, data, tmp_path / strategy, strategy, steps=6)
+        result = fit(config, base, data, tmp_path / strategy, strategy, 6, *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[strategy] = logged(tmp_path / strategy)
     ddp, sharded = runs["ddp"], runs["sharded"]
@@ -138,6 +138,17 @@ def test_sharded_fit_matches_ddp_for_other_families(family, tmp_path_factory, tm
 
     base = FAMILIES[family].build_tiny(tmp_path_factory.mktemp("tiny") / family)
     compare_with_ddp(tmp_path, base, family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "extra"),
+    [("reflow", ("--model.init_args.lora={rank: 2, alpha: 4.0}",)), ("distill", ())],
+    ids=["reflow-lora", "distill"],
+)
+def test_sharded_lora_and_distillation_match_ddp(stage, extra, tiny_sd, tiny_velocity, tmp_path):
+    """LoRA adapters (only they train, the rest frozen) and the one-step distillation module, sharded vs DDP."""
+    compare_with_ddp(tmp_path, tiny_velocity if stage == "distill" else tiny_sd, "sd", stage, *extra)
 
 
 @pytest.mark.slow
