@@ -279,10 +279,11 @@ class Family:
 
     # ---- model cards ----------------------------------------------------------------------------------------
 
-    def card_stock_use(self, steps: int) -> list[str]:
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """The model card's first way to sample an export in ``steps`` steps, without instaflow-pl (markdown lines
         whose python block loads ``DIR``): the shipped ``instaflow_pipeline.py`` through stock diffusers' custom
-        pipelines, or, for a family that ships none, a line saying stock diffusers cannot sample it."""
+        pipelines, or, for a family that ships none, a line saying stock diffusers cannot sample it. ``info`` is as
+        in :meth:`card_use`."""
         if not self.standalone_pipeline:
             return [
                 f"Stock diffusers cannot sample this export ({self.lora_pipeline}'s scheduler steps another velocity "
@@ -300,11 +301,17 @@ class Family:
             "```",
         ]
 
-    def card_use(self, steps: int) -> list[str]:
+    def card_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """The model card's "Use" section (markdown lines, without its heading) for an export of this family that
-        samples in ``steps`` steps: the family's stock-diffusers way first, then instaflow-pl's, then how it steps."""
+        samples in ``steps`` steps: the family's stock-diffusers way first, then instaflow-pl's, then how it steps.
+
+        Args:
+            steps: The export's sampling steps.
+            info: The export's ``instaflow.json`` record (what :meth:`encoder_info` wrote among it) and
+                ``image_size``, its native image height and width in pixels.
+        """
         return [
-            *self.card_stock_use(steps),
+            *self.card_stock_use(steps, info),
             "",
             "With instaflow-pl (every family):",
             "",
@@ -334,6 +341,21 @@ class Family:
             f"pipe.load_lora_weights(DIR)  # the {self.network_folder} now returns this model's velocity",
             "```",
         ]
+
+    # ---- the stock pipeline -----------------------------------------------------------------------------------
+
+    def stock_sampling_args(
+        self, latents: torch.Tensor, guidance_scale: float, info: Mapping[str, Any], pixels_per_latent: int
+    ) -> dict[str, Any]:
+        """Keyword arguments of the family's stock pipeline (:attr:`lora_pipeline`) that sample an export from noise
+        ``latents`` (B, C, H, W) as ``InstaFlowPipeline`` does with classifier-free guidance ``guidance_scale``
+        (``info``: the export's ``instaflow.json``); with ``output_type="latent"`` :meth:`stock_latents` reads the
+        result."""
+        return {"latents": latents, "guidance_scale": guidance_scale}
+
+    def stock_latents(self, latents: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The stock pipeline's ``output_type="latent"`` result as (B, C, H, W) latents of (C, H, W) ``shape``."""
+        return latents
 
     # ---- tiny fixtures --------------------------------------------------------------------------------------
 

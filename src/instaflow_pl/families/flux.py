@@ -28,7 +28,7 @@ from instaflow_pl.families.base import Family
 from instaflow_pl.families.geometry import LatentGeometry
 from instaflow_pl.kinds import VELOCITY_KIND, normalise_kind
 from instaflow_pl.solver.ode import METHODS
-from instaflow_pl.text import PromptEncoder
+from instaflow_pl.text import NULL_PROMPT, PromptEncoder
 from instaflow_pl.velocity.condition import TextCondition
 
 MAX_SEQUENCE_LENGTH = 512
@@ -145,20 +145,57 @@ class Flux(Family):
         "`linspace(1, 1/k, k)` takes the same Euler steps as instaflow-pl's LatentODE.",
     )
 
-    def card_stock_use(self, steps: int) -> list[str]:
-        """Stock ``FluxPipeline`` samples an export (its default sigmas are the uniform grid)."""
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
+        """Stock ``FluxPipeline`` samples an export (its default sigmas are the uniform grid) at the export's native
+        size, with the guidance input and prompt length the model was trained with."""
+        size = int(info["image_size"])
+        guidance = info.get(INFO_GUIDANCE, DEFAULT_GUIDANCE)
+        tokens = int(info.get(INFO_TOKENS) or MAX_SEQUENCE_LENGTH)
+        if guidance is None:
+            setting = [f"k = {steps}  # steps ([schnell]-like: no guidance input)"]
+            call = f"num_inference_steps=k, height={size}, width={size}, max_sequence_length={tokens}"
+        else:
+            setting = [f"k, g = {steps}, {float(guidance)!r}  # steps; the guidance input it was trained with"]
+            call = f"num_inference_steps=k, guidance_scale=g, height={size}, width={size}, max_sequence_length={tokens}"
         return [
-            "With diffusers alone (no instaflow-pl needed): the stock Flux pipeline samples this folder; pass the",
-            "guidance input the model was trained with (FLUX.1 [dev] students; `instaflow.json` records it).",
+            "With diffusers alone (no instaflow-pl needed): the stock Flux pipeline samples this folder, and samples",
+            "what instaflow-pl samples, at the guidance input (`instaflow.json`: `embedded_guidance`) and prompt",
+            "length (`max_sequence_length`) the model was trained with, at its native size.",
             "",
             "```python",
             "from diffusers import FluxPipeline",
             "",
             "pipe = FluxPipeline.from_pretrained(DIR)",
-            f"k, g = {steps}, {DEFAULT_GUIDANCE}  # steps; the guidance input (instaflow.json: embedded_guidance)",
-            "image = pipe('a photo of a cat', num_inference_steps=k, guidance_scale=g).images[0]",
+            *setting,
+            "image = pipe(",
+            f"    'a photo of a cat', {call}",
+            ").images[0]",
             "```",
         ]
+
+    def stock_sampling_args(
+        self, latents: torch.Tensor, guidance_scale: float, info: Mapping[str, Any], pixels_per_latent: int
+    ) -> dict[str, Any]:
+        """``FluxPipeline``'s arguments: packed noise, the image size, the recorded guidance input as its
+        ``guidance_scale`` and classifier-free guidance as true CFG (``true_cfg_scale`` with the null prompt)."""
+        height, width = latents.shape[-2:]
+        args: dict[str, Any] = {
+            "latents": pack(latents),
+            "height": height * pixels_per_latent,
+            "width": width * pixels_per_latent,
+            "true_cfg_scale": guidance_scale,
+            "max_sequence_length": int(info.get(INFO_TOKENS) or MAX_SEQUENCE_LENGTH),
+        }
+        if guidance_scale > 1:
+            args["negative_prompt"] = NULL_PROMPT
+        embedded = info.get(INFO_GUIDANCE, DEFAULT_GUIDANCE)
+        if embedded is not None:
+            args["guidance_scale"] = float(embedded)
+        return args
+
+    def stock_latents(self, latents: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """``FluxPipeline``'s latents are packed: unpacked to (B, C, H, W)."""
+        return unpack(latents, shape[1], shape[2])
 
     # ---- networks -------------------------------------------------------------------------------------------
 

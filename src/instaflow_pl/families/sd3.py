@@ -92,7 +92,7 @@ class StableDiffusion3(Family):
         "same sample at k = 1, a slightly different one for k > 1.",
     )
 
-    def card_stock_use(self, steps: int) -> list[str]:
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """Stock ``StableDiffusion3Pipeline`` samples an export: the uniform grid through ``sigmas=``."""
         return [
             "With diffusers alone (no instaflow-pl needed): the stock SD3 pipeline samples this folder; with the",
