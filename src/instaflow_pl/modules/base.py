@@ -370,13 +370,16 @@ class FlowModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another module kind's checkpoint; bring an earlier version's to today's layout
-        (:func:`~instaflow_pl.checkpoints.upgrade`); restore the parts left out from this module."""
+        (:func:`~instaflow_pl.checkpoints.upgrade`); restore the parts left out from this module and the recorded
+        conditioning (:meth:`Family.configure_encoder`)."""
         record = read_record(checkpoint, type(self).__name__)
         if isinstance(self.velocity, NetworkVelocity) and record.family != self.velocity.family.name:
             raise UserError(
                 f"the checkpoint holds an {record.family} model, but this run's base_model is an "
                 f"{self.velocity.family.name} model; resume with the base_model the checkpoint was trained from"
             )
+        if isinstance(self.velocity, NetworkVelocity):  # e.g. a Flux student's guidance input, also without data
+            self.velocity.family.configure_encoder(self.encoder, record.conditioning)
         state = checkpoint["state_dict"]
         omitted = self.frozen_base_keys()
         for key, value in self.state_dict().items():
