@@ -21,18 +21,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.families.base import Family
+from instaflow_pl.families.base import MAX_SEQUENCE_LENGTH, PROMPT_LENGTH_KEY, Family
+from instaflow_pl.families.base import check_sequence_length as check_prompt_length
 from instaflow_pl.families.geometry import LatentGeometry
 from instaflow_pl.kinds import VELOCITY_KIND, normalise_kind
 from instaflow_pl.solver.ode import METHODS
 from instaflow_pl.text import NULL_PROMPT, PromptEncoder
 from instaflow_pl.velocity.condition import TextCondition
 
-MAX_SEQUENCE_LENGTH = 512
-"""T5 tokens of a prompt by default and at most (``FluxPipeline``'s ``max_sequence_length``)."""
+SCHNELL_SEQUENCE_LENGTH = 256
+"""T5 tokens FLUX.1 [schnell] is used with (black-forest-labs' reference sampler); more only warns."""
 DEFAULT_GUIDANCE = 3.5
 """The guidance input of a [dev]-like network when nothing sets it (``FluxPipeline``'s default ``guidance_scale``,
 FLUX.1 [dev]'s recommended value)."""
@@ -41,16 +43,13 @@ DEFAULT_SAMPLE_SIZE = 128
 config may record another as ``sample_size`` (the tiny fixture's); diffusers ignores that key."""
 INFO_GUIDANCE = "embedded_guidance"
 """The ``instaflow.json`` key of the guidance input a reflowed [dev] student keeps."""
-INFO_TOKENS = "max_sequence_length"
+INFO_TOKENS = PROMPT_LENGTH_KEY
 """The ``instaflow.json`` key of the prompt length (T5 tokens) a student was trained with."""
 
 
 def check_sequence_length(tokens: int) -> int:
     """``tokens`` as an int, or a clear error when T5 cannot take that many (1 to 512, as ``FluxPipeline``)."""
-    tokens = int(tokens)
-    if not 1 <= tokens <= MAX_SEQUENCE_LENGTH:
-        raise UserError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} for Flux, got {tokens}")
-    return tokens
+    return check_prompt_length(tokens, "Flux")
 
 
 class FluxPromptEncoder(PromptEncoder):
@@ -283,8 +282,27 @@ class Flux(Family):
         """The guidance input (None for [schnell]) and the prompt length, for ``instaflow.json``."""
         return {INFO_GUIDANCE: encoder.guidance, INFO_TOKENS: encoder.max_sequence_length}
 
-    def configure_encoder_for_pairs(self, encoder, teacher_kind: str, guidance: float) -> None:
-        """Pairs of a released [dev]-like teacher were made with ``guidance`` as its input: the student keeps it (a
-        velocity teacher's guidance is classifier-free guidance on top of its own input, which the student keeps)."""
+    def prompt_length(self, encoder) -> int | None:
+        """T5 tokens of a prompt (``max_sequence_length``)."""
+        return encoder.max_sequence_length
+
+    def set_prompt_length(self, encoder, tokens: int) -> None:
+        """At most 512 tokens (an error, as ``FluxPipeline``); a [schnell]-like network (no guidance input) with more
+        than 256 only warns: [schnell] is used with 256."""
+        tokens = check_sequence_length(tokens)
+        if encoder.guidance is None and tokens > SCHNELL_SEQUENCE_LENGTH:
+            rank_zero_warn(
+                f"max_sequence_length {tokens}: FLUX.1 [schnell]-like models are used with at most "
+                f"{SCHNELL_SEQUENCE_LENGTH} T5 tokens; longer prompts may not help"
+            )
+        encoder.max_sequence_length = tokens
+
+    def configure_encoder_for_pairs(
+        self, encoder, teacher_kind: str, guidance: float, prompt_length: int | None = None
+    ) -> None:
+        """The pairs' prompt length; pairs of a released [dev]-like teacher were made with ``guidance`` as its input:
+        the student keeps it (a velocity teacher's guidance is classifier-free guidance on top of its own input,
+        which the student keeps)."""
+        super().configure_encoder_for_pairs(encoder, teacher_kind, guidance, prompt_length)
         if encoder.guidance is not None and normalise_kind(teacher_kind) != VELOCITY_KIND:
             encoder.guidance = float(guidance)

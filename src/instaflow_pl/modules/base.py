@@ -182,7 +182,9 @@ class FlowModule(L.LightningModule):
                     f"an {family} model; generate pairs with a teacher of the model's family"
                 )
             check_latent_shape(self.velocity.network, manifest.latent_shape, source=source)
-            self.velocity.family.configure_encoder_for_pairs(self.encoder, manifest.teacher_kind, manifest.guidance)
+            self.velocity.family.configure_encoder_for_pairs(
+                self.encoder, manifest.teacher_kind, manifest.guidance, manifest.max_sequence_length
+            )
 
     def sampling_weights(self) -> contextlib.AbstractContextManager[nn.Module]:
         """A context in which the velocity holds the weights validation, sampling and export use: the EMA's when
