@@ -203,6 +203,10 @@ class Family:
 
     # ---- teachers -------------------------------------------------------------------------------------------
 
+    def configure_teacher_model(self, model: nn.Module, kind: str) -> None:
+        """Set up the model (velocity or predictor over the network) a teacher of ``kind`` solves (Flux: a released
+        [dev]-like teacher takes its guidance scale as its network's input)."""
+
     teacher_is_flow: ClassVar[bool] = False
     """A released folder is already a rectified flow solved by the LatentODE (SD3), not a diffusion model."""
 

@@ -250,11 +250,9 @@ class Flux(Family):
         )[0]
         return unpack(out, height, width)
 
-    def teacher_model(self, network: nn.Module, kind: str, pixels_per_latent: int) -> nn.Module:
-        """The velocity; a released [dev]-like teacher takes its guidance scale as its input, as ``FluxPipeline``."""
-        model = super().teacher_model(network, kind, pixels_per_latent)
-        model.guidance_as_input = kind != VELOCITY_KIND and bool(network.config.guidance_embeds)
-        return model
+    def configure_teacher_model(self, model: nn.Module, kind: str) -> None:
+        """A released [dev]-like teacher takes its guidance scale as its input, as ``FluxPipeline``."""
+        model.guidance_as_input = kind != VELOCITY_KIND and bool(model.network.config.guidance_embeds)
 
     # ---- prompts --------------------------------------------------------------------------------------------
 

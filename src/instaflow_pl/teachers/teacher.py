@@ -117,7 +117,9 @@ def teacher_model(folder: ModelFolder, network: nn.Module) -> nn.Module:
     LatentODE), else the network's raw prediction (the folder's diffusers scheduler)."""
     flow = folder.kind == VELOCITY_KIND or folder.family.teacher_is_flow
     cls = NetworkVelocity if flow else NetworkPredictor
-    return cls(network, folder.family, pixels_per_latent=folder.pixels_per_latent)
+    model = cls(network, folder.family, pixels_per_latent=folder.pixels_per_latent)
+    folder.family.configure_teacher_model(model, folder.kind)
+    return model
 
 
 def load_teacher(
