@@ -1,6 +1,6 @@
 # instaflow-pl: `make help` lists the targets. Stage targets default to the tiny configs (seconds on a CPU) of
-# FAMILY (a registered model family: sd, sdxl, sd3 or digits; default sd): configs/tiny/$(FAMILY)/*.yaml.
-# Pass CONFIG=configs/sd15/pairs.yaml (or configs/sdxl/..., configs/sd3/...) for the real recipe.
+# FAMILY (a registered model family: sd, sdxl, sd3, flux or digits; default sd): configs/tiny/$(FAMILY)/*.yaml.
+# Pass CONFIG=configs/sd15/pairs.yaml (or configs/sdxl/..., configs/sd3/..., configs/flux/...) for the real recipe.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +12,7 @@ TINY_CONFIGS := configs/tiny/$(FAMILY)
 TINY_RUNS := outputs/tiny/$(FAMILY)-
 export WANDB_MODE ?= offline
 
-.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt bench-recipes demo demo-setup demo-1rf demo-pairs-1rf \
+.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt bench-flux-memory bench-recipes demo demo-setup demo-1rf demo-pairs-1rf \
 	demo-2rf 	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-report tiny pairs reflow distill export sample sweep evaluate clean
 
 help: ## List the targets
@@ -51,6 +51,9 @@ bench-recipes: $(STAMP) ## The shipped SD 1.5 recipes at real shapes on a CPU, a
 
 bench-prompt: $(STAMP) ## SD3 prompt-encoding cost vs the network step (T5-XXL at real width, few layers)
 	$(BIN)/python -m bench.prompt_cost $(BENCH_ARGS)
+
+bench-flux-memory: $(STAMP) ## FLUX.1 [dev] LoRA reflow step's peak memory at 512/1024 px on fake tensors; T5 vs a step (~6 min)
+	$(BIN)/python -m bench.flux_memory $(BENCH_ARGS)
 
 bench-gpu: $(STAMP) ## One-GPU benchmark at SD 1.5 shapes (<= 8 min on a GPU): throughput, memory, MFU, latency
 	$(BIN)/python -m bench.gpu $(BENCH_ARGS)

@@ -48,6 +48,9 @@ HIDDEN_LOG_LINES = (
     "stopped: `max_steps=",
     "Token indices sequence length is longer than",
     "Trainer already configured with model summary callbacks",
+    # Flux folders record their native latent size as `sample_size` (families/flux.py), a key diffusers' Flux
+    # transformer does not take: "The config attributes {'sample_size': 8} were passed to FluxTransformer2DModel, ..."
+    "were passed to FluxTransformer2DModel, but are not expected and will be ignored",
 )
 """Library log records (substrings) the project's commands do not show. The project's own truncation warning says
 when a prompt was cut."""
@@ -60,6 +63,7 @@ _QUIET_LOGGERS = (
     "lightning.fabric.utilities.rank_zero",
     "transformers.tokenization_utils_base",
     "transformers.tokenization_utils_tokenizers",
+    "diffusers.configuration_utils",
 )
 
 

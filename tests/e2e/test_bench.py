@@ -126,3 +126,23 @@ def test_prompt_cost_tiny_runs(tmp_path: Path):
     assert len(names) == len(expected) + len(resolutions), names
     assert [row[0] for row in _table_rows(proc.stdout)] == names
     assert "RECOMMENDATION" in result["recommendation"]
+
+
+@pytest.mark.slow  # about 40 s; with the other SD-size benchmarks' checks in `make test-all`
+def test_flux_memory_tiny_runs(tmp_path: Path):
+    """``bench/flux_memory.py --tiny``: every layout, size and rank measured on fake tensors, the fake count of the
+    validation step equal to the real one (the fake run is the real run's bookkeeping), the "what fits" table."""
+    out = tmp_path / "flux_memory.json"
+    proc = _run(["-m", "bench.flux_memory", "--tiny", "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    cases = {(s["layout"], s["pixels"], s["rank"]) for s in result["steps"]}
+    assert cases == {("bf16-true", 64, 16), ("bf16-true", 64, 64), ("bf16-true", 128, 16), ("bf16-true", 128, 64),
+                     ("bf16-mixed", 64, 16), ("bf16-mixed", 128, 16)}  # fmt: skip
+    for step in result["steps"]:
+        assert step["peak_2"] > step["peak_1"] > step["fixed"] > 0, step
+    assert len(result["fits"]) == 3 * len(result["steps"])
+    checked = result["validation"]
+    assert checked["fake_count"] == checked["count"] > 0, checked
+    assert set(result["flops"]["step"]) == {"64", "128"} and result["flops"]["encoders"]["t5"] > 0
+    assert "| layout | px | LoRA rank |" in proc.stdout

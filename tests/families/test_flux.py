@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import lightning as L
 import pytest
 import torch
 from diffusers import FluxPipeline
@@ -200,3 +201,64 @@ def test_guidance_value_for_a_network_without_guidance_input(tiny_dev, tiny_schn
     cond = dev.encoder.condition(PROMPTS[:1], with_null=False).with_guidance(None)
     with pytest.raises(UserError, match=r"needs a guidance value"):
         dev.solver.solve(dev.model, x0, cond)
+
+
+def test_student_of_dev_pairs_keeps_their_guidance_through_checkpoint_resume_and_export(tiny_dev, tmp_path):
+    """Pairs of the released [dev] teacher at guidance 2 (not the default 3.5) make a student whose guidance input is
+    2: in the module after setup, in its checkpoint record, after a resumed fit and a data-less load, in the export's
+    instaflow.json, and in InstaFlowPipeline and load_teacher of the export, which sample exactly what the module's
+    sampler samples (and not what the default input gives)."""
+    from helpers import fit_quietly, story_pairs
+
+    from instaflow_pl.checkpoints import read_checkpoint, read_record
+    from instaflow_pl.data import TriplesDataModule
+    from instaflow_pl.export import export_checkpoint
+    from instaflow_pl.modules import ReflowModule
+    from instaflow_pl.pipeline import InstaFlowPipeline
+
+    guidance = 2.0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    story_pairs("flux/pairs", tiny_dev, tmp_path / "pairs", prompts, f"--model.init_args.guidance={guidance}",
+                "--data.init_args.repeats=4", "--model.init_args.steps=2")  # fmt: skip
+
+    def module() -> ReflowModule:
+        return ReflowModule(base_model=str(tiny_dev), ema_decay=0.5, val_steps=[1])
+
+    first = module()
+    assert first.encoder.guidance == DEFAULT_GUIDANCE  # before it sees the pairs
+    fit_quietly(first, tmp_path / "pairs", tmp_path / "fit", steps=2)
+    assert first.encoder.guidance == guidance
+    first.trainer.save_checkpoint(tmp_path / "two.ckpt")
+    record = read_record(read_checkpoint(tmp_path / "two.ckpt"), "ReflowModule")
+    assert record.conditioning == {INFO_GUIDANCE: guidance, "max_sequence_length": 512}
+
+    loaded = ReflowModule.load_from_checkpoint(tmp_path / "two.ckpt", weights_only=False)  # no data: the record
+    assert loaded.encoder.guidance == guidance
+    resumed = module()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        default_root_dir=tmp_path / "resume")  # fmt: skip
+    data = TriplesDataModule(str(tmp_path / "pairs"), batch_size=4, val_fraction=0.0)
+    trainer.fit(resumed, data, ckpt_path=tmp_path / "two.ckpt")
+    assert resumed.encoder.guidance == guidance and trainer.global_step == 3
+    trainer.save_checkpoint(tmp_path / "three.ckpt")
+
+    export_checkpoint(tmp_path / "three.ckpt", tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "instaflow.json").read_text())
+    assert info[INFO_GUIDANCE] == guidance
+    x0 = noise_for_indices(5, [0, 1], (CHANNELS, 8, 8))
+    resumed.eval()
+    with torch.no_grad():
+        expected = resumed.sample(x0.clone(), PROMPTS, steps=2).x
+    pipe = InstaFlowPipeline.from_pretrained(tmp_path / "export")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.prompt_encoder().guidance == guidance
+    ours = pipe(PROMPTS, latents=x0.clone(), num_inference_steps=2, output_type="latent").images
+    assert torch.equal(ours, expected)
+    teacher = load_teacher(tmp_path / "export", steps=2)
+    assert teacher.encoder.guidance == guidance
+    assert torch.equal(teacher.sample(x0.clone(), PROMPTS).x, expected)
+    pipe.instaflow_info = {**pipe.instaflow_info, INFO_GUIDANCE: DEFAULT_GUIDANCE}
+    other = pipe(PROMPTS, latents=x0.clone(), num_inference_steps=2, output_type="latent").images
+    assert (other - expected).abs().max() > 1e-4, "the guidance input must change the sample"

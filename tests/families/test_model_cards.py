@@ -1,8 +1,8 @@
 """Every family's model card tells the truth: its first python snippet samples a tiny export of that family (with
 stock diffusers alone, as the card says, and the same image as InstaFlowPipeline), it names the shipped
 ``instaflow_pipeline.py`` only when the export has it, and the LoRA card names the family's pipeline class. Flow
-families' stock pipelines (SD3) sample an export exactly with the card's uniform ``sigmas``; the shipped pipeline
-file of SD and SDXL exports equals InstaFlowPipeline exactly."""
+families' stock pipelines (SD3, Flux) sample an export exactly with the card's uniform ``sigmas`` (Flux's stock
+default grid is that one); the shipped pipeline file of SD and SDXL exports equals InstaFlowPipeline exactly."""
 
 from __future__ import annotations
 
@@ -189,25 +189,41 @@ def test_lora_card_loads_the_adapters_with_the_family_pipeline(family_base, tmp_
 
 @pytest.mark.parametrize("guidance", [0.0, 3.0])
 def test_flow_family_stock_pipeline_with_uniform_sigmas_equals_instaflow_pipeline(export, guidance):
-    """SD3: the stock pipeline with ``sigmas=[1 - i / k ...]`` samples InstaFlowPipeline's latents (exactly without
-    guidance; the batched null prompt differs in the last bits with it); its default grid differs for k > 1."""
+    """SD3 and Flux: the stock pipeline with ``sigmas=[1 - i / k ...]`` samples InstaFlowPipeline's latents (exactly
+    without guidance; the null prompt's separate or batched call differs in the last bits with it). Its default grid
+    is the family pipeline's: SD3's differs for k > 1; Flux's, ``linspace(1, 1/k, k)``, is the uniform one, so stock
+    FluxPipeline without ``sigmas`` samples the export too. The family says how its stock pipeline takes the noise
+    and the guidance (Flux: packed latents, the recorded guidance input, classifier-free guidance as true CFG)."""
     name, out = export
     if name not in FLOW_FAMILIES:
         pytest.skip(f"{name} exports are sampled with the shipped pipeline file")
+    family = FAMILIES[name]
+    info = json.loads((out / "instaflow.json").read_text())
     pipe = _pipe(out)
-    stock = getattr(diffusers, FAMILIES[name].lora_pipeline).from_pretrained(out)
+    stock = getattr(diffusers, family.lora_pipeline).from_pretrained(out)
     stock.set_progress_bar_config(disable=True)
-    x0 = noise_for_indices(0, range(len(PROMPTS)), pipe.latent_shape())
+    shape = pipe.latent_shape()
+    x0 = noise_for_indices(0, range(len(PROMPTS)), shape)
+
+    def sample_stock(k: int, **extra) -> torch.Tensor:
+        args = family.stock_sampling_args(x0.clone(), guidance, info, pipe.vae_scale_factor)
+        images = stock(PROMPTS, num_inference_steps=k, output_type="latent", **args, **extra).images
+        return family.stock_latents(images, shape)
+
     for k in (1, 4):
-        args = {"num_inference_steps": k, "guidance_scale": guidance, "output_type": "latent"}
-        ours = pipe(PROMPTS, latents=x0.clone(), **args).images
+        ours = pipe(PROMPTS, latents=x0.clone(), num_inference_steps=k, guidance_scale=guidance, output_type="latent")
+        ours = ours.images
         sigmas = [1 - i / k for i in range(k)]
-        theirs = stock(PROMPTS, latents=x0.clone(), sigmas=sigmas, **args).images
-        default = stock(PROMPTS, latents=x0.clone(), **args).images
-        error = ((theirs - ours).abs().max() / ours.abs().max()).item()
+        error = ((sample_stock(k, sigmas=sigmas) - ours).abs().max() / ours.abs().max()).item()
+        gap = ((sample_stock(k) - ours).abs().max() / ours.abs().max()).item()
+        print(f"{name} stock pipeline k={k} guidance {guidance}: uniform sigmas {error:.1e}, default grid {gap:.1e}")
         assert error == 0.0 if guidance <= 1 else error <= 1e-5, (k, error)
-        gap = ((default - ours).abs().max() / ours.abs().max()).item()
-        assert (gap <= 1e-5) if k == 1 else (gap > 1e-3), (k, gap)
+        default_sigmas = family.flow_sigmas(k)
+        uniform_default = default_sigmas is not None and np.allclose(default_sigmas, sigmas, rtol=0, atol=1e-12)
+        if uniform_default:  # Flux: the stock default is the uniform grid, the same sample at every k
+            assert gap == 0.0 if guidance <= 1 else gap <= 1e-5, (k, gap)
+        else:
+            assert (gap <= 1e-5) if k == 1 else (gap > 1e-3), (k, gap)
 
 
 _SAMPLE_WITH_THE_FILE = """

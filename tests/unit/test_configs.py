@@ -151,13 +151,18 @@ REAL_PAIRS = {  # (steps, guidance, latent shape, solver) of configs/<family>/pa
     ("sdxl", "pairs_distill"): (25, 1.5, (4, 128, 128), "euler"),
     ("sd3", "pairs"): (28, 7.0, (16, 128, 128), "euler"),
     ("sd3", "pairs_distill"): (25, 1.5, (16, 128, 128), "euler"),
+    ("flux", "pairs"): (28, 3.5, (16, 128, 128), "euler"),
+    ("flux", "pairs_distill"): (25, 1.5, (16, 128, 128), "euler"),
 }
+TEACHER_DTYPES = {"sdxl": torch.float16, "sd3": torch.float16, "flux": torch.bfloat16}
+"""The teacher dtypes of the recipes: as each family's diffusers examples load it."""
 
 
 @pytest.mark.parametrize("stage", REAL_STAGES)
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
 def test_family_configs_instantiate_on_the_tiny_folders(family_folder, tmp_path, family, stage):
-    """configs/sdxl/ and configs/sd3/ as written, with only the model folder (and the devices) swapped for tiny ones."""
+    """configs/sdxl/, configs/sd3/ and configs/flux/ as written, with only the model folder (and the devices) swapped
+    for tiny ones."""
     pairs = stage.startswith("pairs")
     folder = family_folder(family, "base" if stage in ("pairs", "reflow") else "velocity")
     key = "teacher" if pairs else "base_model"
@@ -177,19 +182,20 @@ def test_family_configs_instantiate_on_the_tiny_folders(family_folder, tmp_path,
         assert (model.steps, model.guidance, model.latent_shape, model.teacher.solver_name) == (
             steps, guidance, shape, solver
         )  # fmt: skip
-        assert model.teacher.model.network.dtype == torch.float16
+        assert model.teacher.model.network.dtype == TEACHER_DTYPES[family]
         return
     assert isinstance(cli.model, ReflowModule if stage == "reflow" else DistillModule)
     assert cli.model.velocity.family.name == family
     assert cli.datamodule.expected_latent_shape == native
     assert cli.model.hparams.gradient_checkpointing and cli.model.velocity.network.is_gradient_checkpointing
-    text_dtype = torch.bfloat16 if family == "sd3" else torch.float32  # T5-XXL: 9.5 GB in bf16
+    text_dtype = torch.bfloat16 if family in ("sd3", "flux") else torch.float32  # T5-XXL: 9.5 GB in bf16
     assert next(cli.model.encoder.parameters()).dtype == text_dtype
     root = config["trainer"]["default_root_dir"]
     assert root == f"outputs/{family}/{stage}"
     assert cli.trainer.checkpoint_callback.dirpath.endswith(f"{root}/checkpoints"), "interpolation resolved"
     batch = config["data"]["init_args"]["batch_size"]
-    global_batch = batch * config["trainer"]["devices"] * config["trainer"].get("accumulate_grad_batches", 1)
+    trainer = config["trainer"]
+    global_batch = batch * trainer["devices"] * trainer.get("num_nodes", 1) * trainer.get("accumulate_grad_batches", 1)
     assert global_batch == (64 if stage == "reflow" else 1024), "InstaFlow's batch sizes"
     assert cli.trainer.max_steps == (70000 if stage == "reflow" else 21500)
 
@@ -211,3 +217,33 @@ def test_tiny_command_writes_a_folder_of_the_family(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and fragment in err, err
     assert not (tmp_path / "kandinsky").exists()
+
+
+@pytest.mark.parametrize("stage", ["pairs", "reflow_lora", "distill"])
+def test_flux_recipe_specifics(family_folder, tmp_path, stage):
+    """configs/flux/: pairs from [dev] at its guidance input 3.5 and 512 T5 tokens; reflow and distillation with
+    rank-64 adapters on both streams' attention projections, in bf16 (bf16-true, no EMA: a bf16 EMA cannot follow
+    small updates), at InstaFlow's batches and steps."""
+    folder = family_folder("flux", "base" if stage in ("pairs", "reflow_lora") else "velocity")
+    pairs = stage == "pairs"
+    key = "teacher" if pairs else "base_model"
+    extra = [f"--model.init_args.output_dir={tmp_path / 'out'}"] if pairs else ["--trainer.precision=32-true"]
+    cli = cli_main(
+        ["--config", str(REPO / f"configs/flux/{stage}.yaml"), f"--model.init_args.{key}={folder}",
+         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", *extra],
+        run=False,
+    )  # fmt: skip
+    config = yaml.safe_load((REPO / f"configs/flux/{stage}.yaml").read_text())
+    if pairs:
+        assert cli.model.teacher.model.guidance_as_input and cli.model.guidance == 3.5
+        assert cli.model.manifest_for(["a cat"], "x").max_sequence_length == 512
+        return
+    lora = cli.model.hparams.lora
+    assert (lora["rank"], lora["alpha"]) == (64, 64.0)
+    assert {"add_q_proj", "to_add_out", "to_out.0"} <= set(lora["target_modules"])
+    assert config["trainer"]["precision"] == "bf16-true" and cli.model.hparams.ema_decay == 0.0
+    trainer = config["trainer"]
+    global_batch = (
+        config["data"]["init_args"]["batch_size"] * trainer["devices"] * trainer.get("accumulate_grad_batches", 1)
+    )
+    assert (global_batch, trainer["max_steps"]) == ((64, 70000) if stage == "reflow_lora" else (1024, 21500))

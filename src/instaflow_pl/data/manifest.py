@@ -40,6 +40,8 @@ class Manifest:
         prompts_sha256: SHA-256 of the prompt list (after limit and repeats).
         prompts_source: The prompt file (informational).
         family: The teacher's model family (:mod:`instaflow_pl.families`): only its models can train on the data.
+        max_sequence_length: T5 tokens of the teacher's prompts (SD3, Flux); None for families without T5 and
+            manifests written before it was recorded. Models trained on the data read their prompts the same way.
         format_version: Version of this layout.
     """
 
@@ -59,6 +61,7 @@ class Manifest:
     prompts_sha256: str
     prompts_source: str = ""
     family: str = "sd"
+    max_sequence_length: int | None = None
     format_version: int = field(default=FORMAT_VERSION)
 
     @property

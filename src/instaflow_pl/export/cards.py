@@ -9,8 +9,13 @@ from typing import Any
 from instaflow_pl.export.folder import read_json
 
 
-def model_card(info: dict[str, Any]) -> str:
-    """A short README.md for an exported folder; its "Use" section is the family's (:meth:`Family.card_use`)."""
+def model_card(info: dict[str, Any], image_size: int) -> str:
+    """A short README.md for an exported folder; its "Use" section is the family's (:meth:`Family.card_use`).
+
+    Args:
+        info: What the export's ``instaflow.json`` records.
+        image_size: The export's native image height and width in pixels (its snippets sample at that size).
+    """
     stages = " -> ".join(info["stages"])
     steps = info.get("student_steps")
     metrics = info["metrics"]
@@ -39,7 +44,7 @@ def model_card(info: dict[str, Any]) -> str:
         "",
         "## Use",
         "",
-        *_card_family(info).card_use(steps or 1),
+        *_card_family(info).card_use(steps or 1, {**info, "image_size": image_size}),
         "",
     ]
     return "\n".join(lines)

@@ -109,7 +109,7 @@ def _write_folder(
     network, is_ema = build_network(checkpoint, record, source, base)
     info = export_info(checkpoint, record, ckpt_path, base, is_ema)
     write_folder(tmp, network, checkpoint_family(record, source), base, info)
-    (tmp / "README.md").write_text(model_card(info))
+    (tmp / "README.md").write_text(model_card(info, image_size=base.geometry.size * base.pixels_per_latent))
     return info
 
 

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from instaflow_pl.model_folder import ModelFolder
 
 
+PROMPT_LENGTH_KEY = "max_sequence_length"
+"""The key of the prompt length (T5 tokens, diffusers' name) in manifests and ``instaflow.json``."""
+
+
 class Family:
     """A model family: how its folders, prompts, network and latents work.
 
@@ -155,9 +159,27 @@ class Family:
         :meth:`configure_encoder` to read back (Flux: its guidance input and prompt length; none for the others)."""
         return {}
 
-    def configure_encoder_for_pairs(self, encoder, teacher_kind: str, guidance: float) -> None:
-        """Set up the prompt encoder of a model trained on pairs a ``teacher_kind`` teacher made at ``guidance``
-        (Flux: a student of a released [dev] teacher keeps its guidance input at the pairs' value)."""
+    def prompt_length(self, encoder) -> int | None:
+        """The encoder's prompt length in T5 tokens (``max_sequence_length``); None for a family without that
+        setting (CLIP's 77 tokens only)."""
+        return None
+
+    def set_prompt_length(self, encoder, tokens: int) -> None:
+        """Set the encoder's prompt length (``max_sequence_length``, a user's setting: pairs, the modules' data);
+        a one-line error for a family without it."""
+        raise UserError(
+            f"max_sequence_length is a setting of families with a T5 prompt encoder (SD3, Flux); a {self.title} "
+            "model reads CLIP's 77 tokens only"
+        )
+
+    def configure_encoder_for_pairs(
+        self, encoder, teacher_kind: str, guidance: float, prompt_length: int | None = None
+    ) -> None:
+        """Set up the prompt encoder of a model trained on pairs a ``teacher_kind`` teacher made at ``guidance`` with
+        prompts of ``prompt_length`` T5 tokens (None: not recorded): the model reads its prompts as the teacher did
+        (and Flux: a student of a released [dev] teacher keeps its guidance input at the pairs' value)."""
+        if prompt_length is not None:
+            self.configure_encoder(encoder, {PROMPT_LENGTH_KEY: prompt_length})
 
     def _load_part(self, root: Path, name: str, index: dict[str, Any], dtype: torch.dtype) -> Any:
         entry = index.get(name)
@@ -287,10 +309,11 @@ class Family:
 
     # ---- model cards ----------------------------------------------------------------------------------------
 
-    def card_stock_use(self, steps: int) -> list[str]:
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """The model card's first way to sample an export in ``steps`` steps, without instaflow-pl (markdown lines
         whose python block loads ``DIR``): the shipped ``instaflow_pipeline.py`` through stock diffusers' custom
-        pipelines, or, for a family that ships none, a line saying stock diffusers cannot sample it."""
+        pipelines, or, for a family that ships none, a line saying stock diffusers cannot sample it. ``info`` is as
+        in :meth:`card_use`."""
         if not self.standalone_pipeline:
             return [
                 f"Stock diffusers cannot sample this export ({self.lora_pipeline}'s scheduler steps another velocity "
@@ -308,11 +331,17 @@ class Family:
             "```",
         ]
 
-    def card_use(self, steps: int) -> list[str]:
+    def card_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """The model card's "Use" section (markdown lines, without its heading) for an export of this family that
-        samples in ``steps`` steps: the family's stock-diffusers way first, then instaflow-pl's, then how it steps."""
+        samples in ``steps`` steps: the family's stock-diffusers way first, then instaflow-pl's, then how it steps.
+
+        Args:
+            steps: The export's sampling steps.
+            info: The export's ``instaflow.json`` record (what :meth:`encoder_info` wrote among it) and
+                ``image_size``, its native image height and width in pixels.
+        """
         return [
-            *self.card_stock_use(steps),
+            *self.card_stock_use(steps, info),
             "",
             "With instaflow-pl (every family):",
             "",
@@ -343,6 +372,21 @@ class Family:
             "```",
         ]
 
+    # ---- the stock pipeline -----------------------------------------------------------------------------------
+
+    def stock_sampling_args(
+        self, latents: torch.Tensor, guidance_scale: float, info: Mapping[str, Any], pixels_per_latent: int
+    ) -> dict[str, Any]:
+        """Keyword arguments of the family's stock pipeline (:attr:`lora_pipeline`) that sample an export from noise
+        ``latents`` (B, C, H, W) as ``InstaFlowPipeline`` does with classifier-free guidance ``guidance_scale``
+        (``info``: the export's ``instaflow.json``); with ``output_type="latent"`` :meth:`stock_latents` reads the
+        result."""
+        return {"latents": latents, "guidance_scale": guidance_scale}
+
+    def stock_latents(self, latents: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """The stock pipeline's ``output_type="latent"`` result as (B, C, H, W) latents of (C, H, W) ``shape``."""
+        return latents
+
     # ---- tiny fixtures --------------------------------------------------------------------------------------
 
     fixture: ClassVar[str]
@@ -352,6 +396,19 @@ class Family:
     def build_tiny(self, out: Path, seed: int = 0, sample_size: int = 8) -> Path:
         """Write a tiny folder of this family with random weights (for tests and the tiny configs)."""
         return importlib.import_module(self.fixture).build_tiny(out, seed=seed, sample_size=sample_size)
+
+
+MAX_SEQUENCE_LENGTH = 512
+"""The most T5 tokens a prompt may have (``StableDiffusion3Pipeline`` and ``FluxPipeline`` refuse more)."""
+
+
+def check_sequence_length(tokens: int, who: str) -> int:
+    """``tokens`` as an int, or a one-line error when T5 cannot take that many (1 to 512, as diffusers' pipelines);
+    ``who`` names the family in the message."""
+    tokens = int(tokens)
+    if not 1 <= tokens <= MAX_SEQUENCE_LENGTH:
+        raise UserError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} for {who}, got {tokens}")
+    return tokens
 
 
 def dynamic_shift_mu(scheduler_config: dict[str, Any], image_seq_len: int, default_max_shift: float) -> float:

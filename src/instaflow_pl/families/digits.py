@@ -35,7 +35,7 @@ class Digits(StableDiffusion):
         "`(1 - t) * 1000` and returns the velocity (data - noise).",
     )
 
-    def card_stock_use(self, steps: int) -> list[str]:
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """Stock diffusers cannot load the MLP network: instaflow-pl samples it."""
         return ["Stock diffusers cannot load this network (instaflow-pl's `MLPVelocityNet`); use instaflow-pl below."]
 

@@ -21,18 +21,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.families.base import Family
+from instaflow_pl.families.base import MAX_SEQUENCE_LENGTH, PROMPT_LENGTH_KEY, Family
+from instaflow_pl.families.base import check_sequence_length as check_prompt_length
 from instaflow_pl.families.geometry import LatentGeometry
 from instaflow_pl.kinds import VELOCITY_KIND, normalise_kind
 from instaflow_pl.solver.ode import METHODS
-from instaflow_pl.text import PromptEncoder
+from instaflow_pl.text import NULL_PROMPT, PromptEncoder
 from instaflow_pl.velocity.condition import TextCondition
 
-MAX_SEQUENCE_LENGTH = 512
-"""T5 tokens of a prompt by default and at most (``FluxPipeline``'s ``max_sequence_length``)."""
+SCHNELL_SEQUENCE_LENGTH = 256
+"""T5 tokens FLUX.1 [schnell] is used with (black-forest-labs' reference sampler); more only warns."""
 DEFAULT_GUIDANCE = 3.5
 """The guidance input of a [dev]-like network when nothing sets it (``FluxPipeline``'s default ``guidance_scale``,
 FLUX.1 [dev]'s recommended value)."""
@@ -41,16 +43,13 @@ DEFAULT_SAMPLE_SIZE = 128
 config may record another as ``sample_size`` (the tiny fixture's); diffusers ignores that key."""
 INFO_GUIDANCE = "embedded_guidance"
 """The ``instaflow.json`` key of the guidance input a reflowed [dev] student keeps."""
-INFO_TOKENS = "max_sequence_length"
+INFO_TOKENS = PROMPT_LENGTH_KEY
 """The ``instaflow.json`` key of the prompt length (T5 tokens) a student was trained with."""
 
 
 def check_sequence_length(tokens: int) -> int:
     """``tokens`` as an int, or a clear error when T5 cannot take that many (1 to 512, as ``FluxPipeline``)."""
-    tokens = int(tokens)
-    if not 1 <= tokens <= MAX_SEQUENCE_LENGTH:
-        raise UserError(f"max_sequence_length must be between 1 and {MAX_SEQUENCE_LENGTH} for Flux, got {tokens}")
-    return tokens
+    return check_prompt_length(tokens, "Flux")
 
 
 class FluxPromptEncoder(PromptEncoder):
@@ -146,20 +145,57 @@ class Flux(Family):
         "`linspace(1, 1/k, k)` takes the same Euler steps as instaflow-pl's LatentODE.",
     )
 
-    def card_stock_use(self, steps: int) -> list[str]:
-        """Stock ``FluxPipeline`` samples an export (its default sigmas are the uniform grid)."""
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
+        """Stock ``FluxPipeline`` samples an export (its default sigmas are the uniform grid) at the export's native
+        size, with the guidance input and prompt length the model was trained with."""
+        size = int(info["image_size"])
+        guidance = info.get(INFO_GUIDANCE, DEFAULT_GUIDANCE)
+        tokens = int(info.get(INFO_TOKENS) or MAX_SEQUENCE_LENGTH)
+        if guidance is None:
+            setting = [f"k = {steps}  # steps ([schnell]-like: no guidance input)"]
+            call = f"num_inference_steps=k, height={size}, width={size}, max_sequence_length={tokens}"
+        else:
+            setting = [f"k, g = {steps}, {float(guidance)!r}  # steps; the guidance input it was trained with"]
+            call = f"num_inference_steps=k, guidance_scale=g, height={size}, width={size}, max_sequence_length={tokens}"
         return [
-            "With diffusers alone (no instaflow-pl needed): the stock Flux pipeline samples this folder; pass the",
-            "guidance input the model was trained with (FLUX.1 [dev] students; `instaflow.json` records it).",
+            "With diffusers alone (no instaflow-pl needed): the stock Flux pipeline samples this folder, and samples",
+            "what instaflow-pl samples, at the guidance input (`instaflow.json`: `embedded_guidance`) and prompt",
+            "length (`max_sequence_length`) the model was trained with, at its native size.",
             "",
             "```python",
             "from diffusers import FluxPipeline",
             "",
             "pipe = FluxPipeline.from_pretrained(DIR)",
-            f"k, g = {steps}, {DEFAULT_GUIDANCE}  # steps; the guidance input (instaflow.json: embedded_guidance)",
-            "image = pipe('a photo of a cat', num_inference_steps=k, guidance_scale=g).images[0]",
+            *setting,
+            "image = pipe(",
+            f"    'a photo of a cat', {call}",
+            ").images[0]",
             "```",
         ]
+
+    def stock_sampling_args(
+        self, latents: torch.Tensor, guidance_scale: float, info: Mapping[str, Any], pixels_per_latent: int
+    ) -> dict[str, Any]:
+        """``FluxPipeline``'s arguments: packed noise, the image size, the recorded guidance input as its
+        ``guidance_scale`` and classifier-free guidance as true CFG (``true_cfg_scale`` with the null prompt)."""
+        height, width = latents.shape[-2:]
+        args: dict[str, Any] = {
+            "latents": pack(latents),
+            "height": height * pixels_per_latent,
+            "width": width * pixels_per_latent,
+            "true_cfg_scale": guidance_scale,
+            "max_sequence_length": int(info.get(INFO_TOKENS) or MAX_SEQUENCE_LENGTH),
+        }
+        if guidance_scale > 1:
+            args["negative_prompt"] = NULL_PROMPT
+        embedded = info.get(INFO_GUIDANCE, DEFAULT_GUIDANCE)
+        if embedded is not None:
+            args["guidance_scale"] = float(embedded)
+        return args
+
+    def stock_latents(self, latents: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+        """``FluxPipeline``'s latents are packed: unpacked to (B, C, H, W)."""
+        return unpack(latents, shape[1], shape[2])
 
     # ---- networks -------------------------------------------------------------------------------------------
 
@@ -245,8 +281,27 @@ class Flux(Family):
         """The guidance input (None for [schnell]) and the prompt length, for ``instaflow.json``."""
         return {INFO_GUIDANCE: encoder.guidance, INFO_TOKENS: encoder.max_sequence_length}
 
-    def configure_encoder_for_pairs(self, encoder, teacher_kind: str, guidance: float) -> None:
-        """Pairs of a released [dev]-like teacher were made with ``guidance`` as its input: the student keeps it (a
-        velocity teacher's guidance is classifier-free guidance on top of its own input, which the student keeps)."""
+    def prompt_length(self, encoder) -> int | None:
+        """T5 tokens of a prompt (``max_sequence_length``)."""
+        return encoder.max_sequence_length
+
+    def set_prompt_length(self, encoder, tokens: int) -> None:
+        """At most 512 tokens (an error, as ``FluxPipeline``); a [schnell]-like network (no guidance input) with more
+        than 256 only warns: [schnell] is used with 256."""
+        tokens = check_sequence_length(tokens)
+        if encoder.guidance is None and tokens > SCHNELL_SEQUENCE_LENGTH:
+            rank_zero_warn(
+                f"max_sequence_length {tokens}: FLUX.1 [schnell]-like models are used with at most "
+                f"{SCHNELL_SEQUENCE_LENGTH} T5 tokens; longer prompts may not help"
+            )
+        encoder.max_sequence_length = tokens
+
+    def configure_encoder_for_pairs(
+        self, encoder, teacher_kind: str, guidance: float, prompt_length: int | None = None
+    ) -> None:
+        """The pairs' prompt length; pairs of a released [dev]-like teacher were made with ``guidance`` as its input:
+        the student keeps it (a velocity teacher's guidance is classifier-free guidance on top of its own input,
+        which the student keeps)."""
+        super().configure_encoder_for_pairs(encoder, teacher_kind, guidance, prompt_length)
         if encoder.guidance is not None and normalise_kind(teacher_kind) != VELOCITY_KIND:
             encoder.guidance = float(guidance)

@@ -15,14 +15,16 @@ import torch
 from torch import nn
 
 from instaflow_pl.errors import UserError
-from instaflow_pl.families.base import Family
+from instaflow_pl.families.base import PROMPT_LENGTH_KEY, Family, check_sequence_length
 from instaflow_pl.families.geometry import LatentGeometry
 from instaflow_pl.solver.ode import METHODS
 from instaflow_pl.text import PromptEncoder, clip_states
 from instaflow_pl.velocity.condition import TextCondition
 
 T5_TOKENS = 256
-"""Tokens of the T5 prompt (diffusers' ``max_sequence_length`` default for SD3)."""
+"""Tokens of the T5 prompt by default (diffusers' ``max_sequence_length`` default for SD3; at most 512)."""
+INFO_TOKENS = PROMPT_LENGTH_KEY
+"""The ``instaflow.json`` key of the prompt length (T5 tokens) a model was trained with."""
 
 
 class SD3PromptEncoder(PromptEncoder):
@@ -35,29 +37,39 @@ class SD3PromptEncoder(PromptEncoder):
         tokenizers: CLIP-L's, CLIP-G's and T5's tokenizers (T5's may be None).
         text_encoders: CLIP-L and CLIP-G (``CLIPTextModelWithProjection``) and T5 (``T5EncoderModel`` or None).
         joint_dim: Width of the joint token sequence (the transformer's ``joint_attention_dim``).
-        t5_tokens: Tokens of the T5 part.
+        max_sequence_length: Tokens of the T5 part (at most 512).
         cache_mb: Memory for cached conditions (see :class:`~instaflow_pl.text.PromptEncoder`).
     """
 
-    def __init__(self, tokenizers, text_encoders, joint_dim: int, t5_tokens: int = T5_TOKENS, cache_mb: float = 0.0):
+    def __init__(
+        self, tokenizers, text_encoders, joint_dim: int, max_sequence_length: int = T5_TOKENS, cache_mb: float = 0.0
+    ):
         super().__init__(cache_mb=cache_mb)
         self.tokenizer, self.tokenizer_2, self.tokenizer_3 = tokenizers
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = text_encoders
         self.joint_dim = int(joint_dim)
-        self.t5_tokens = int(t5_tokens)
+        self.max_sequence_length = check_sequence_length(max_sequence_length, "SD3")
         self.freeze()
 
     def encode_batch(self, prompts: list[str]) -> TextCondition:
-        """(B, 77 + t5_tokens, joint_dim) token states and the (B, P_L + P_G) pooled embedding."""
+        """(B, 77 + max_sequence_length, joint_dim) token states and the (B, P_L + P_G) pooled embedding."""
         states_l, pooled_l = clip_states(self, self.tokenizer, self.text_encoder, prompts, layer=-2)
         states_g, pooled_g = clip_states(self, self.tokenizer_2, self.text_encoder_2, prompts, layer=-2)
         clip = torch.cat([states_l, states_g], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
         if self.text_encoder_3 is None:
-            t5 = clip.new_zeros(len(prompts), self.t5_tokens, self.joint_dim)
+            t5 = clip.new_zeros(len(prompts), self.max_sequence_length, self.joint_dim)
         else:
-            t5 = self.text_encoder_3(self.tokenize(self.tokenizer_3, prompts, self.t5_tokens))[0].to(clip.dtype)
+            tokens = self.tokenize(self.tokenizer_3, prompts, self.max_sequence_length)
+            t5 = self.text_encoder_3(tokens)[0].to(clip.dtype)
         return TextCondition(torch.cat([clip, t5], dim=-2), pooled=torch.cat([pooled_l, pooled_g], dim=-1))
+
+
+def _length_argument(info: Mapping[str, Any]) -> str:
+    """The card's ``max_sequence_length`` argument when the export reads prompts at another length than the stock
+    pipeline's default (256)."""
+    tokens = info.get(INFO_TOKENS)
+    return "" if tokens is None or int(tokens) == T5_TOKENS else f", max_sequence_length={int(tokens)}"
 
 
 class StableDiffusion3(Family):
@@ -93,7 +105,7 @@ class StableDiffusion3(Family):
         "same sample at k = 1, a slightly different one for k > 1.",
     )
 
-    def card_stock_use(self, steps: int) -> list[str]:
+    def card_stock_use(self, steps: int, info: Mapping[str, Any]) -> list[str]:
         """Stock ``StableDiffusion3Pipeline`` samples an export: the uniform grid through ``sigmas=``."""
         return [
             "With diffusers alone (no instaflow-pl needed): the stock SD3 pipeline samples this folder; with the",
@@ -105,9 +117,17 @@ class StableDiffusion3(Family):
             "pipe = StableDiffusion3Pipeline.from_pretrained(DIR)",
             f"k = {steps}  # steps",
             "sigmas = [1 - i / k for i in range(k)]",
-            "image = pipe('a photo of a cat', num_inference_steps=k, sigmas=sigmas, guidance_scale=0.0).images[0]",
+            "image = pipe('a photo of a cat', num_inference_steps=k, sigmas=sigmas, guidance_scale=0.0"
+            f"{_length_argument(info)}).images[0]",
             "```",
         ]
+
+    def stock_sampling_args(
+        self, latents: torch.Tensor, guidance_scale: float, info: Mapping[str, Any], pixels_per_latent: int
+    ) -> dict[str, Any]:
+        """The noise, the guidance and the recorded prompt length."""
+        args = super().stock_sampling_args(latents, guidance_scale, info, pixels_per_latent)
+        return args | {"max_sequence_length": int(info.get(INFO_TOKENS) or T5_TOKENS)}
 
     def latent_geometry(self, config: Mapping[str, Any]) -> LatentGeometry:
         """``in_channels`` channels, sizes multiples of the patch size."""
@@ -144,3 +164,21 @@ class StableDiffusion3(Family):
         return SD3PromptEncoder(
             tokenizers, encoders, joint_dim=network_config["joint_attention_dim"], cache_mb=cache_mb
         )
+
+    def prompt_length(self, encoder) -> int | None:
+        """T5 tokens of a prompt (``max_sequence_length``)."""
+        return encoder.max_sequence_length
+
+    def set_prompt_length(self, encoder, tokens: int) -> None:
+        """At most 512 tokens (an error, as ``StableDiffusion3Pipeline``)."""
+        encoder.max_sequence_length = check_sequence_length(tokens, "SD3")
+
+    def configure_encoder(self, encoder, info: Mapping[str, Any]):
+        """The prompt length a trained model's ``instaflow.json`` records."""
+        if info.get(INFO_TOKENS) is not None:
+            self.set_prompt_length(encoder, info[INFO_TOKENS])
+        return encoder
+
+    def encoder_info(self, encoder) -> dict[str, Any]:
+        """The prompt length, for ``instaflow.json``."""
+        return {INFO_TOKENS: encoder.max_sequence_length}

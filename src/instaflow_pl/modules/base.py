@@ -182,7 +182,9 @@ class FlowModule(L.LightningModule):
                     f"an {family} model; generate pairs with a teacher of the model's family"
                 )
             check_latent_shape(self.velocity.network, manifest.latent_shape, source=source)
-            self.velocity.family.configure_encoder_for_pairs(self.encoder, manifest.teacher_kind, manifest.guidance)
+            self.velocity.family.configure_encoder_for_pairs(
+                self.encoder, manifest.teacher_kind, manifest.guidance, manifest.max_sequence_length
+            )
 
     def sampling_weights(self) -> contextlib.AbstractContextManager[nn.Module]:
         """A context in which the velocity holds the weights validation, sampling and export use: the EMA's when
@@ -404,13 +406,16 @@ class FlowModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse another module kind's checkpoint; bring an earlier version's to today's layout
-        (:func:`~instaflow_pl.checkpoints.upgrade`); restore the parts left out from this module."""
+        (:func:`~instaflow_pl.checkpoints.upgrade`); restore the parts left out from this module and the recorded
+        conditioning (:meth:`Family.configure_encoder`)."""
         record = read_record(checkpoint, type(self).__name__)
         if isinstance(self.velocity, NetworkVelocity) and record.family != self.velocity.family.name:
             raise UserError(
                 f"the checkpoint holds an {record.family} model, but this run's base_model is an "
                 f"{self.velocity.family.name} model; resume with the base_model the checkpoint was trained from"
             )
+        if isinstance(self.velocity, NetworkVelocity):  # e.g. a Flux student's guidance input, also without data
+            self.velocity.family.configure_encoder(self.encoder, record.conditioning)
         if "state_dict" not in checkpoint:  # a sharded checkpoint: the strategy has already read the shards
             return
         state = checkpoint["state_dict"]

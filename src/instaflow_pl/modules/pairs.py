@@ -65,6 +65,9 @@ class PairGenerator(ShardedPredict):
             tolerance).
         channels_last: Run the teacher's convolutions channels-last (faster on GPUs).
         tf32: Allow TF32 matmuls and convolutions on Ampere+ GPUs (faster fp32 teachers; changes results slightly).
+        max_sequence_length: T5 tokens of a prompt for SD3 and Flux teachers (diffusers' name; at most 512; null:
+            the teacher's own, 256 for SD3, 512 for Flux or what a velocity folder records). Recorded in the
+            manifest; models trained on the pairs read their prompts the same way.
     """
 
     progress_label = "pairs"
@@ -86,6 +89,7 @@ class PairGenerator(ShardedPredict):
         compile: bool = False,
         channels_last: bool = False,
         tf32: bool = False,
+        max_sequence_length: int | None = None,
     ):
         super().__init__()
         if x0_format not in X0_FORMATS:
@@ -97,6 +101,8 @@ class PairGenerator(ShardedPredict):
         if guidance < 0:
             raise UserError(f"guidance must be >= 0 (1 or less means no guidance), got {guidance}")
         self.teacher = load_teacher(teacher, solver=solver, steps=steps, dtype=teacher_dtype)
+        if max_sequence_length is not None:
+            self.teacher.family.set_prompt_length(self.teacher.encoder, max_sequence_length)
         network = getattr(self.teacher.model, "network", None)
         if network is not None:
             speed_up(network, compile=compile, channels_last=channels_last)
@@ -130,6 +136,7 @@ class PairGenerator(ShardedPredict):
             prompts_sha256=prompts_digest(prompts),
             prompts_source=str(source),
             family=self.teacher.family.name,
+            max_sequence_length=self.teacher.family.prompt_length(self.teacher.encoder),
         )
 
     def setup(self, stage: str) -> None:
