@@ -58,7 +58,7 @@ COMMANDS = {
     "pairs": "generate (X0, X1, prompt) pairs with a teacher over every rank (predict with the pairs config)",
     "export": "turn a training checkpoint into a diffusers-format model folder (loads with stock diffusers)",
     "sample": "draw an image grid from an exported model folder",
-    "tiny": "write a tiny model folder (--family sd, sdxl or sd3) and tiny CLIP for the tiny configs",
+    "tiny": "write a tiny model folder of a family (--family sd, sdxl, sd3, flux, digits) and a tiny CLIP",
     "demo": "InstaFlow on handwritten digits, every stage on a CPU: 1-RF -> 2-RF -> one-step student, report",
     "sweep": "a W&B-format hyperparameter sweep (W&B agent, or local trials with --local)",
     "evaluate": "the paper's evaluation protocol (FID, CLIP score, speed) on exported models",

@@ -1,9 +1,9 @@
-"""Model families: Stable Diffusion 1.x/2.x (``sd``), SDXL (``sdxl``), SD3 (``sd3``) and the digits demo's
-pixel-space MLP (``digits``).
+"""Model families: Stable Diffusion 1.x/2.x (``sd``), SDXL (``sdxl``), SD3 (``sd3``), FLUX.1 (``flux``) and the
+digits demo's pixel-space MLP (``digits``).
 
 Each family is one file plus its tiny fixture (see :class:`~instaflow_pl.families.base.Family`). This registry maps
 names to families and networks to their family; :class:`~instaflow_pl.model_folder.ModelFolder` finds a folder's.
-A new family (e.g. Flux) is a new file, its fixture, and one entry in :data:`FAMILIES` (or :func:`register`).
+A new family is a new file, its fixture, and one entry in :data:`FAMILIES` (or :func:`register`).
 """
 
 from __future__ import annotations
