@@ -28,7 +28,7 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.modules.base import FlowModule, StepOutput, clip_gradients
 from instaflow_pl.modules.lora import LoraOptions, add_lora
 from instaflow_pl.solver import LatentODE
-from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, TextCondition
+from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkPredictor, NetworkVelocity, TextCondition
 
 ScoreModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 """A score network as its parametrisation calls it: ``f(x, model_time, cond)``."""
@@ -271,6 +271,8 @@ class DMDModule(FlowModule):
             )
         self.param = parametrisation_of(self.teacher.model, self.teacher.scheduler_config)
         self.fake_score = copy.deepcopy(self.teacher.model).float().requires_grad_(True).train()
+        if self.hparams.gradient_checkpointing and isinstance(self.fake_score, NetworkPredictor):
+            self.fake_score.network.enable_gradient_checkpointing()
         if fake_lora is not None:
             add_lora(self.fake_score, fake_lora)
         self.fake_optimizer_factory = fake_optimizer
