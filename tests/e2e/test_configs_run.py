@@ -44,15 +44,14 @@ def family_of_config(path: Path) -> str:
 
 def kind_of_config(config: dict[str, Any]) -> str:
     class_path = config["model"]["class_path"].rsplit(".", 1)[-1]
-    return {"ReflowModule": "fit", "DistillModule": "fit", "PairGenerator": "pairs", "Evaluation": "evaluate"}[
-        class_path
-    ]
+    kinds = {"ReflowModule": "fit", "DistillModule": "fit", "DMDModule": "fit", "PairGenerator": "pairs"}
+    return {**kinds, "Evaluation": "evaluate"}[class_path]
 
 
 def _needs_velocity(config: dict[str, Any], path: Path) -> bool:
     """Whether the config's model folder is a k-RF export (distillation, pairs from a k-RF) or a released model."""
     init = config["model"]["init_args"]
-    if config["model"]["class_path"].endswith("DistillModule"):
+    if config["model"]["class_path"].endswith(("DistillModule", "DMDModule")):
         return True
     if config["model"]["class_path"].endswith("PairGenerator"):
         return path.stem != "pairs"  # pairs.yaml: from the released teacher; pairs_2rf / pairs_distill: from a k-RF
@@ -125,7 +124,7 @@ def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, An
                 callback["init_args"]["num_samples"] = BATCH
         trainer["default_root_dir"] = str(out / "run")
         init["base_model"] = str(folder)
-        if init.get("teacher"):  # a piecewise reflow's teacher: the released tiny folder
+        if init.get("teacher"):  # a piecewise reflow's or DMD's teacher: the released tiny folder
             init["teacher"] = str(get(family))
         data["path"] = str(get(f"{family}-pairs"))
         if "expected_latent_shape" in data:

@@ -13,7 +13,7 @@ from instaflow_pl.checkpoints import CheckpointRecord, network_weights, read_rec
 from instaflow_pl.errors import UserError
 from instaflow_pl.model_folder import ModelFolder
 
-EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill"}
+EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill", "DMDModule": "dmd"}
 """Module kinds whose checkpoints export, and the stage each one is."""
 
 
@@ -174,7 +174,7 @@ def export_info(
         "windows": int(hparams.get("windows", 1)),  # a piecewise rectified flow's time windows (1: none)
         **record.conditioning,  # e.g. Flux's guidance input, read back by the family's configure_encoder
     }
-    if record.module == "DistillModule":
+    if record.module in ("DistillModule", "DMDModule"):  # one-step (or k-step) students
         info["student_steps"] = int(hparams.get("student_steps", 1))
     return info
 
