@@ -55,7 +55,7 @@ bench-prompt: $(STAMP) ## SD3 prompt-encoding cost vs the network step (T5-XXL a
 bench-flux-memory: $(STAMP) ## FLUX.1 [dev] LoRA reflow step's peak memory at 512/1024 px on fake tensors; T5 vs a step (~6 min)
 	$(BIN)/python -m bench.flux_memory $(BENCH_ARGS)
 
-bench-gpu: $(STAMP) ## One-GPU benchmark at SD 1.5 shapes (<= 8 min on a GPU): throughput, memory, MFU, latency
+bench-gpu: $(STAMP) ## GPU benchmark (<= 8 min on one GPU): SD 1.5 pairs, training, a row per family, sharded (2+ GPUs), latency
 	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
 
 demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outputs/demo/report.md [DEMO_ARGS=--force]
