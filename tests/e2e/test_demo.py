@@ -174,13 +174,18 @@ def test_perflow_finding_follows_the_numbers_both_ways():
     assert "within the seed spread" in report.finding_perflow(flows, perflow, costs, seconds, 4).evidence
 
 
-def test_a_piecewise_flow_is_evaluated_below_its_windows_on_the_uniform_grid(digits_base):
+def test_a_piecewise_flow_is_evaluated_below_its_windows_on_the_uniform_grid(digits_base, tmp_path):
+    import shutil
+
     from instaflow_pl.demo.evaluate import at_steps, load_flow
     from instaflow_pl.solver import piecewise_grid
 
-    flow = load_flow(digits_base)
-    assert at_steps(flow, 3).solver.time_grid == pytest.approx([0, 1 / 3, 2 / 3, 1])
-    flow.windows = 4
+    assert at_steps(load_flow(digits_base), 3).solver.time_grid == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    folder = shutil.copytree(digits_base, tmp_path / "perflow")
+    info = json.loads((folder / "instaflow.json").read_text())
+    (folder / "instaflow.json").write_text(json.dumps({**info, "windows": 4}))  # what an export of K = 4 records
+    flow = load_flow(folder)
+    assert flow.windows == 4 and flow.solver.time_grid == pytest.approx(piecewise_grid(4, 4))
     assert at_steps(flow, 6).solver.time_grid == pytest.approx(piecewise_grid(6, 4))
     assert at_steps(flow, 2).solver.time_grid == pytest.approx([0, 0.5, 1])
     assert at_steps(flow, 2).windows == 1 and flow.windows == 4  # a copy; the flow keeps its windows

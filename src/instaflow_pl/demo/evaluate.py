@@ -218,8 +218,12 @@ def at_steps(teacher: Teacher, steps: int) -> Teacher:
 
 
 def load_flow(folder: Path) -> Teacher:
-    """A demo model folder as a velocity teacher (Euler; :meth:`Teacher.with_steps` sets the step count)."""
-    return load_teacher(folder, solver="euler", steps=1)
+    """A demo model folder as a velocity teacher (Euler; :meth:`Teacher.with_steps` or :func:`at_steps` sets the step
+    count), loaded at one step per window (one step for a flow without windows)."""
+    from instaflow_pl.model_folder import ModelFolder
+
+    opened = ModelFolder.open(folder)
+    return load_teacher(opened, solver="euler", steps=int(opened.info.get("windows", 1)))
 
 
 def digits_for_grid() -> Digits:
