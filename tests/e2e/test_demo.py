@@ -153,6 +153,46 @@ def test_findings_follow_the_numbers_both_ways():
     assert report.finding_student(flows, students, (1.0, 1.5)).verdict == "not reproduced"
 
 
+def test_perflow_finding_follows_the_numbers_both_ways():
+    from instaflow_pl.demo import report
+
+    flows = [_row("2-RF", 4, w, fid, accuracy=0.99) for w, fid in ((1.0, 1.8), (1.5, 2.5))]
+    perflow = [_row("PeRFlow", 4, w, fid, accuracy=0.99) for w, fid in ((1.0, 2.0), (1.5, 1.5))]
+    costs = {"2-RF": 0.65, "PeRFlow": 2.0}
+    seconds = {"pairs-1rf": 9.0, "2rf": 107.0, "perflow": 190.0}
+    finding = report.finding_perflow(flows, perflow, costs, seconds, 4)
+    assert finding.reproduced is True and finding.key == "e"  # best w: 1.5 vs 1.8
+    for text in ("K=4, w=1.5) FID 1.50", "(w=1) FID 1.80", "2.00 (online", "0.65 (stored", "190 s (perflow)"):
+        assert text in finding.evidence, (text, finding.evidence)
+    assert "9 s (pairs-1rf) + 107 s (2rf)" in finding.evidence and "within the seed spread" not in finding.evidence
+    perflow[1].accuracy = [0.97]  # lower FID but two points less accurate
+    assert report.finding_perflow(flows, perflow, costs, seconds, 4).reproduced is False
+    perflow[1].accuracy, perflow[1].fid = [0.99], [1.9, 1.9]
+    worse = report.finding_perflow(flows, perflow, costs, {}, 4)
+    assert worse.verdict == "not reproduced" and "wall time - vs -" in worse.evidence
+    perflow[1].fid = [1.7, 1.88]  # mean 1.79, sd 0.13: lower, but within the spread
+    assert "within the seed spread" in report.finding_perflow(flows, perflow, costs, seconds, 4).evidence
+
+
+def test_a_piecewise_flow_is_evaluated_below_its_windows_on_the_uniform_grid(digits_base, tmp_path):
+    import shutil
+
+    from instaflow_pl.demo.evaluate import at_steps, load_flow
+    from instaflow_pl.solver import piecewise_grid
+
+    assert at_steps(load_flow(digits_base), 3).solver.time_grid == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    folder = shutil.copytree(digits_base, tmp_path / "perflow")
+    info = json.loads((folder / "instaflow.json").read_text())
+    (folder / "instaflow.json").write_text(json.dumps({**info, "windows": 4}))  # what an export of K = 4 records
+    flow = load_flow(folder)
+    assert flow.windows == 4 and flow.solver.time_grid == pytest.approx(piecewise_grid(4, 4))
+    assert at_steps(flow, 6).solver.time_grid == pytest.approx(piecewise_grid(6, 4))
+    assert at_steps(flow, 2).solver.time_grid == pytest.approx([0, 0.5, 1])
+    assert at_steps(flow, 2).windows == 1 and flow.windows == 4  # a copy; the flow keeps its windows
+    with pytest.raises(UserError, match="cannot cross 4 windows"):
+        flow.with_steps(2)
+
+
 TINY = {
     "1rf": ["--trainer.max_steps", "12", "--trainer.val_check_interval", "6", "--data.init_args.batch_size", "64"],
     "pairs-1rf": ["--data.init_args.repeats", "20", "--model.init_args.steps", "4"],
@@ -162,6 +202,7 @@ TINY = {
     "distill-1rf": ["--trainer.val_check_interval", "3", "--data.init_args.batch_size", "32"],
     "distill-2rf:budgets": ["3", "6"],
     "distill-1rf:budgets": ["3", "6"],
+    "perflow": ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--data.init_args.batch_size", "32"],
 }
 
 
@@ -183,8 +224,12 @@ def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, c
     times = run_stages(plan)
     assert list(times) == list(STAGES)
     report = json.loads((plan.out / "report.json").read_text())
-    assert [f["key"] for f in report["findings"]] == ["a", "b", "c", "d"]
+    assert [f["key"] for f in report["findings"]] == ["a", "b", "c", "d", "e"]
     assert {r["budget"] for r in report["students"]} == {0, 3, 6}
+    assert [(r["steps"], r["guidance"]) for r in report["perflow"]] == [(1, 1.0), (4, 1.0), (1, 1.5), (4, 1.5)]
+    assert report["perflow_windows"] == 4 and report["teacher_evaluations"]["PeRFlow"] == 2
+    assert report["teacher_evaluations"]["2-RF"] == pytest.approx(200 * 4 * 2 / (8 * 32))  # 200 pairs of 4 guided
+    assert json.loads((plan.model("perflow") / "instaflow.json").read_text())["windows"] == 4
     assert len(report["flows"]) == 2 * 2 * 2 and all(len(r["fid"]) == 2 for r in report["flows"])
     for name in ("report.md", "grid.png", "straightness.png"):
         assert (plan.out / name).stat().st_size > 0
@@ -207,6 +252,53 @@ def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, c
     assert (plan.out / "pairs" / "1rf" / "index.json").read_bytes() == untouched  # upstream kept
     assert (plan.out / "report.md").read_text() != report_before
     assert run_stages(plan) == {}  # distill-1rf does not depend on the 2-RF: kept and still valid
+
+
+def _finish(plan, *names):
+    from instaflow_pl.demo.stages import _write_record, stage
+
+    for name in names:
+        for output in stage(name).outputs(plan):
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text("{}")
+        _write_record(plan, stage(name), "done", 1.0)
+
+
+def test_the_report_reads_perflow_when_it_is_done_and_its_hash_says_so(tmp_path):
+    from instaflow_pl.demo.stages import _check_upstream, dependents, is_done, stage, stage_hash
+
+    plan = _plan(tmp_path / "demo")
+    (plan.out / "stages").mkdir(parents=True)
+    assert stage("perflow").upstream == ("pairs-1rf",) and "perflow" not in stage("report").upstream
+    assert dependents(["perflow"]) == ["perflow", "report"]  # --force --stage perflow redoes the report
+    assert dependents(["pairs-1rf"])[-2:] == ["perflow", "report"]
+    _finish(plan, "setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf")
+    _check_upstream(plan, ["report"])  # the report does not need the perflow stage
+    without = stage_hash(plan, stage("report"))
+    _finish(plan, "report")
+    _finish(plan, "perflow")
+    assert stage_hash(plan, stage("report")) != without  # a report written before perflow is stale now
+    with pytest.raises(UserError, match="report .*other settings"):
+        is_done(plan, stage("report"))
+
+
+def test_teacher_evaluations_per_training_sample_follow_the_pairs_and_the_settings(tmp_path):
+    from instaflow_pl.demo.plan import DemoPlan
+    from instaflow_pl.demo.stages import teacher_evaluations
+
+    plan = DemoPlan(tmp_path / "demo", DEMO_CONFIGS)
+    plan.pairs("1rf").mkdir(parents=True)
+    manifest = {"count": 20000, "steps": 25, "solver": "euler", "guidance": 1.5}
+    (plan.pairs("1rf") / "manifest.json").write_text(json.dumps(manifest))
+    # configs/demo: the 2-RF trains 6000 x 256 samples on 20000 pairs of 25 guided Euler steps (2 calls each);
+    # piecewise reflow solves each sample's window in 2 Euler steps at guidance 1 (cfg_sync)
+    assert teacher_evaluations(plan) == pytest.approx({"2-RF": 20000 * 25 * 2 / (6000 * 256), "PeRFlow": 2})
+    plan.overrides["2rf"] = ["--trainer.max_steps", "1000"]
+    plan.overrides["perflow"] = [
+        "--model.init_args.window_solver_steps", "8", "--model.init_args.cfg_sync", "false",
+        "--model.init_args.teacher_guidance", "7.5", "--model.init_args.teacher_solver", "midpoint",
+    ]  # fmt: skip
+    assert teacher_evaluations(plan) == pytest.approx({"2-RF": 20000 * 25 * 2 / (1000 * 256), "PeRFlow": 32})
 
 
 def test_demo_stage_needs_its_upstream(tmp_path):

@@ -27,7 +27,7 @@ NAMES = [path.name for path in SWEEPS]
 
 
 def test_the_sweeps_are_here():
-    assert NAMES == ["distill_loss_lpips.yaml", "reflow_lr_tdist.yaml"]
+    assert NAMES == ["distill_loss_lpips.yaml", "perflow_windows_steps.yaml", "reflow_lr_tdist.yaml"]
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=NAMES)
@@ -67,8 +67,10 @@ def test_sweep_parameters_are_keys_of_the_command_config(path, tiny_sd, tiny_vel
     if params is None:  # the grid point with the most options: LPIPS included
         params = max(plan(sweep), key=lambda point: len(str(point)))
     data = write_dataset(tmp_path / "pairs", count=16, shard_size=16)
-    reflow = "reflow" in path.name
+    reflow = "distill" not in path.name  # reflow and piecewise reflow (PeRFlow)
     extra = [] if reflow else ["--model.init_args.lpips_pretrained=false"]
+    if "perflow" in path.name:
+        extra.append(f"--model.init_args.teacher={tiny_sd}")
     cli = parse_trial(path, params, tiny_sd if reflow else tiny_velocity, data, *extra)
     assert isinstance(cli.model, ReflowModule if reflow else DistillModule)
     for name, value in params.items():
@@ -202,9 +204,10 @@ def test_random_draws_are_reproducible_with_a_seed(tmp_path):
 def test_one_local_trial_runs_and_is_summarized(path, tiny_sd, tiny_velocity, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     sweep = load_sweep(path)
-    reflow = "reflow" in path.name
+    reflow = "distill" not in path.name  # reflow and piecewise reflow (PeRFlow)
     overrides = [
         f"--model.init_args.base_model={tiny_sd if reflow else tiny_velocity}",
+        *([f"--model.init_args.teacher={tiny_sd}"] if "perflow" in path.name else []),
         f"--data.init_args.path={write_dataset(tmp_path / 'pairs', count=32, shard_size=16)}",
         "--trainer.max_steps=2",
         "--trainer.val_check_interval=2",

@@ -36,8 +36,17 @@ SMALL_OVERRIDES: dict[str, list[str]] = {
     "distill-1rf": ["--trainer.val_check_interval", "200"],
     "distill-2rf:budgets": ["200", "600"],
     "distill-1rf:budgets": ["200", "600"],
+    "perflow": [
+        "--trainer.max_steps",
+        "1000",
+        "--trainer.val_check_interval",
+        "500",
+        "--model.init_args.ema_decay",
+        "0.995",
+    ],
 }
-"""The notebook's scale: 2000 + 1000 + 2 x 600 training steps and 10000 pairs (about two minutes on 2 cores)."""
+"""The notebook's scale: 2000 + 1000 + 2 x 600 training steps and 10000 pairs (about two minutes on 2 cores); the
+``perflow`` stage (not in the notebook) with the small 2rf stage's budget."""
 SMALL_EVALUATION = {"samples_per_prompt": 30}
 
 
@@ -77,7 +86,8 @@ def demo_main(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="instaflow-pl demo",
         description="InstaFlow on handwritten digits: 1-RF -> pairs -> 2-RF (reflow) -> pairs -> one-step student, "
-        "plus direct distillation of the 1-RF; writes report.md/json, grid.png and straightness.png to --out. "
+        "plus direct distillation of the 1-RF and piecewise reflow (PeRFlow) of the 1-RF; writes report.md/json, "
+        "grid.png and straightness.png to --out. "
         "Finished stages are skipped on a rerun.",
     )
     parser.add_argument(

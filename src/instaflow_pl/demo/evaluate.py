@@ -148,7 +148,7 @@ class Evaluator:
 
     def measure(self, row: Row, teacher: Teacher) -> Row:
         """Sample every seed's noises and fill in FID, accuracy and speed."""
-        solver = teacher.with_steps(row.steps)
+        solver = at_steps(teacher, row.steps)
         with torch.no_grad():  # warm-up (first-call allocations), not timed
             solver.sample(self.noises[0][0][:10], self.noises[0][1][:10], row.guidance)
         elapsed = 0.0
@@ -166,7 +166,7 @@ class Evaluator:
         """The flow's Euler trajectory on the first seed's noises (``count`` of them)."""
         x0, prompts, _ = self.noises[0]
         count = count or len(prompts)
-        solver = teacher.with_steps(self.settings.straightness_steps)
+        solver = at_steps(teacher, self.settings.straightness_steps)
         with torch.no_grad():
             return solver.sample(x0[:count], prompts[:count], guidance, return_trajectory=True)
 
@@ -178,7 +178,7 @@ class Evaluator:
         """The first ``count`` samples of the first seed (one per prompt for count = 10), for the grid."""
         x0, prompts, _ = self.noises[0]
         with torch.no_grad():
-            return teacher.with_steps(steps).sample(x0[:count], prompts[:count], guidance).x.clamp(-1, 1)
+            return at_steps(teacher, steps).sample(x0[:count], prompts[:count], guidance).x.clamp(-1, 1)
 
 
 def distill_loss(teacher: Teacher, pairs: Path, limit: int, val_fraction: float) -> float:
@@ -204,9 +204,26 @@ def distill_loss(teacher: Teacher, pairs: Path, limit: int, val_fraction: float)
     return total / max(count, 1)
 
 
+def at_steps(teacher: Teacher, steps: int) -> Teacher:
+    """``teacher`` solved in ``steps`` Euler steps: a piecewise flow (``windows`` K > 1) on its piecewise grid when
+    ``steps >= K``, and below K (which its sampler refuses) on the uniform grid ``k / steps``, one step crossing
+    windows; any other flow as :meth:`Teacher.with_steps` gives it."""
+    if steps >= teacher.windows:
+        return teacher.with_steps(steps)
+    import copy
+
+    uniform = copy.copy(teacher)
+    uniform.windows = 1
+    return uniform.with_steps(steps)
+
+
 def load_flow(folder: Path) -> Teacher:
-    """A demo model folder as a velocity teacher (Euler; :meth:`Teacher.with_steps` sets the step count)."""
-    return load_teacher(folder, solver="euler", steps=1)
+    """A demo model folder as a velocity teacher (Euler; :meth:`Teacher.with_steps` or :func:`at_steps` sets the step
+    count), loaded at one step per window (one step for a flow without windows)."""
+    from instaflow_pl.model_folder import ModelFolder
+
+    opened = ModelFolder.open(folder)
+    return load_teacher(opened, solver="euler", steps=int(opened.info.get("windows", 1)))
 
 
 def digits_for_grid() -> Digits:

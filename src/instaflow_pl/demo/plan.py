@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf", "report")
+STAGES = ("setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf", "perflow", "report")
 """The stages, in order."""
 
 
@@ -66,3 +66,9 @@ def read_record(plan: DemoPlan, name: str) -> dict[str, Any] | None:
     """A finished stage's record, or None."""
     path = plan.record_path(name)
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def finished(plan: DemoPlan, name: str) -> bool:
+    """Whether a stage's record says it finished (its settings are checked when it runs)."""
+    record = read_record(plan, name)
+    return record is not None and record.get("state", "done") == "done"

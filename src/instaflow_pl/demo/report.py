@@ -18,6 +18,7 @@ from PIL import Image
 from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, digits_for_grid, distill_loss, load_flow
 from instaflow_pl.demo.plan import STAGES, DemoPlan, read_record, student_name
 from instaflow_pl.errors import UserError
+from instaflow_pl.teachers import Teacher
 
 WELL_BELOW = 0.75
 """Finding (b): the 2-RF's best one-step FID must be below this fraction of the 1-RF's."""
@@ -25,7 +26,13 @@ STUDENT_ACCURACY = 0.90
 """Finding (d): the one-step student's prompt accuracy must reach this."""
 STUDENT_FID_FACTOR = 1.5
 """Finding (d): its FID must be within this factor of the 1-RF's at 25 steps."""
+FEW_STEPS = 4
+"""Finding (e) compares piecewise reflow with the 2-RF at this many steps (PeRFlow's SD 1.5 setting: 4 windows)."""
+ACCURACY_SLACK = 0.01
+"""Finding (e): piecewise reflow's prompt accuracy may be at most this far below the 2-RF's."""
 FLOWS = {"1-RF": "1rf", "2-RF": "2rf"}
+PERFLOW = "PeRFlow"
+"""Label of the piecewise rectified flow (stage ``perflow``, model ``models/perflow``)."""
 STUDENTS = {"2rf": ("student (2-RF)", "distill-2rf"), "1rf": ("student (1-RF)", "distill-1rf")}
 
 
@@ -106,6 +113,23 @@ def measure_all(
     return flows, students
 
 
+def measure_perflow(evaluator: Evaluator, flow: Teacher) -> list[Row]:
+    """Rows of the piecewise flow at every evaluated step count up to ``max(FEW_STEPS, K)`` and every guidance; below
+    K steps on the uniform grid (see :func:`~instaflow_pl.demo.evaluate.at_steps`)."""
+    settings = evaluator.settings
+    if FEW_STEPS not in settings.steps:
+        raise UserError(f"evaluation steps {settings.steps} lack {FEW_STEPS}: the PeRFlow finding compares there")
+    steps = [s for s in settings.steps if s <= max(FEW_STEPS, flow.windows)]
+    rows = []
+    with _progress(len(steps) * len(settings.guidance)) as bar:
+        for guidance in settings.guidance:
+            s = evaluator.straightness(flow, guidance)
+            for n in steps:
+                rows.append(evaluator.measure(Row(PERFLOW, str(flow.source), n, guidance, straightness=s), flow))
+                bar.update()
+    return rows
+
+
 # ---- findings --------------------------------------------------------------------------------------------------
 
 
@@ -180,6 +204,41 @@ def finding_student(flows: list[Row], students: list[Row], guidance: tuple[float
     return Finding("d", claim, ok_acc and ok_fid, evidence)
 
 
+def _best(rows: list[Row], model: str, steps: int) -> Row:
+    return min((r for r in rows if r.model == model and r.steps == steps), key=lambda r: r.fid_mean)
+
+
+def finding_perflow(
+    flows: list[Row], perflow: list[Row], evaluations: dict[str, float], seconds: dict[str, float], windows: int
+) -> Finding:
+    """(e) Piecewise reflow against the 2-RF at ``FEW_STEPS`` steps, each at its best guidance weight: reproduced if
+    its mean FID is lower (flagged when within the seeds' spread) and its accuracy at most ``ACCURACY_SLACK`` below.
+
+    Args:
+        flows: The 1-RF's and 2-RF's rows.
+        perflow: The piecewise flow's rows.
+        evaluations: Teacher evaluations per training sample, ``2-RF`` and ``PeRFlow``.
+        seconds: Recorded wall seconds of the stages (``pairs-1rf``, ``2rf``, ``perflow``).
+        windows: The piecewise flow's K.
+    """
+    a, b = _best(perflow, PERFLOW, FEW_STEPS), _best(flows, "2-RF", FEW_STEPS)
+    win = a.fid_mean < b.fid_mean and a.accuracy_mean >= b.accuracy_mean - ACCURACY_SLACK
+    clear = abs(a.fid_mean - b.fid_mean) > a.fid_std + b.fid_std
+
+    def wall(*names: str) -> str:
+        return " + ".join(f"{seconds[n]:.0f} s ({n})" for n in names) if all(n in seconds for n in names) else "-"
+
+    evidence = (
+        f"{FEW_STEPS} steps, best guidance of each: PeRFlow (K={windows}, w={a.guidance:g}) FID {_fid(a)}, accuracy "
+        f"{a.accuracy_mean:.1%}; 2-RF (w={b.guidance:g}) FID {_fid(b)}, accuracy {b.accuracy_mean:.1%} (FID ratio "
+        f"{a.fid_mean / b.fid_mean:.2f}{'' if clear else ', within the seed spread'}); teacher evaluations per "
+        f"training sample {evaluations['PeRFlow']:.2f} (online window solves) vs {evaluations['2-RF']:.2f} (stored "
+        f"pairs, reused); same training steps and batch; wall time {wall('perflow')} vs {wall('pairs-1rf', '2rf')}"
+    )
+    claim = f"piecewise reflow beats the 2-RF at {FEW_STEPS} steps (PeRFlow's few-step claim)"
+    return Finding("e", claim, win, evidence)
+
+
 # ---- pictures --------------------------------------------------------------------------------------------------
 
 
@@ -207,8 +266,11 @@ def grid_figure(rows: list[tuple[str, torch.Tensor]]) -> Image.Image:
     return figure_to_pil(figure)
 
 
-def draw_grid(plan: DemoPlan, evaluator: Evaluator, students: list[Row], flows_by_label: dict) -> Image.Image:
-    """Real digits, the flows at 1 and 25 steps, and the largest-budget students."""
+def draw_grid(
+    plan: DemoPlan, evaluator: Evaluator, students: list[Row], flows_by_label: dict, perflow: Teacher | None = None
+) -> Image.Image:
+    """Real digits, the flows at 1 and 25 steps, the largest-budget students and the piecewise flow at
+    ``FEW_STEPS`` steps (when given)."""
     rows: list[tuple[str, torch.Tensor]] = [("real (held-out)", digits_for_grid().images)]
     guided = max(evaluator.settings.guidance)
     for label, teacher in flows_by_label.items():
@@ -218,6 +280,8 @@ def draw_grid(plan: DemoPlan, evaluator: Evaluator, students: list[Row], flows_b
         last = max((r for r in students if r.model == label), key=lambda r: r.budget or 0)
         teacher = load_flow(plan.model(student_name(key, last.budget)))
         rows.append((f"{label}, {last.budget} steps, 1 step", evaluator.samples(teacher, 1, 1.0)))
+    if perflow is not None:
+        rows.append((f"{PERFLOW}, {FEW_STEPS} steps, w=1", evaluator.samples(perflow, FEW_STEPS, 1.0)))
     return grid_figure(rows)
 
 
@@ -282,6 +346,7 @@ def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row
         "",
         *_table(students, with_budget=True),
         "",
+        *_perflow_section(report),
         "## Pictures",
         "",
         "- `grid.png`: rows = models, columns = prompts (the same noise down each column).",
@@ -298,6 +363,25 @@ def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row
     return "\n".join(lines)
 
 
+def _perflow_section(report: dict[str, Any]) -> list[str]:
+    if "perflow" not in report:
+        return []
+    rows = [Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__}) for r in report["perflow"]]
+    windows = report["perflow_windows"]
+    return [
+        f"## Piecewise rectified flow (PeRFlow, K = {windows} windows) from the 1-RF",
+        "",
+        "Trained with the 2-RF's steps, batch and optimiser, on the same digits (X1 of the 1-RF's pairs), its windows "
+        f"solved online by the 1-RF (configs/demo/perflow.yaml). Below {windows} steps it cannot take one step per "
+        "window: those rows sample it on the uniform grid, one step crossing windows. S is measured on its "
+        f"{report['settings']['straightness_steps']}-step piecewise grid (a piecewise flow is straight at best inside "
+        "each window, so its S need not approach 0).",
+        "",
+        *_table(rows, with_budget=False),
+        "",
+    ]
+
+
 def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image.Image]) -> None:
     import wandb
 
@@ -306,7 +390,7 @@ def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image
     run = wandb.init(project="instaflow-pl-demo", name="demo-report", dir=str(folder), config=report["settings"])
     columns = ["model", "budget", "steps", "guidance", "fid_mean", "fid_std", "accuracy", "straightness", "ms"]
     table = wandb.Table(columns=columns)
-    for r in report["flows"] + report["students"]:
+    for r in report["flows"] + report["students"] + report.get("perflow", []):
         table.add_data(
             r["model"], r["budget"], r["steps"], r["guidance"], r["fid_mean"], r["fid_std"], r["accuracy_mean"],
             r["straightness"], r["ms_per_image"],
@@ -316,13 +400,20 @@ def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image
     run.finish()
 
 
-def write_report(plan: DemoPlan, budgets: dict[str, list[int]], val_fractions: dict[str, float]) -> dict[str, Any]:
+def write_report(
+    plan: DemoPlan,
+    budgets: dict[str, list[int]],
+    val_fractions: dict[str, float],
+    teacher_cost: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Measure, decide, and write report.md, report.json, grid.png and straightness.png to the demo's folder.
 
     Args:
         plan: The demo's folders.
         budgets: Per teacher of ``STUDENTS`` (``2rf``, ``1rf``), the steps at which its students were exported.
         val_fractions: Per teacher, the held-out share of its pairs in its distillation config.
+        teacher_cost: Teacher evaluations per training sample of the ``2-RF`` and ``PeRFlow`` when the piecewise
+            flow (``models/perflow``) is to be reported (finding (e)); None: the report leaves it out.
     """
     from instaflow_pl.demo.classifier import load_classifier
 
@@ -338,8 +429,13 @@ def write_report(plan: DemoPlan, budgets: dict[str, list[int]], val_fractions: d
         finding_budget(students),
         finding_student(flows, students, settings.guidance),
     ]
+    piecewise, perflow = None, []
+    if teacher_cost is not None:
+        piecewise = load_flow(plan.model("perflow"))
+        perflow = measure_perflow(evaluator, piecewise)
+        findings.append(finding_perflow(flows, perflow, teacher_cost, stage_seconds(plan), piecewise.windows))
     pictures = {
-        "grid": draw_grid(plan, evaluator, students, flow_models),
+        "grid": draw_grid(plan, evaluator, students, flow_models, piecewise),
         "straightness": draw_straightness(evaluator, flow_models),
     }
     times = {**stage_seconds(plan), "report": time.perf_counter() - start}
@@ -351,6 +447,15 @@ def write_report(plan: DemoPlan, budgets: dict[str, list[int]], val_fractions: d
         "classifier_accuracy": evaluator.classifier_accuracy(),
         "flows": [r.to_json() for r in flows],
         "students": [r.to_json() for r in students],
+        **(
+            {
+                "perflow": [r.to_json() for r in perflow],
+                "perflow_windows": piecewise.windows,
+                "teacher_evaluations": teacher_cost,
+            }
+            if piecewise is not None
+            else {}
+        ),
         "findings": [{**vars(f), "verdict": f.verdict} for f in findings],
         "stage_seconds": times,
         "threads": torch.get_num_threads(),

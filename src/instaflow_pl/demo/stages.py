@@ -1,6 +1,9 @@
 """The digits demo's stages, run through the project's own CLI and configs, each cached and checked.
 
-``setup -> 1rf -> pairs-1rf -> 2rf -> pairs-2rf -> distill-2rf -> distill-1rf -> report``
+``setup -> 1rf -> pairs-1rf -> 2rf -> pairs-2rf -> distill-2rf -> distill-1rf -> perflow -> report``
+
+(``perflow``, piecewise rectified flow from the 1-RF, is read by the report when it is done: the notebook's small run
+writes the report without it.)
 
 Each stage runs ``instaflow-pl fit|pairs`` on a YAML in ``configs/demo/`` (in this process, so the libraries load
 once), exports what it trained, and writes ``<out>/stages/<name>.json`` with a hash of its config, overrides and
@@ -19,8 +22,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from instaflow_pl.demo.plan import STAGES, DemoPlan, read_record, student_name
+from instaflow_pl.demo.plan import STAGES, DemoPlan, finished, read_record, student_name
 from instaflow_pl.errors import UserError
 
 
@@ -35,6 +39,7 @@ class Stage:
         upstream: Stages whose outputs it reads.
         run: Does the work.
         outputs: Paths that must exist once it is done.
+        optional: Stages whose outputs it reads when they are done (not required; they count in its hash then).
     """
 
     name: str
@@ -43,6 +48,7 @@ class Stage:
     upstream: tuple[str, ...]
     run: Callable[[DemoPlan], None]
     outputs: Callable[[DemoPlan], list[Path]]
+    optional: tuple[str, ...] = ()
 
 
 # ---- running the CLI in this process --------------------------------------------------------------------------
@@ -125,18 +131,58 @@ def _export(checkpoint: Path, out: Path, steps: int) -> None:
     print(f"exported {checkpoint.name} ({steps} steps) to {out}")
 
 
-def max_steps(plan: DemoPlan, stage: Stage) -> int:
-    """``trainer.max_steps`` of a stage: the last override, else its YAML."""
+def setting(plan: DemoPlan, stage: Stage, key: str) -> Any:
+    """A stage's setting ``key`` (``trainer.max_steps``, ``model.init_args.windows`` ...): its last ``--key value``
+    override (as YAML), else its YAML's value (None when absent)."""
+    import yaml
     from omegaconf import OmegaConf
 
     args = plan.overrides.get(stage.name, [])
-    given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--trainer.max_steps"]
-    return int(given[-1]) if given else int(OmegaConf.load(plan.configs / stage.config).trainer.max_steps)
+    given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == f"--{key}"]
+    if given:
+        return yaml.safe_load(given[-1])
+    return OmegaConf.select(OmegaConf.load(plan.configs / stage.config), key)
+
+
+def max_steps(plan: DemoPlan, stage: Stage) -> int:
+    """``trainer.max_steps`` of a stage: the last override, else its YAML."""
+    return int(setting(plan, stage, "trainer.max_steps"))
 
 
 def _train_flow(plan: DemoPlan, stage: Stage, base_model: Path, data: Path | None, model: str) -> None:
     _fit(plan, stage, base_model, data)
     _export(plan.run_dir(stage.name) / "checkpoints" / "last.ckpt", plan.model(model), max_steps(plan, stage))
+
+
+def _perflow(plan: DemoPlan) -> None:
+    current = stage("perflow")
+    _fit(plan, current, plan.model("1rf"), plan.pairs("1rf"), "--model.init_args.teacher", str(plan.model("1rf")))
+    _export(plan.run_dir("perflow") / "checkpoints" / "last.ckpt", plan.model("perflow"), max_steps(plan, current))
+
+
+EVALUATIONS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
+"""Velocity evaluations per step of the LatentODE's methods (a velocity teacher's solvers)."""
+
+
+def teacher_evaluations(plan: DemoPlan) -> dict[str, float]:
+    """Teacher network evaluations per training sample (a guided call counts its two branches) of the 2-RF and of
+    piecewise reflow, from the pairs' manifest and the stages' settings.
+
+    The 2-RF: every pair of ``pairs/1rf`` cost ``steps`` evaluations, and its training drew ``max_steps x batch_size``
+    samples from them. Piecewise reflow: each training sample is one window solve of ``window_solver_steps`` steps.
+    """
+    manifest = json.loads((plan.pairs("1rf") / "manifest.json").read_text())
+    per_pair = manifest["steps"] * EVALUATIONS_PER_STEP[manifest["solver"]] * (2 if manifest["guidance"] > 1 else 1)
+    reflow = stage("2rf")
+    samples = max_steps(plan, reflow) * int(setting(plan, reflow, "data.init_args.batch_size"))
+    piecewise = stage("perflow")
+    guided = float(setting(plan, piecewise, "model.init_args.teacher_guidance") or 1.0) > 1
+    method = str(setting(plan, piecewise, "model.init_args.teacher_solver"))
+    steps = int(setting(plan, piecewise, "model.init_args.window_solver_steps"))
+    return {
+        "2-RF": manifest["count"] * per_pair / samples,
+        "PeRFlow": steps * EVALUATIONS_PER_STEP[method] * (2 if guided else 1),
+    }
 
 
 def _pairs(plan: DemoPlan, stage: Stage, teacher: str) -> None:
@@ -192,6 +238,7 @@ def _report(plan: DemoPlan) -> None:
         plan,
         budgets={teacher: budgets(plan, distill) for teacher, distill in distills.items()},
         val_fractions={teacher: val_fraction(plan, distill) for teacher, distill in distills.items()},
+        teacher_cost=teacher_evaluations(plan) if finished(plan, "perflow") else None,
     )
 
 
@@ -220,9 +267,12 @@ def _stage_list() -> list[Stage]:
         Stage("distill-1rf", "one-step students distilled directly from the 1-RF (ablation)", "distill_1rf.yaml",
               ("pairs-1rf",), lambda p: _distill(p, stage("distill-1rf"), "1rf"),
               lambda p: _student_outputs(p, "distill-1rf", "1rf")),
+        Stage("perflow", "piecewise rectified flow (4 windows) from the 1-RF, its windows solved online",
+              "perflow.yaml", ("pairs-1rf",), _perflow, lambda p: [p.model("perflow") / "instaflow.json"]),
         Stage("report", "FID, prompt accuracy, straightness, speed; report.md/json, grid and trajectory plots",
               None, ("1rf", "2rf", "distill-2rf", "distill-1rf"), _report,
-              lambda p: [p.path("report.md"), p.path("report.json"), p.path("grid.png"), p.path("straightness.png")]),
+              lambda p: [p.path("report.md"), p.path("report.json"), p.path("grid.png"), p.path("straightness.png")],
+              optional=("perflow",)),
     ]  # fmt: skip
 
 
@@ -248,6 +298,9 @@ def stage_hash(plan: DemoPlan, current: Stage) -> str:
         digest.update(json.dumps(plan.evaluation, sort_keys=True).encode())
     for name in current.upstream:
         digest.update(stage_hash(plan, stage(name)).encode())
+    for name in current.optional:
+        if finished(plan, name):
+            digest.update(stage_hash(plan, stage(name)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -282,7 +335,7 @@ def dependents(names: Sequence[str]) -> list[str]:
     """``names`` and every stage that reads their outputs, directly or not, in stage order."""
     found = set(names)
     for name in STAGES:  # upstream stages come first, so one pass closes the set
-        if found.intersection(stage(name).upstream):
+        if found.intersection(stage(name).upstream + stage(name).optional):
             found.add(name)
     return [n for n in STAGES if n in found]
 
@@ -307,6 +360,7 @@ def _stage_owned(plan: DemoPlan, name: str) -> list[Path]:
         "pairs-2rf": [plan.pairs("2rf"), plan.run_dir("pairs-2rf")],
         "distill-2rf": [plan.run_dir("distill-2rf"), *plan.path("models").glob("student-2rf-*")],
         "distill-1rf": [plan.run_dir("distill-1rf"), *plan.path("models").glob("student-1rf-*")],
+        "perflow": [plan.run_dir("perflow"), plan.model("perflow")],
         "report": [plan.path(n) for n in ("report.md", "report.json", "grid.png", "straightness.png")],
     }
     return owned[name]
