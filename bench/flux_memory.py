@@ -52,6 +52,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
+from bench.prompt_cost import SD3_MEDIUM
+
 GiB = 2**30
 GB = 1e9
 GPUS_GB = (24, 40, 80)
@@ -82,27 +84,10 @@ TINY_FLUX: dict[str, Any] = {
     "num_single_layers": 4,
     "axes_dims_rope": [4, 4, 8],
 }
-T5_XXL: dict[str, Any] = {
-    # google/t5-v1_1-xxl's encoder (FLUX.1's text_encoder_2)
-    "vocab_size": 32128,
-    "d_model": 4096,
-    "d_kv": 64,
-    "d_ff": 10240,
-    "num_layers": 24,
-    "num_heads": 64,
-    "feed_forward_proj": "gated-gelu",
-    "dropout_rate": 0.0,
-}
-CLIP_L: dict[str, Any] = {
-    # openai/clip-vit-large-patch14's text tower (FLUX.1's text_encoder; its pooled output only)
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-}
+T5_XXL: dict[str, Any] = dict(SD3_MEDIUM.t5)
+"""google/t5-v1_1-xxl's encoder: FLUX.1's text_encoder_2 is the T5 SD3 uses (bench/prompt_cost.py states it)."""
+CLIP_L: dict[str, Any] = {k: v for k, v in SD3_MEDIUM.clip_l.items() if k != "projection_dim"}
+"""openai/clip-vit-large-patch14's text tower: FLUX.1's text_encoder (its pooled output only)."""
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 """The adapters of configs/flux/reflow_lora.yaml: the attention projections of both streams."""
 VAE_FACTOR = 8

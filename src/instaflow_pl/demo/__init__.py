@@ -13,6 +13,15 @@ from pathlib import Path
 from instaflow_pl.demo.plan import STAGES, DemoPlan
 from instaflow_pl.demo.stages import run_stages
 
+SMALL_REFLOW = [
+    "--trainer.max_steps",
+    "1000",
+    "--trainer.val_check_interval",
+    "500",
+    "--model.init_args.ema_decay",
+    "0.995",
+]
+"""The notebook's reflow budget (2rf and perflow alike)."""
 SMALL_OVERRIDES: dict[str, list[str]] = {
     "1rf": [
         "--trainer.max_steps",
@@ -23,27 +32,13 @@ SMALL_OVERRIDES: dict[str, list[str]] = {
         "0.995",
     ],
     "pairs-1rf": ["--data.init_args.repeats", "500"],
-    "2rf": [
-        "--trainer.max_steps",
-        "1000",
-        "--trainer.val_check_interval",
-        "500",
-        "--model.init_args.ema_decay",
-        "0.995",
-    ],
+    "2rf": SMALL_REFLOW,
     "pairs-2rf": ["--data.init_args.repeats", "500"],
     "distill-2rf": ["--trainer.val_check_interval", "200"],
     "distill-1rf": ["--trainer.val_check_interval", "200"],
     "distill-2rf:budgets": ["200", "600"],
     "distill-1rf:budgets": ["200", "600"],
-    "perflow": [
-        "--trainer.max_steps",
-        "1000",
-        "--trainer.val_check_interval",
-        "500",
-        "--model.init_args.ema_decay",
-        "0.995",
-    ],
+    "perflow": SMALL_REFLOW,
 }
 """The notebook's scale: 2000 + 1000 + 2 x 600 training steps and 10000 pairs (about two minutes on 2 cores); the
 ``perflow`` stage (not in the notebook) with the small 2rf stage's budget."""
