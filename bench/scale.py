@@ -160,7 +160,8 @@ def micro(result_file: Path, name: str, batch: int, folder: Path) -> None:
 
     from bench.memory import _reset_peak_rss
     from instaflow_pl.modules.losses import LPIPSDistance
-    from instaflow_pl.velocity import PretrainedVelocity, TextCondition
+    from instaflow_pl.velocity import TextCondition
+    from instaflow_pl.velocity.pretrained import PretrainedVelocity
 
     generator = torch.Generator().manual_seed(0)
     shape = latent_shape(folder)
