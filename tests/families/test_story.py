@@ -17,7 +17,9 @@ from helpers import story_pairs as pairs
 from instaflow_pl.data import TriplesDataModule
 from instaflow_pl.export import export_checkpoint
 from instaflow_pl.families import FAMILIES
+from instaflow_pl.kinds import RELEASED_KIND
 from instaflow_pl.metrics import straightness
+from instaflow_pl.model_folder import ModelFolder
 from instaflow_pl.teachers import load_teacher
 
 pytestmark = pytest.mark.slow
@@ -36,6 +38,10 @@ def test_story_per_family(family, tmp_path):
     import diffusers
 
     folder = FAMILIES[family].build_tiny(tmp_path / family)
+    if ModelFolder.open(folder).kind != RELEASED_KIND:
+        # A random velocity folder (the digits MLP) is nearly straight from the start (one-step val/mse 0.006): there
+        # is no teacher curvature for a 4x gain to show. The digits family's story is the demo (tests/e2e/test_demo.py).
+        pytest.skip(f"{family}'s tiny folder is a velocity folder, not a released teacher")
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
     results: dict[str, float] = {}
