@@ -68,3 +68,13 @@ def test_a_manifest_written_with_kind_sd_reads_as_released(tmp_path):
     text = manifest.to_json().replace('"released"', '"sd"')
     (tmp_path / "manifest.json").write_text(text)
     assert Manifest.read(tmp_path / "manifest.json") == manifest
+
+
+@pytest.mark.parametrize(("family", "tokens"), [("sd3", 256), ("sd", None)])
+def test_a_manifest_written_before_the_prompt_length_reads_as_the_length_then(tmp_path, family, tokens):
+    """SD3 pairs generated before max_sequence_length was recorded used 256 T5 tokens: they still resume."""
+    manifest = random_triples_manifest(4, family=family)
+    data = json.loads(manifest.to_json())
+    data.pop("max_sequence_length")
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    assert Manifest.read(tmp_path / "manifest.json").max_sequence_length == tokens

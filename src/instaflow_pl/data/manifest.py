@@ -88,6 +88,8 @@ class Manifest:
             known = {k: v for k, v in data.items() if k in names}
             if "teacher_kind" in known:
                 known["teacher_kind"] = normalise_kind(known["teacher_kind"])
+            if "max_sequence_length" not in data:  # written before the prompt length was recorded
+                known["max_sequence_length"] = _recorded_prompt_length(known.get("family", "sd"))
             return cls(**known)
         except (json.JSONDecodeError, TypeError) as err:
             raise UserError(f"{path} is damaged ({err}); regenerate the dataset into a new folder") from None
@@ -100,3 +102,11 @@ class Manifest:
             if f.name not in _INFORMATIONAL and mine != theirs:
                 out.append(f"{f.name}: {mine!r} != {theirs!r}")
         return out
+
+
+def _recorded_prompt_length(family: str) -> int | None:
+    """The prompt length a manifest of ``family`` written before the field existed implies (SD3: 256)."""
+    from instaflow_pl.families import FAMILIES
+
+    known = FAMILIES.get(family)
+    return None if known is None else known.recorded_prompt_length

@@ -159,6 +159,10 @@ class Family:
         :meth:`configure_encoder` to read back (Flux: its guidance input and prompt length; none for the others)."""
         return {}
 
+    recorded_prompt_length: ClassVar[int | None] = None
+    """The prompt length that manifests written before it was recorded imply (SD3: 256 T5 tokens, the only length
+    then); None for families without the setting."""
+
     def prompt_length(self, encoder) -> int | None:
         """The encoder's prompt length in T5 tokens (``max_sequence_length``); None for a family without that
         setting (CLIP's 77 tokens only)."""

@@ -165,6 +165,8 @@ class StableDiffusion3(Family):
             tokenizers, encoders, joint_dim=network_config["joint_attention_dim"], cache_mb=cache_mb
         )
 
+    recorded_prompt_length = T5_TOKENS
+
     def prompt_length(self, encoder) -> int | None:
         """T5 tokens of a prompt (``max_sequence_length``)."""
         return encoder.max_sequence_length
