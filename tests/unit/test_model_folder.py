@@ -78,3 +78,23 @@ def test_a_manifest_written_before_the_prompt_length_reads_as_the_length_then(tm
     data.pop("max_sequence_length")
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     assert Manifest.read(tmp_path / "manifest.json").max_sequence_length == tokens
+
+
+def test_a_digits_checkpoint_recorded_as_sd_is_a_digits_checkpoint(tmp_path):
+    """Checkpoints the demo wrote before the digits family existed record ``family: sd``: a digits module resumes
+    them, and export writes a digits folder."""
+    from instaflow_pl.checkpoints import CheckpointRecord
+    from instaflow_pl.export.checkpoint import checkpoint_family
+    from instaflow_pl.modules import ReflowModule
+
+    base = FAMILIES["digits"].build_tiny(tmp_path / "digits")
+    module = ReflowModule(base_model=str(base), ema_decay=0.0, val_steps=[1])
+    checkpoint = {"state_dict": module.state_dict()}
+    record = module.checkpoint_record(set())
+    CheckpointRecord(**{**record.__dict__, "family": "sd"}).write(checkpoint)
+    module.on_load_checkpoint(checkpoint)  # no refusal
+    assert checkpoint_family(CheckpointRecord(**{**record.__dict__, "family": "sd"}), "old.ckpt") is FAMILIES["digits"]
+    sd_module = ReflowModule(base_model=str(FAMILIES["sd"].build_tiny(tmp_path / "sd")), ema_decay=0.0, val_steps=[1])
+    CheckpointRecord(**{**record.__dict__, "family": "digits"}).write(checkpoint)
+    with pytest.raises(UserError, match="the checkpoint holds an digits model"):
+        sd_module.on_load_checkpoint(checkpoint)

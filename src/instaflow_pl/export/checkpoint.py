@@ -54,10 +54,15 @@ def exportable_record(checkpoint: dict[str, Any], source: str) -> CheckpointReco
 
 
 def checkpoint_family(record: CheckpointRecord, source: str):
-    """The model family of a checkpoint's velocity (``sd`` for checkpoints from before families were recorded)."""
-    from instaflow_pl.families import family_named
+    """The model family of a checkpoint's velocity: the recorded one (``sd`` for checkpoints from before families were
+    recorded), or the family that owns the recorded network when the name is an older one (the digits MLP's ``sd``)."""
+    from instaflow_pl.families import family_named, family_of_network_config
 
-    return family_named(record.family, source)
+    family = family_named(record.family, source)
+    config = record.network_config
+    if config is not None and not family.owns_network_config(config):
+        return family_of_network_config(config, source)
+    return family
 
 
 def _base_weights(base: ModelFolder, keys: set[str], source: str) -> dict[str, torch.Tensor]:

@@ -176,7 +176,7 @@ class FlowModule(L.LightningModule):
         if manifest is not None and isinstance(self.velocity, NetworkVelocity):
             source = str(self.trainer.datamodule.path)
             family = self.velocity.family.name
-            if manifest.family != family:
+            if not self.velocity.family.answers_to(manifest.family):  # the digits demo's older data says sd
                 raise UserError(
                     f"the triples in {source} come from an {manifest.family} teacher, but the model being trained is "
                     f"an {family} model; generate pairs with a teacher of the model's family"
@@ -409,7 +409,7 @@ class FlowModule(L.LightningModule):
         (:func:`~instaflow_pl.checkpoints.upgrade`); restore the parts left out from this module and the recorded
         conditioning (:meth:`Family.configure_encoder`)."""
         record = read_record(checkpoint, type(self).__name__)
-        if isinstance(self.velocity, NetworkVelocity) and record.family != self.velocity.family.name:
+        if isinstance(self.velocity, NetworkVelocity) and not self.velocity.family.answers_to(record.family):
             raise UserError(
                 f"the checkpoint holds an {record.family} model, but this run's base_model is an "
                 f"{self.velocity.family.name} model; resume with the base_model the checkpoint was trained from"
