@@ -53,8 +53,8 @@ class TextCondition:
     @staticmethod
     def stack(rows: list[TextCondition], null: TextCondition | None = None) -> TextCondition:
         """Join batches of conditions (all of the same kind) along the batch."""
-        names = rows[0].parts().keys()
-        return TextCondition(**{name: torch.cat([r.parts()[name] for r in rows]) for name in names}, null=null)
+        parts = [row.parts() for row in rows]
+        return TextCondition(**{name: torch.cat([p[name] for p in parts]) for name in parts[0]}, null=null)
 
     def with_null(self, null: TextCondition | None) -> TextCondition:
         """The same condition with ``null`` as its null condition."""
