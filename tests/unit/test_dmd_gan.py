@@ -73,3 +73,28 @@ def test_a_network_without_a_registered_bottleneck_is_one_line():
     with pytest.raises(UserError, match="does not know where a Linear's bottleneck is") as error:
         gan_head_for(nn.Linear(2, 2))
     assert "\n" not in str(error.value)
+
+
+def test_the_two_gan_losses_move_a_generator_to_the_real_data():
+    """The losses' signs composed: a 1-D generator x = a + z against real data N(2, 1), a logistic critic
+    D(x) = w x + b trained on the critic's loss and the generator on its own, alternating. The generator's mean moves
+    from 0 to the data's and oscillates around it (GAN dynamics), so its average over the last 400 of 800 steps is
+    compared (measured over seeds 0-5: 1.90 to 2.01; seed 0: 1.991)."""
+    torch.manual_seed(0)
+    a = torch.zeros((), requires_grad=True)
+    critic = nn.Linear(1, 1)
+    generator_opt = torch.optim.Adam([a], lr=0.02)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=0.02)
+    trace = []
+    for _ in range(800):
+        real, fake = 2.0 + torch.randn(256, 1), a + torch.randn(256, 1)
+        critic_opt.zero_grad()
+        critic_gan_loss(critic(fake.detach()).squeeze(1), critic(real).squeeze(1)).backward()
+        critic_opt.step()
+        generator_opt.zero_grad()
+        generator_gan_loss(critic(a + torch.randn(256, 1)).squeeze(1)).mean().backward()
+        generator_opt.step()
+        trace.append(a.item())
+    mean = sum(trace[400:]) / 400
+    print(f"\nGAN losses alone: generator mean 0 -> {mean:.3f} (average of steps 400-800; data 2)")
+    assert abs(mean - 2.0) < 0.1
