@@ -320,3 +320,10 @@ def test_lora_on_both_networks_trains_adapters_only_resumes_exactly_and_exports(
     with torch.no_grad():
         ours = whole.sample(x0, PROMPTS[:2], steps=1).x
     assert torch.allclose(exported, ours, atol=1e-5), (exported - ours).abs().max()
+
+    export_checkpoint(ckpt, tmp_path / "lora", lora_format="file")
+    from safetensors.torch import load_file
+
+    adapters = load_file(tmp_path / "lora/pytorch_lora_weights.safetensors")
+    generator_adapters = [k for k in state if k.startswith("velocity.") and "lora_" in k]
+    assert len(adapters) == len(generator_adapters), "the generator's adapters, not the fake score's"
