@@ -3,7 +3,8 @@ resume for training configs; a real (small) run for pair-generation and evaluati
 
 Each runs on the tiny folder of its family. What is changed from the file is listed in one place, :func:`runnable`:
 the machine (accelerator, devices, strategy, nodes), the batch size, the step counts and the paths (model folders,
-datasets, outputs, weight files not on test machines), and the latent shape of the tiny folders. Everything else
+datasets and image folders, outputs, weight files not on test machines, a previous stage's checkpoint in
+``init_from``, which is dropped), and the latent shape (image size) of the tiny folders. Everything else
 (precision, clipping, the optimizer and its flags, EMA, gradient checkpointing, LoRA, lean LPIPS, loggers, callbacks)
 runs as written, so a new setting in a YAML is exercised here by default.
 """
