@@ -3,7 +3,8 @@ resume for training configs; a real (small) run for pair-generation and evaluati
 
 Each runs on the tiny folder of its family. What is changed from the file is listed in one place, :func:`runnable`:
 the machine (accelerator, devices, strategy, nodes), the batch size, the step counts and the paths (model folders,
-datasets, outputs, weight files not on test machines), and the latent shape of the tiny folders. Everything else
+datasets and image folders, outputs, weight files not on test machines, a previous stage's checkpoint in
+``init_from``, which is dropped), and the latent shape (image size) of the tiny folders. Everything else
 (precision, clipping, the optimizer and its flags, EMA, gradient checkpointing, LoRA, lean LPIPS, loggers, callbacks)
 runs as written, so a new setting in a YAML is exercised here by default.
 """
@@ -62,7 +63,8 @@ def _needs_velocity(config: dict[str, Any], path: Path) -> bool:
 def folders(tmp_path_factory, inception_weights):
     """``get(name)``: tiny folders and files, each built once for this module: ``<family>`` (the released tiny folder),
     ``<family>-rf`` (a copy marked as a k-RF export), ``<family>-pairs`` (a finished triples dataset at the tiny
-    latent shape), ``clip``, ``reference``, ``inception``."""
+    latent shape), ``<family>-images`` (an image folder at the tiny latents' image size), ``clip``, ``reference``,
+    ``inception``."""
     from instaflow_pl.model_folder import mark_velocity_folder
     from instaflow_pl.tiny import build_tiny_clip, build_tiny_reference
 
@@ -87,6 +89,9 @@ def folders(tmp_path_factory, inception_weights):
             # 2000 samples: val_fraction 0.001 (the recipes' value) still holds out 2
             built[name] = write_dataset(root / name, count=2000, shard_size=500, shape=tiny_latent_shape(get(family)),
                                         family=family)  # fmt: skip
+        elif part == "images":
+            # 1000 images: val_fraction 0.001 (the recipes' value) still holds out 1
+            built[name] = write_image_folder(root / name, count=1000, size=tiny_image_size(get(family)))
         return built[name]
 
     return get
@@ -97,6 +102,29 @@ def tiny_latent_shape(folder: Path) -> list[int]:
     from instaflow_pl.model_folder import ModelFolder
 
     return list(ModelFolder.open(folder).geometry.shape)
+
+
+def tiny_image_size(folder: Path) -> int:
+    """Image side whose VAE latents have a tiny folder's native latent size."""
+    from instaflow_pl.model_folder import ModelFolder
+
+    opened = ModelFolder.open(folder)
+    return opened.geometry.shape[-1] * opened.pixels_per_latent
+
+
+def write_image_folder(folder: Path, count: int, size: int) -> Path:
+    """Random RGB PNGs of ``size`` pixels with a metadata.jsonl (file_name, text): what ImagePromptDataModule reads."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(count):
+        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i % 7}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
 
 
 def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, Any]:
@@ -126,7 +154,12 @@ def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, An
         init["base_model"] = str(folder)
         if init.get("teacher"):  # a piecewise reflow's or DMD's teacher: the released tiny folder
             init["teacher"] = str(get(family))
-        data["path"] = str(get(f"{family}-pairs"))
+        if config["data"]["class_path"].endswith("ImagePromptDataModule"):  # images + prompts (encode_images)
+            data.update(folder=str(get(f"{family}-images")), resolution=tiny_image_size(get(family)))
+        else:
+            data["path"] = str(get(f"{family}-pairs"))
+        if init.get("init_from"):  # a previous stage's checkpoint (not on test machines): start from base_model
+            init["init_from"] = None
         if "expected_latent_shape" in data:
             data["expected_latent_shape"] = tiny_latent_shape(folder)
         if "lpips_pretrained" in init or any("lpips" in str(k) for k in (init.get("distance") or {})):

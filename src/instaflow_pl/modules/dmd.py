@@ -6,152 +6,60 @@ samples with the teacher's own denoising loss). The generator follows the differ
 the clean sample at noised generator samples, which is the gradient of the KL divergence from the teacher's
 distribution to the generator's (DMD, arXiv 2311.18828, eq. 7; DMD2's ``main/sd_guidance.py``).
 
-Every score network is read as a prediction of the clean sample X1 through its parametrisation: a velocity at our
-flow time t gives ``x1_hat = x_t + (1 - t) v`` on the straight path ``x_t = t X1 + (1 - t) X0``; an epsilon, v or
-sample prediction of a diffusion teacher at diffusers timestep ``(1 - t) * N`` (rounded) is converted through its
-scheduler's ``alphas_cumprod`` on the path ``x = sqrt(a) X1 + sqrt(1 - a) noise``.
+Every score network is read as a prediction of the clean sample X1 through its parametrisation
+(:mod:`instaflow_pl.modules.parametrisation`). Two optional generator terms: DMD2's GAN head on the fake score's
+bottleneck (:mod:`instaflow_pl.modules.dmd_gan`, with real images) and the original DMD's paired regression onto
+stored triples (the distances of :mod:`instaflow_pl.modules.losses`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from instaflow_pl.conventions import images_to_latents
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 from instaflow_pl.modules.base import FlowModule, StepOutput, clip_gradients
+from instaflow_pl.modules.dmd_gan import bottleneck_features, critic_gan_loss, gan_head_for, generator_gan_loss
 from instaflow_pl.modules.lora import LoraOptions, add_lora
+from instaflow_pl.modules.losses import Distance, LPIPSDistance
+from instaflow_pl.modules.parametrisation import (
+    DiffusionParametrisation,
+    FlowParametrisation,
+    Parametrisation,
+    ScoreModel,
+    _per_sample,
+    denoising_loss,
+    parametrisation_of,
+    predict_x1,
+)
 from instaflow_pl.solver import LatentODE
 from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkPredictor, NetworkVelocity, TextCondition
 
-ScoreModel = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
-"""A score network as its parametrisation calls it: ``f(x, model_time, cond)``."""
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``values`` (B,) shaped to broadcast against ``like`` (B, ...)."""
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
-
-
-# ---- parametrisations: what a score network predicts, and how that becomes X1 --------------------------------------
-
-
-class FlowParametrisation:
-    """A velocity ``v(x_t, t)`` on the straight path ``x_t = t X1 + (1 - t) X0`` (k-RF folders, SD3, Flux).
-
-    The velocity is ``E[X1 - X0 | x_t]``, so ``x_t + (1 - t) v = E[X1 | x_t]``; the denoising loss is flow matching,
-    ``||v - (X1 - X0)||^2``.
-    """
-
-    def noised(self, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The point at flow time ``t`` (B,) between ``noise`` and ``x1``."""
-        tt = _per_sample(t, x1)
-        return tt * x1 + (1 - tt) * noise
-
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The time the network is called at (a velocity takes flow time itself)."""
-        return t
-
-    def to_x1(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The clean-sample prediction ``x + (1 - t) v``."""
-        return x + (1 - _per_sample(t, x)) * out
-
-    def target(self, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the network regresses onto: ``X1 - X0``."""
-        return x1 - noise
-
-
-class DiffusionParametrisation:
-    """A diffusion network's epsilon, v or sample prediction at a discrete timestep (SD, SDXL).
-
-    Flow time t maps to timestep ``round((1 - t) * N)`` (clamped to ``[0, N - 1]``, N the number of training
-    timesteps), as the project reports scheduler steps (``t = 1 - timestep / N``); ``a`` is ``alphas_cumprod`` there.
-
-    Args:
-        alphas_cumprod: The scheduler's cumulative alphas, (N,).
-        prediction_type: ``epsilon``, ``v_prediction`` or ``sample`` (the scheduler config's).
-    """
-
-    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
-        if prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise UserError(f"prediction_type {prediction_type!r} is not epsilon, v_prediction or sample")
-        self.alphas_cumprod = alphas_cumprod.double()
-        self.prediction_type = prediction_type
-
-    @property
-    def num_train_timesteps(self) -> int:
-        """N, the number of training timesteps."""
-        return len(self.alphas_cumprod)
-
-    def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """Diffusers timestep of flow time ``t``: ``round((1 - t) * N)`` in ``[0, N - 1]`` (as floats)."""
-        n = self.num_train_timesteps
-        return ((1 - t.double()) * n).round().clamp(0, n - 1).to(t.dtype)
-
-    def _alpha(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        index = self.model_time(t).long().cpu()
-        return self.alphas_cumprod[index].reshape(-1, *([1] * (like.ndim - 1))).to(like.device)
-
-    def noised(self, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``sqrt(a) X1 + sqrt(1 - a) noise`` (diffusers' ``add_noise``)."""
-        a = self._alpha(t, x1)
-        return (a.sqrt() * x1 + (1 - a).sqrt() * noise).to(x1.dtype)
-
-    def to_x1(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The clean-sample prediction from the network's output (diffusers' ``pred_original_sample``)."""
-        a = self._alpha(t, x)
-        if self.prediction_type == "epsilon":
-            x1 = (x - (1 - a).sqrt() * out) / a.sqrt()
-        elif self.prediction_type == "v_prediction":
-            x1 = a.sqrt() * x - (1 - a).sqrt() * out
-        else:
-            x1 = out
-        return x1.to(out.dtype)
-
-    def target(self, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network's regression target: the noise, the velocity ``sqrt(a) noise - sqrt(1 - a) X1``, or X1."""
-        if self.prediction_type == "epsilon":
-            return noise
-        if self.prediction_type == "sample":
-            return x1
-        a = self._alpha(t, x1)
-        return (a.sqrt() * noise - (1 - a).sqrt() * x1).to(x1.dtype)
-
-
-Parametrisation = FlowParametrisation | DiffusionParametrisation
-
-
-def parametrisation_of(model: nn.Module, scheduler_config: dict[str, Any]) -> Parametrisation:
-    """The parametrisation of a teacher's model: a velocity for velocity folders and flow families, else the
-    diffusion prediction its scheduler config names (alphas from the config's beta schedule)."""
-    if isinstance(model, NetworkVelocity):
-        return FlowParametrisation()
-    from diffusers import DDPMScheduler
-
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    scheduler = DDPMScheduler.from_config(config)
-    return DiffusionParametrisation(scheduler.alphas_cumprod, scheduler.config.prediction_type)
-
-
-def predict_x1(param: Parametrisation, model: ScoreModel, x: torch.Tensor, t: torch.Tensor, cond: Any) -> torch.Tensor:
-    """``model``'s prediction of the clean sample at the noised point ``x`` at flow time ``t`` (B,)."""
-    return param.to_x1(x, t, model(x, param.model_time(t), cond))
-
-
-def denoising_loss(
-    param: Parametrisation, model: ScoreModel, x1: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond: Any
-) -> torch.Tensor:
-    """The score network's own training loss per sample: mean squared error to its target at ``x1`` noised to ``t``
-    (flow matching for a velocity; epsilon / v / sample matching for a diffusion network)."""
-    out = model(param.noised(x1, noise, t), param.model_time(t), cond)
-    return (out.float() - param.target(x1, noise, t).float()).pow(2).flatten(1).mean(1)
-
+__all__ = [
+    "DMDModule",
+    "DiffusionParametrisation",
+    "FlowParametrisation",
+    "Parametrisation",
+    "ScoreModel",
+    "denoising_loss",
+    "dmd_gradient",
+    "dmd_loss",
+    "is_generator_step",
+    "parametrisation_of",
+    "predict_x1",
+    "uniform_t",
+]
+GAN_REAL = ("data", "pairs")
+"""Where the GAN's real samples come from: ``data`` (batches without X0: images + prompts, the digits) or ``pairs``
+(the triples' X1, the teacher's samples)."""
 
 # ---- the distribution-matching gradient -----------------------------------------------------------------------------
 
@@ -208,6 +116,15 @@ class DMDModule(FlowModule):
     counts iterations; ``train/generator_updates`` the generator's steps. Lightning's manual optimization: the
     trainer's ``gradient_clip_val`` and learning-rate schedules do not apply (use ``max_grad_norm``).
 
+    Two optional terms join the generator's loss on its steps. DMD2's GAN (its stage 2): a classifier head on the
+    fake score's bottleneck features (:mod:`instaflow_pl.modules.dmd_gan`) whose critic loss
+    ``softplus(D(fake)) + softplus(-D(real))`` joins the fake score's loss (the head's parameters join its
+    optimizer) and whose ``softplus(-D(fake))`` the generator minimises. The real side is the batch's X1 from data:
+    images + prompts (``ImagePromptDataModule`` with ``encode_images: true``) or the digits (``DigitsDataModule``),
+    batches without X0; ``gan_real: pairs`` takes the triples' X1 (the teacher's samples) instead. The original
+    DMD's regression: the generator's sample from the batch's stored X0 regressed onto its X1 with DistillModule's
+    distances (triples needed).
+
     Args:
         base_model: Diffusers-format folder of the generator's starting point (a k-RF velocity folder, e.g. the 2-RF).
         teacher: Folder of the real score (a velocity folder, or a released SD / SDXL / SD3 / Flux folder); default
@@ -224,6 +141,19 @@ class DMDModule(FlowModule):
         student_steps: Euler steps of the generator (1: DMD's one-step generator).
         prompt_dropout: Probability of the null prompt for the generator and fake score (DMD2: 0).
         val_steps: Euler step counts of the validation samples.
+        encode_images: Batches hold images in [-1, 1] (an ImagePromptDataModule): encode them with the base model's
+            VAE (the GAN's real samples, and prompts from their captions).
+        gan_generator_weight: Weight of the generator's GAN term (DMD2 SD 1.5: 1e-3, SDXL: 5e-3; 0: none).
+        gan_critic_weight: Weight of the critic's term in the fake score's loss (DMD2: 1e-2; 0: none).
+        gan_t_min: The GAN's samples are noised to a flow time uniform in ``[gan_t_min, 1]`` before the fake score
+            reads them (DMD2's ``diffusion_gan`` with maximum timestep 1000: 0; 1: clean samples).
+        gan_real: The GAN's real samples: ``data`` (the X1 of batches without X0) or ``pairs`` (the triples' X1).
+        regression_weight: Weight of the paired regression term (the original DMD's; 0: none); needs triples.
+        regression_distance: Its distances, as DistillModule's ``distance`` (default ``{l2: 1.0}``; DMD: LPIPS).
+        lpips_net: LPIPS backbone of a regression ``lpips`` distance, ``vgg`` or ``alex``.
+        lpips_pretrained: Use the backbone's ImageNet weights (false: random weights, tests only).
+        init_from: A DMDModule checkpoint whose weights (generator, its EMA, fake score; not the optimizers) start
+            this run, e.g. stage 1's for the GAN stage (DMD2's ``--ckpt_only_path``); a new GAN head starts fresh.
         velocity: The generator's velocity network (default: the network of ``base_model``).
         optimizer: Optimizer factory of the generator.
         **kwargs: The shared options of FlowModule (EMA of the generator, LoRA of the generator, freezing, ...).
@@ -246,10 +176,21 @@ class DMDModule(FlowModule):
         student_steps: int = 1,
         prompt_dropout: float = 0.0,
         val_steps: Sequence[int] = (1, 2, 4),
+        encode_images: bool = False,
+        gan_generator_weight: float = 0.0,
+        gan_critic_weight: float = 0.0,
+        gan_t_min: float = 0.0,
+        gan_real: str = "data",
+        regression_weight: float = 0.0,
+        regression_distance: dict[str, float] | None = None,
+        lpips_net: str = "vgg",
+        lpips_pretrained: bool = True,
+        init_from: str | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         **kwargs,
     ):
         check_dmd_options(generator_every, t_min, t_max, real_guidance, student_steps, max_grad_norm)
+        check_extra_terms(gan_generator_weight, gan_critic_weight, gan_t_min, gan_real, regression_weight)
         if (
             lr_scheduler is not None
             or kwargs.get("warmup_steps")
@@ -275,9 +216,51 @@ class DMDModule(FlowModule):
             self.fake_score.network.enable_gradient_checkpointing()
         if fake_lora is not None:
             add_lora(self.fake_score, fake_lora)
+        self.gan_head = None
+        if gan_generator_weight > 0 or gan_critic_weight > 0:
+            if not isinstance(self.fake_score, NetworkPredictor):
+                raise UserError("the GAN head sits on a network's bottleneck; this teacher has no network")
+            self.gan_head = gan_head_for(self.fake_score.network)
+        self.vae = self._load_vae(base_model, "encode_images") if encode_images else None
+        self.distance = None
+        if regression_weight > 0:
+            weights = dict(regression_distance or {"l2": 1.0})
+            lpips = None
+            if "lpips" in weights:
+                vae = self._load_vae(base_model, "an lpips regression distance")
+                lpips = LPIPSDistance(vae, lpips_net, lpips_pretrained)
+            self.distance = Distance(weights, lpips=lpips)
         self.fake_optimizer_factory = fake_optimizer
         self.student = LatentODE("euler", student_steps)
         self.generator_updates = 0
+        if init_from is not None:
+            self.load_weights_from(init_from)
+
+    @staticmethod
+    def _load_vae(base_model: str, needed_by: str) -> nn.Module:
+        from instaflow_pl.model_folder import ModelFolder
+
+        folder = ModelFolder.open(base_model)
+        if folder.vae_config is None:
+            raise UserError(f"{needed_by} needs a VAE, but {folder.root} has no vae/ subfolder")
+        return folder.load_vae()
+
+    def load_weights_from(self, path: str) -> None:
+        """Start from a DMDModule checkpoint's weights (generator, EMA, fake score), not its optimizer states: every
+        weight the checkpoint holds must fit this module, and only the GAN head may be new."""
+        from instaflow_pl.checkpoints import read_checkpoint, read_record
+
+        checkpoint = read_checkpoint(path)
+        read_record(checkpoint, type(self).__name__, source=f"init_from {path}")
+        missing, unexpected = self.load_state_dict(checkpoint["state_dict"], strict=False)
+        allowed = self.keys_left_out_of_checkpoints()
+        missing = [k for k in missing if k not in allowed and not k.startswith("gan_head.")]
+        if missing or unexpected:
+            shown = (unexpected or missing)[:3]
+            raise UserError(
+                f"init_from {path} does not fit this DMD run ({len(missing)} weights missing, {len(unexpected)} "
+                f"unexpected, e.g. {shown}); start from a checkpoint of the same base_model, teacher and LoRA options"
+            )
 
     # ---- the pieces of one iteration ---------------------------------------------------------------------------
 
@@ -301,6 +284,43 @@ class DMDModule(FlowModule):
         """The fake score's clean-sample prediction (unguided)."""
         with torch.no_grad():
             return predict_x1(self.param, self.fake_score, x_t, t, cond).float()
+
+    @torch.no_grad()
+    def to_latents(self, batch: TripleBatch) -> TripleBatch:
+        """Encode image batches with the VAE when ``encode_images`` is on."""
+        if self.vae is None:
+            return batch
+        return TripleBatch(batch.x0, images_to_latents(self.vae, batch.x1).float(), batch.prompts, batch.index)
+
+    def gan_logits(self, x: torch.Tensor, cond: TextCondition) -> torch.Tensor:
+        """The GAN head's logits (B,) of samples ``x``, noised to flow times uniform in ``[gan_t_min, 1]``, on the fake
+        score's bottleneck features (with the graph to ``x``, the fake score and the head)."""
+        t = uniform_t(len(x), self.hparams.gan_t_min, 1.0, x.device)
+        x_t = self.param.noised(x, torch.randn_like(x), t)
+        time = self.param.model_time(t)
+        features = bottleneck_features(self.fake_score.network, lambda: self.fake_score(x_t, time, cond))
+        return self.gan_head(features)
+
+    def real_samples(self, batch: TripleBatch) -> torch.Tensor:
+        """The GAN's real samples: the batch's X1 when it holds data (no X0) or with ``gan_real: pairs``."""
+        if batch.x0 is not None and self.hparams.gan_real == "data":
+            raise UserError(
+                "gan_generator_weight / gan_critic_weight > 0 need real images, but the batches are triples (X0, X1); "
+                "train on images + prompts (data: ImagePromptDataModule, model encode_images: true) or the digits "
+                "(DigitsDataModule), or set gan_real: pairs to take the triples' X1 as the real side"
+            )
+        return batch.x1
+
+    def regression_loss(self, batch: TripleBatch, cond: TextCondition) -> torch.Tensor:
+        """The original DMD's paired term: the generator's sample from the batch's X0 against its X1 (the weighted
+        distances, mean over the batch)."""
+        if batch.x0 is None:
+            raise UserError(
+                "regression_weight > 0 needs triples (X0, X1), but the batches have no X0 (images or digits without "
+                "pairs); train on a TriplesDataModule of the teacher's pairs or set regression_weight: 0"
+            )
+        prediction = self.generate(batch.x0, cond, grad=True)
+        return self.distance(prediction, batch.x1)["total"].mean()
 
     def generator_loss(self, x: torch.Tensor, cond: TextCondition) -> StepOutput:
         """The distribution-matching loss of the generator's samples ``x`` (with their graph)."""
@@ -341,24 +361,41 @@ class DMDModule(FlowModule):
         iteration = self.trainer.fit_loop.total_batch_idx if self._trainer is not None else self.generator_updates
         update_generator = is_generator_step(iteration, h.generator_every)
         generator_opt, fake_opt = self.optimizers() if self._trainer is not None else (None, None)
+        real = self.real_samples(batch) if self.gan_head is not None else None
         x = self.generate(noise, cond, grad=update_generator)
         size = len(batch)
         if update_generator:
             out = self.generator_loss(x, cond)
-            if not torch.isfinite(out.loss):
+            loss, terms = out.loss, {"dmd_loss": out.loss.detach(), "dmd_grad_norm": out.terms["dmd_grad_norm"]}
+            if h.gan_generator_weight > 0:
+                gan = generator_gan_loss(self.gan_logits(x, cond)).mean()
+                loss, terms["gan_generator_loss"] = loss + h.gan_generator_weight * gan, gan.detach()
+            if h.regression_weight > 0:
+                regression = self.regression_loss(batch, cond)
+                loss, terms["regression_loss"] = loss + h.regression_weight * regression, regression.detach()
+            if not torch.isfinite(loss):
                 return self._nonfinite(batch)
             if generator_opt is not None:
-                self._step(generator_opt, out.loss, counted=False)
+                self._step(generator_opt, loss, counted=False)
                 if self.ema is not None:
                     self.ema.update(self.velocity)
             self.generator_updates += 1
-            self.log("train/generator_loss", out.loss.detach(), batch_size=size)
-            self.log("train/dmd_grad_norm", out.terms["dmd_grad_norm"], batch_size=size)
+            self.log("train/generator_loss", loss.detach(), batch_size=size)
+            for name, value in terms.items():
+                self.log(f"train/{name}", value, batch_size=size)
         fake = self.fake_score_loss(x.detach(), cond)
-        if not torch.isfinite(fake.loss):
+        loss = fake.loss
+        if h.gan_critic_weight > 0:
+            fake_logits, real_logits = self.gan_logits(x.detach(), cond), self.gan_logits(real, cond)
+            critic = critic_gan_loss(fake_logits, real_logits)
+            loss = loss + h.gan_critic_weight * critic
+            self.log("train/gan_critic_loss", critic.detach(), batch_size=size)
+            self.log("train/critic_real", torch.sigmoid(real_logits.detach()).mean(), batch_size=size)
+            self.log("train/critic_fake", torch.sigmoid(fake_logits.detach()).mean(), batch_size=size)
+        if not torch.isfinite(loss):
             return self._nonfinite(batch)
         if fake_opt is not None:
-            self._step(fake_opt, fake.loss, counted=True)
+            self._step(fake_opt, loss, counted=True)
         self.last_step = StepOutput(fake.loss.detach(), fake.per_sample, fake.t)
         self.log("train/loss", fake.loss.detach(), prog_bar=True, batch_size=size)
         self.log("train/fake_loss", fake.loss.detach(), batch_size=size)
@@ -368,20 +405,25 @@ class DMDModule(FlowModule):
     # ---- optimisation and checkpoints --------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        """Refuse a gradient scaler (``precision: 16-mixed``): the manual steps here do not unscale."""
+        """Refuse a gradient scaler (``precision: 16-mixed``: the manual steps here do not unscale) and a teacher that
+        is not frozen."""
         super().on_fit_start()
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise UserError(
                 f"DMDModule does not support precision {self.trainer.precision} (a gradient scaler); use 32 or "
                 "bf16-mixed"
             )
+        check_frozen_teacher(self.teacher, {"generator": self.velocity, "fake score": self.fake_score})
 
     def configure_optimizers(self):
-        """Two optimizers: the generator's (trainable velocity parameters) and the fake score's."""
+        """Two optimizers: the generator's (trainable velocity parameters) and the fake score's (with the GAN head's
+        parameters, as DMD2's guidance optimizer holds its classifier branch)."""
         generator = [p for p in self.velocity.parameters() if p.requires_grad]
         if not generator:
             raise UserError("every velocity parameter is frozen; loosen the freeze option")
         fake = [p for p in self.fake_score.parameters() if p.requires_grad]
+        if self.gan_head is not None:
+            fake += list(self.gan_head.parameters())
         return [self.optimizer_factory(generator), self.fake_optimizer_factory(fake)]
 
     def frozen_base_keys(self) -> set[str]:
@@ -419,6 +461,40 @@ def check_dmd_options(
         raise UserError(f"student_steps must be >= 1, got {student_steps}")
     if max_grad_norm is not None and max_grad_norm <= 0:
         raise UserError(f"max_grad_norm must be > 0 (null: no clipping), got {max_grad_norm}")
+
+
+def check_extra_terms(
+    gan_generator_weight: float, gan_critic_weight: float, gan_t_min: float, gan_real: str, regression_weight: float
+) -> None:
+    """One line for each bad option of the GAN and regression terms."""
+    for name, value in [("gan_generator_weight", gan_generator_weight), ("gan_critic_weight", gan_critic_weight),
+                        ("regression_weight", regression_weight)]:  # fmt: skip
+        if value < 0:
+            raise UserError(f"{name} must be >= 0 (0: no such term), got {value}")
+    if not 0.0 <= gan_t_min <= 1.0:
+        raise UserError(f"gan_t_min must be in [0, 1] (DMD2: 0, any noise level; 1: clean samples), got {gan_t_min}")
+    if gan_real not in GAN_REAL:
+        raise UserError(f"gan_real must be one of {', '.join(GAN_REAL)}, got {gan_real!r}")
+
+
+def check_frozen_teacher(teacher: nn.Module, trained: dict[str, nn.Module]) -> None:
+    """One line when the teacher (the real score) is not frozen: a parameter of it requires grad, or it shares a
+    parameter with a trained network (the generator or the fake score, e.g. the generator's own module)."""
+    named = list(teacher.named_parameters())
+    owned = {id(p) for _, p in named}
+    for role, module in trained.items():
+        shared = [n for n, p in module.named_parameters() if id(p) in owned]
+        if shared:
+            raise UserError(
+                f"the teacher (real score) shares {len(shared)} parameters with the {role} (e.g. {shared[0]}), so "
+                "training would move the target it is matched to; the teacher must be a separate frozen copy"
+            )
+    loose = [n for n, p in named if p.requires_grad]
+    if loose:
+        raise UserError(
+            f"the teacher (real score) must be frozen, but {len(loose)} of its parameters require grad (e.g. "
+            f"{loose[0]}); DMD's real score is a fixed target: call teacher.requires_grad_(False) or leave it as loaded"
+        )
 
 
 def load_real_score(source: str, dtype: str):
