@@ -150,3 +150,56 @@ def test_export_records_windows_and_every_sampler_honours_them(tiny_sd, tmp_path
     assert_one_line_error(run_main([*args, "--steps", "1"], capsys), "cannot cross the model's 2 time windows")
     code, _, err = run_main([*args, "--steps", "2"], capsys)
     assert code == 0, err
+
+
+def test_pseudo_huber_velocity_loss_is_mse_over_2c_near_zero_and_icts_distance(tiny_velocity):
+    """sqrt(m + c^2) - c = m / (2c) - m^2 / (8 c^3) + ...: the MSE over 2c for errors well below c; the root mean
+    square error minus c far above it; 2-rectified flow++'s (iCT's) sqrt(||d||^2 + C^2) - C with C = c sqrt(n),
+    divided by sqrt(n)."""
+    c = 0.01
+    module = ReflowModule(str(tiny_velocity), loss="huber", huber_c=c, ema_decay=0.0, val_steps=[1])
+    torch.manual_seed(0)
+    target = torch.randn(3, 4, 8, 8)
+    small = target + 1e-4 * torch.randn(3, 4, 8, 8)  # m ~ 1e-8 << c^2 = 1e-4
+    m = (small - target).pow(2).flatten(1).mean(1)
+    huber = module.velocity_loss(small, target)
+    assert torch.allclose(huber, m / (2 * c), rtol=1e-3), (huber, m / (2 * c))
+    large = target + 10 * torch.randn(3, 4, 8, 8)  # sqrt(m) ~ 10 >> c
+    m = (large - target).pow(2).flatten(1).mean(1)
+    assert torch.allclose(module.velocity_loss(large, target), m.sqrt() - c, rtol=1e-5)
+    n = target[0].numel()
+    norm2 = (large - target).pow(2).flatten(1).sum(1).double()
+    ict = (norm2 + (c * n**0.5) ** 2).sqrt() - c * n**0.5
+    assert torch.allclose(module.velocity_loss(large, target).double(), ict / n**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("windowed_mode", [False, True], ids=["stored-pairs", "windows"])
+def test_huber_loss_replaces_mse_in_the_stored_pair_and_the_window_loss(tiny_velocity, windowed_mode):
+    """Same weights, same seed, same draws: each sample's pseudo-Huber loss is sqrt(mse + c^2) - c of its MSE."""
+    from instaflow_pl.modules.base import seeded_rng
+
+    c = 0.05
+    batch = TripleBatch(torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), PROMPTS, torch.arange(4))
+    per_sample = {}
+    for loss in ("mse", "huber"):
+        options = {"loss": loss, "huber_c": c, "ema_decay": 0.0, "val_steps": [2]}
+        if windowed_mode:
+            module = windowed(tiny_velocity, windows=2, **options)
+        else:
+            module = ReflowModule(str(tiny_velocity), **options)
+        with seeded_rng(7):
+            out = module.compute_loss(batch, module.condition(PROMPTS))
+        assert torch.equal(out.loss, out.per_sample.mean())
+        per_sample[loss] = out.per_sample.double()
+    expected = (per_sample["mse"] + c * c).sqrt() - c
+    assert torch.allclose(per_sample["huber"], expected, rtol=1e-5), (per_sample, expected)
+    assert not torch.allclose(per_sample["huber"], per_sample["mse"], rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"loss": "l1"}, "unknown loss 'l1': choose one of mse, huber"), ({"huber_c": 0.0}, "huber_c must be > 0")],
+)
+def test_bad_loss_options_are_one_line(tiny_velocity, options, message):
+    with pytest.raises(UserError, match=message):
+        ReflowModule(str(tiny_velocity), ema_decay=0.0, **{"loss": "huber", **options})
