@@ -3,9 +3,9 @@ resume for training configs; a real (small) run for pair-generation and evaluati
 
 Each runs on the tiny folder of its family. What is changed from the file is listed in one place, :func:`runnable`:
 the machine (accelerator, devices, strategy, nodes), the batch size, the step counts and the paths (model folders,
-datasets, outputs, weight files not on test machines), and the latent shape of the tiny folders. Everything else
-(precision, clipping, the optimizer and its flags, EMA, gradient checkpointing, LoRA, lean LPIPS, loggers, callbacks)
-runs as written, so a new setting in a YAML is exercised here by default.
+datasets or image folders, outputs, weight files not on test machines), and the latent shape (or image size) of the
+tiny folders. Everything else (precision, clipping, the optimizer and its flags, EMA, gradient checkpointing, LoRA,
+lean LPIPS, loggers, callbacks) runs as written, so a new setting in a YAML is exercised here by default.
 """
 
 from __future__ import annotations
@@ -62,9 +62,9 @@ def _needs_velocity(config: dict[str, Any], path: Path) -> bool:
 def folders(tmp_path_factory, inception_weights):
     """``get(name)``: tiny folders and files, each built once for this module: ``<family>`` (the released tiny folder),
     ``<family>-rf`` (a copy marked as a k-RF export), ``<family>-pairs`` (a finished triples dataset at the tiny
-    latent shape), ``clip``, ``reference``, ``inception``."""
+    latent shape), ``clip``, ``reference``, ``images`` (captioned images for ImagePromptDataModule), ``inception``."""
     from instaflow_pl.model_folder import mark_velocity_folder
-    from instaflow_pl.tiny import build_tiny_clip, build_tiny_reference
+    from instaflow_pl.tiny import build_tiny_clip, build_tiny_images, build_tiny_reference
 
     built: dict[str, Path] = {"inception": inception_weights}
     root = tmp_path_factory.mktemp("config-runs")
@@ -77,6 +77,8 @@ def folders(tmp_path_factory, inception_weights):
             built[name] = build_tiny_clip(root / "clip")
         elif name == "reference":
             built[name] = build_tiny_reference(root / "reference", count=4)
+        elif name == "images":  # 6 training and 2 validation images at BATCH 2
+            built[name] = build_tiny_images(root / "images", count=8)
         elif part == "":
             built[name] = FAMILIES[family].build_tiny(root / family)
         elif part == "rf":
@@ -97,6 +99,14 @@ def tiny_latent_shape(folder: Path) -> list[int]:
     from instaflow_pl.model_folder import ModelFolder
 
     return list(ModelFolder.open(folder).geometry.shape)
+
+
+def tiny_image_size(folder: Path) -> int:
+    """Image side in pixels of a tiny folder: its latent side times its VAE's downsampling."""
+    from instaflow_pl.model_folder import ModelFolder
+
+    opened = ModelFolder.open(folder)
+    return opened.geometry.size * opened.pixels_per_latent
 
 
 def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, Any]:
@@ -126,7 +136,10 @@ def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, An
         init["base_model"] = str(folder)
         if init.get("teacher"):  # a piecewise reflow's or DMD's teacher: the released tiny folder
             init["teacher"] = str(get(family))
-        data["path"] = str(get(f"{family}-pairs"))
+        if config["data"]["class_path"].endswith("ImagePromptDataModule"):  # images + captions, VAE-encoded
+            data.update(folder=str(get("images")), resolution=tiny_image_size(folder))
+        else:
+            data["path"] = str(get(f"{family}-pairs"))
         if "expected_latent_shape" in data:
             data["expected_latent_shape"] = tiny_latent_shape(folder)
         if "lpips_pretrained" in init or any("lpips" in str(k) for k in (init.get("distance") or {})):
