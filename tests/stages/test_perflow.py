@@ -235,3 +235,38 @@ def test_windowed_reflow_on_images_encodes_them_before_the_window_loss(tiny_sd, 
     assert {s[1] for s in seen} == {s[2] for s in seen} == {(3, 4, 8, 8)}
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/mse@2"])
+
+
+@pytest.mark.parametrize(("teacher", "windows"), [(False, 1), (True, 1), (True, 2)], ids=["pairs", "K1", "K2"])
+def test_export_records_perflow_and_its_card_says_how_to_sample_it(tiny_sd, tmp_path, teacher, windows):
+    """A ReflowModule with a teacher exports as stage perflow with its teacher and window solves; with K > 1 windows
+    the card says it is piecewise and its snippets sample with K steps; a stored-pair reflow stays stage reflow."""
+    from instaflow_pl.export import export_checkpoint
+    from instaflow_pl.model_folder import read_info
+
+    data = write_dataset(tmp_path / "d", count=8)
+    options = {"ema_decay": 0.0, "val_steps": [windows]}
+    if teacher:
+        module = windowed(tiny_sd, teacher_solver="ddim", windows=windows, **options)
+    else:
+        module = ReflowModule(str(tiny_sd), **options)
+    fit_quietly(module, data, tmp_path / "run", steps=1)
+    out = tmp_path / "export"
+    export_checkpoint(sorted((tmp_path / "run").rglob("*.ckpt"))[-1], out)
+    info, card = read_info(out), (out / "README.md").read_text()
+    assert info["windows"] == windows and info["loss"] == "mse"
+    if not teacher:
+        assert info["stage"] == "reflow" and info["stages"] == ["reflow"] and "teacher" not in info
+        assert "piecewise" not in card and "num_inference_steps=1" in card
+        return
+    assert info["stage"] == "perflow" and info["stages"] == ["perflow"]
+    assert (info["teacher"], info["teacher_solver"], info["window_solver_steps"]) == (str(tiny_sd), "ddim", 2)
+    assert info["cfg_sync"] is False and info["teacher_guidance"] == 1.0
+    assert f"- teacher: `{tiny_sd}`, solved online in each of {windows} window(s) with 2 `ddim` steps" in card
+    if windows == 1:
+        assert "piecewise" not in card and "num_inference_steps=1" in card
+        return
+    text = " ".join(card.split())
+    assert "piecewise rectified flow with K = 2 time windows" in text and "sampled with n >= 2 Euler steps" in text
+    assert "n a multiple of K is best" in text
+    assert "num_inference_steps=2" in card and "--steps 2" in card and "num_inference_steps=1" not in card
