@@ -64,8 +64,8 @@ demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outp
 demo-%: $(STAMP) ## One demo stage: demo-setup, demo-1rf, demo-pairs-1rf, demo-2rf, demo-pairs-2rf, demo-distill-2rf, demo-distill-1rf, demo-perflow, demo-report
 	$(BIN)/instaflow-pl demo --stage $* $(DEMO_ARGS)
 
-tiny: $(STAMP) ## Write the tiny folder of FAMILY (outputs/tiny/FAMILY) the tiny configs use, and a tiny CLIP
-	$(BIN)/instaflow-pl tiny outputs/tiny/$(FAMILY) --family $(FAMILY) --clip outputs/tiny/clip
+tiny: $(STAMP) ## Write the tiny folder of FAMILY (outputs/tiny/FAMILY) the tiny configs use, a tiny CLIP and tiny captioned images
+	$(BIN)/instaflow-pl tiny outputs/tiny/$(FAMILY) --family $(FAMILY) --clip outputs/tiny/clip --images outputs/tiny/images
 
 pairs: tiny ## Generate (X0, X1, prompt) pairs: CONFIG=configs/tiny/$(FAMILY)/pairs.yaml by default
 	$(BIN)/instaflow-pl pairs --config $(or $(CONFIG),$(TINY_CONFIGS)/pairs.yaml)

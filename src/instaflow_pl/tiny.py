@@ -1,5 +1,6 @@
 """The parts tiny model folders share (a CLIP BPE tokenizer, CLIP text towers, a two-block VAE), a tiny CLIP model
-(CLIP score) and a folder of reference images (FID), all with random weights, for tests, benchmarks and users.
+(CLIP score), a folder of reference images (FID) and a captioned image folder (training from images), all with random
+weights, for tests, benchmarks and users.
 
 Each family's tiny folder is built by the fixture beside its file (``families/<name>_tiny.py``, reached through
 ``FAMILIES[name].build_tiny``): every part its released counterpart has, loading through the same code, running in
@@ -191,7 +192,6 @@ def build_tiny_reference(out_dir: str | Path, count: int = 32, size: int = 16, s
     Returns:
         The folder's path.
     """
-    import numpy as np
     from PIL import Image
 
     out = Path(out_dir)
@@ -203,8 +203,56 @@ def build_tiny_reference(out_dir: str | Path, count: int = 32, size: int = 16, s
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)
     for i in range(count):
-        coarse = torch.rand(1, 3, 4, 4, generator=generator)
-        image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
-        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(_smooth_pixels(generator, size)).save(out / f"{i:05d}.png")
+    return out
+
+
+def _smooth_pixels(generator: torch.Generator, size: int):
+    """A ``size`` x ``size`` RGB uint8 array: a seeded 4 x 4 colour field, bilinearly upsampled."""
+    import numpy as np
+
+    coarse = torch.rand(1, 3, 4, 4, generator=generator)
+    image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0]
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+TINY_IMAGE_COLOURS = ("red", "green", "blue")
+
+
+def build_tiny_images(out_dir: str | Path, count: int = 16, size: int = 16, seed: int = 0) -> Path:
+    """Write an image folder with captions (the Hugging Face imagefolder layout ``ImagePromptDataModule`` reads):
+    ``count`` smooth seeded colour fields as PNGs and a ``metadata.jsonl`` whose ``text`` names each image's
+    strongest colour channel ("a red picture").
+
+    They stand in for a captioned image set (LAION, COCO) in the tiny configs that train from images
+    (``configs/tiny/sd/perflow_images.yaml``) and in the tests.
+
+    Args:
+        out_dir: Folder to create (must not hold other files).
+        count: Number of images.
+        size: Their side in pixels.
+        seed: Seed of the pictures, so two builds are identical.
+
+    Returns:
+        The folder's path.
+    """
+    from PIL import Image
+
+    from instaflow_pl.data.images import METADATA_FILE
+
+    out = Path(out_dir)
+    names = {f"{i:05d}.png" for i in range(count)} | {METADATA_FILE}
+    if out.exists() and any(p.name not in names for p in out.iterdir()):
+        from instaflow_pl.errors import UserError
+
+        raise UserError(f"{out} holds other files; choose a new folder for the tiny images")
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        pixels = _smooth_pixels(generator, size)
         Image.fromarray(pixels).save(out / f"{i:05d}.png")
+        colour = TINY_IMAGE_COLOURS[int(pixels.reshape(-1, 3).mean(axis=0).argmax())]
+        rows.append(json.dumps({"file_name": f"{i:05d}.png", "text": f"a {colour} picture"}))
+    (out / METADATA_FILE).write_text("\n".join(rows) + "\n")
     return out

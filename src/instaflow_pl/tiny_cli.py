@@ -9,11 +9,12 @@ from pathlib import Path
 from instaflow_pl.errors import UserError
 from instaflow_pl.families import FAMILIES, family_named
 from instaflow_pl.model_folder import ModelFolder
-from instaflow_pl.tiny import build_tiny_clip
+from instaflow_pl.tiny import build_tiny_clip, build_tiny_images
 
 
 def tiny_main(args: Sequence[str]) -> None:
-    """``instaflow-pl tiny [--family F] [DIR]``: write a family's tiny folder (and optionally a tiny CLIP)."""
+    """``instaflow-pl tiny [--family F] [DIR]``: write a family's tiny folder (and optionally a tiny CLIP and a tiny
+    captioned image folder)."""
     parser = argparse.ArgumentParser(
         prog="instaflow-pl tiny",
         description="Write a tiny diffusers-format folder of a model family with random weights: what the tiny "
@@ -33,6 +34,12 @@ def tiny_main(args: Sequence[str]) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a model")
     parser.add_argument("--clip", default=None, help="also write a tiny CLIP folder here (for val/clip@n)")
+    parser.add_argument(
+        "--images",
+        default=None,
+        help="also write a tiny captioned image folder here (PNGs + metadata.jsonl, for ImagePromptDataModule: "
+        "configs/tiny/sd/perflow_images.yaml reads outputs/tiny/images)",
+    )
     opts = parser.parse_args(args)
 
     family = family_named(opts.family, "--family")
@@ -56,3 +63,8 @@ def tiny_main(args: Sequence[str]) -> None:
             print(f"{opts.clip} already holds a CLIP model (use --force to rebuild)")
         else:
             print(f"wrote {build_tiny_clip(opts.clip, seed=opts.seed)}")
+    if opts.images is not None:
+        if (Path(opts.images) / "metadata.jsonl").exists() and not opts.force:
+            print(f"{opts.images} already holds images (use --force to rebuild)")
+        else:
+            print(f"wrote {build_tiny_images(opts.images, seed=opts.seed)}")

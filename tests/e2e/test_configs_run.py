@@ -66,7 +66,7 @@ def folders(tmp_path_factory, inception_weights):
     latent shape), ``<family>-images`` (an image folder at the tiny latents' image size), ``clip``, ``reference``,
     ``inception``."""
     from instaflow_pl.model_folder import mark_velocity_folder
-    from instaflow_pl.tiny import build_tiny_clip, build_tiny_reference
+    from instaflow_pl.tiny import build_tiny_clip, build_tiny_images, build_tiny_reference
 
     built: dict[str, Path] = {"inception": inception_weights}
     root = tmp_path_factory.mktemp("config-runs")
@@ -91,7 +91,7 @@ def folders(tmp_path_factory, inception_weights):
                                         family=family)  # fmt: skip
         elif part == "images":
             # 1000 images: val_fraction 0.001 (the recipes' value) still holds out 1
-            built[name] = write_image_folder(root / name, count=1000, size=tiny_image_size(get(family)))
+            built[name] = build_tiny_images(root / name, count=1000, size=tiny_image_size(get(family)))
         return built[name]
 
     return get
@@ -105,26 +105,11 @@ def tiny_latent_shape(folder: Path) -> list[int]:
 
 
 def tiny_image_size(folder: Path) -> int:
-    """Image side whose VAE latents have a tiny folder's native latent size."""
+    """Image side in pixels of a tiny folder: its latent side times its VAE's downsampling."""
     from instaflow_pl.model_folder import ModelFolder
 
     opened = ModelFolder.open(folder)
-    return opened.geometry.shape[-1] * opened.pixels_per_latent
-
-
-def write_image_folder(folder: Path, count: int, size: int) -> Path:
-    """Random RGB PNGs of ``size`` pixels with a metadata.jsonl (file_name, text): what ImagePromptDataModule reads."""
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(count):
-        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i % 7}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
+    return opened.geometry.size * opened.pixels_per_latent
 
 
 def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, Any]:
@@ -155,7 +140,7 @@ def runnable(config: dict[str, Any], path: Path, get, out: Path) -> dict[str, An
         if init.get("teacher"):  # a piecewise reflow's or DMD's teacher: the released tiny folder
             init["teacher"] = str(get(family))
         if config["data"]["class_path"].endswith("ImagePromptDataModule"):  # images + prompts (encode_images)
-            data.update(folder=str(get(f"{family}-images")), resolution=tiny_image_size(get(family)))
+            data.update(folder=str(get(f"{family}-images")), resolution=tiny_image_size(folder))
         else:
             data["path"] = str(get(f"{family}-pairs"))
         if init.get("init_from"):  # a previous stage's checkpoint (not on test machines): start from base_model

@@ -442,3 +442,92 @@ def test_help_explains_every_option(capsys):
     assert code == 0
     for option in ("--ckpt", "--out", "--force", "--trust-checkpoint", "EMA"):
         assert option in text, option
+
+
+# ---- delta weights (PeRFlow's format) -----------------------------------------------------------------------------
+
+
+def _unet_state(folder: Path) -> dict[str, torch.Tensor]:
+    return UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict()
+
+
+def test_delta_export_plus_its_base_is_the_export_bit_for_bit(reflow_run, exported, tiny_sd, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from instaflow_pl.export import apply_delta
+
+    out = tmp_path / "delta"
+    args = ["export", "--ckpt", reflow_run[1], "--out", out, "--format", "delta", "--delta-dtype", "fp64"]
+    code, _, err = run_main(args, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "delta_weights.safetensors", "instaflow.json"]
+    info = json.loads((out / "instaflow.json").read_text())
+    assert info["kind"] == "delta" and info["stage"] == "reflow" and info["delta"]["base_model"] == str(tiny_sd)
+    assert info["delta"]["round_trip_mismatches"] == 0 and info["delta"]["dtype"] == "fp64"
+    delta, base, student = load_file(out / "delta_weights.safetensors"), _unet_state(tiny_sd), _unet_state(exported)
+    assert delta.keys() == student.keys() and all(v.dtype == torch.float64 for v in delta.values())
+    assert all(torch.equal((base[k].double() + delta[k]).float(), student[k]) for k in student)
+    assert any(delta[k].abs().max() > 0 for k in delta), "3 training steps moved the weights"
+
+    applied = apply_delta(out, tiny_sd, tmp_path / "applied")
+    again = _unet_state(tmp_path / "applied")
+    assert all(torch.equal(again[k], student[k]) for k in student)
+    assert applied["delta_applied"]["same_base"] and applied["stages"] == ["reflow"]
+    assert load_teacher(tmp_path / "applied").solver_name == "euler", "the sum is a velocity model"
+
+
+def test_delta_applied_to_another_fine_tune_is_that_model_plus_the_delta(reflow_run, tiny_sd, tmp_path, capsys):
+    """Another fine-tune of the base (its UNet perturbed): the applied network is other + delta, element by element,
+    in float32 (the fp32 delta's default), and the record says the bases differ."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "delta"
+    code, _, err = run_main(["export", "--ckpt", reflow_run[1], "--out", out, "--format", "delta"], capsys)
+    assert code == 0, err
+    info = json.loads((out / "instaflow.json").read_text())
+    delta = load_file(out / "delta_weights.safetensors")
+    assert all(v.dtype == torch.float32 for v in delta.values())
+    base = _unet_state(tiny_sd)
+    mismatches = info["delta"]["round_trip_mismatches"]
+    assert 0 <= mismatches < sum(v.numel() for v in base.values()) // 100, mismatches
+
+    other = tmp_path / "other-fine-tune"
+    shutil.copytree(tiny_sd, other)
+    unet = UNet2DConditionModel.from_pretrained(other, subfolder="unet")
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=generator))
+    unet.save_pretrained(other / "unet")
+    other_state = unet.state_dict()
+
+    code, stdout, err = run_main(["export", "--apply-delta", out, "--to", other, "--out", tmp_path / "new"], capsys)
+    assert code == 0, err
+    assert "added the delta" in stdout
+    new = _unet_state(tmp_path / "new")
+    for k, v in other_state.items():
+        assert torch.equal(new[k], (v.double() + delta[k].double()).float()), k
+    assert not all(torch.equal(new[k], other_state[k]) for k in new)
+    record = json.loads((tmp_path / "new/instaflow.json").read_text())
+    assert record["base_model"] == str(other) and not record["delta_applied"]["same_base"]
+    assert "InstaFlow velocity model" in (tmp_path / "new/README.md").read_text()
+
+
+def test_delta_errors_are_one_line(reflow_run, exported, tmp_path, capsys):
+    out = tmp_path / "new"
+    not_delta = run_main(["export", "--apply-delta", exported, "--to", exported, "--out", out], capsys)
+    assert_one_line_error(not_delta, "is not a delta export", "--format delta")
+    code, _, err = run_main(["export", "--apply-delta", exported, "--out", out], capsys)
+    assert code == 2 and "--apply-delta DELTA needs --to MODEL" in err
+    code, _, err = run_main(["export", "--out", out], capsys)
+    assert code == 2 and "--ckpt is required" in err
+    assert not out.exists()
+
+
+def test_export_help_explains_the_delta_options(capsys):
+    code, text, _ = run_main(["export", "--help"], capsys)
+    text = " ".join(text.split())
+    assert code == 0
+    for fragment in ("--format {folder,delta}", "--delta-dtype {fp32,fp64}", "--apply-delta DELTA", "--to MODEL",
+                     "minus the base model's network", "bit for bit", "another fine-tune"):  # fmt: skip
+        assert fragment in text, fragment

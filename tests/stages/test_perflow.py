@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import lightning as L
 import pytest
 import torch
 from conftest import write_dataset
@@ -150,3 +151,122 @@ def test_export_records_windows_and_every_sampler_honours_them(tiny_sd, tmp_path
     assert_one_line_error(run_main([*args, "--steps", "1"], capsys), "cannot cross the model's 2 time windows")
     code, _, err = run_main([*args, "--steps", "2"], capsys)
     assert code == 0, err
+
+
+def test_pseudo_huber_velocity_loss_is_mse_over_2c_near_zero_and_icts_distance(tiny_velocity):
+    """sqrt(m + c^2) - c = m / (2c) - m^2 / (8 c^3) + ...: the MSE over 2c for errors well below c; the root mean
+    square error minus c far above it; 2-rectified flow++'s (iCT's) sqrt(||d||^2 + C^2) - C with C = c sqrt(n),
+    divided by sqrt(n)."""
+    c = 0.01
+    module = ReflowModule(str(tiny_velocity), loss="huber", huber_c=c, ema_decay=0.0, val_steps=[1])
+    torch.manual_seed(0)
+    target = torch.randn(3, 4, 8, 8)
+    small = target + 1e-4 * torch.randn(3, 4, 8, 8)  # m ~ 1e-8 << c^2 = 1e-4
+    m = (small - target).pow(2).flatten(1).mean(1)
+    huber = module.velocity_loss(small, target)
+    assert torch.allclose(huber, m / (2 * c), rtol=1e-3), (huber, m / (2 * c))
+    large = target + 10 * torch.randn(3, 4, 8, 8)  # sqrt(m) ~ 10 >> c
+    m = (large - target).pow(2).flatten(1).mean(1)
+    assert torch.allclose(module.velocity_loss(large, target), m.sqrt() - c, rtol=1e-5)
+    n = target[0].numel()
+    norm2 = (large - target).pow(2).flatten(1).sum(1).double()
+    ict = (norm2 + (c * n**0.5) ** 2).sqrt() - c * n**0.5
+    assert torch.allclose(module.velocity_loss(large, target).double(), ict / n**0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("windowed_mode", [False, True], ids=["stored-pairs", "windows"])
+def test_huber_loss_replaces_mse_in_the_stored_pair_and_the_window_loss(tiny_velocity, windowed_mode):
+    """Same weights, same seed, same draws: each sample's pseudo-Huber loss is sqrt(mse + c^2) - c of its MSE."""
+    from instaflow_pl.modules.base import seeded_rng
+
+    c = 0.05
+    batch = TripleBatch(torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8), PROMPTS, torch.arange(4))
+    per_sample = {}
+    for loss in ("mse", "huber"):
+        options = {"loss": loss, "huber_c": c, "ema_decay": 0.0, "val_steps": [2]}
+        if windowed_mode:
+            module = windowed(tiny_velocity, windows=2, **options)
+        else:
+            module = ReflowModule(str(tiny_velocity), **options)
+        with seeded_rng(7):
+            out = module.compute_loss(batch, module.condition(PROMPTS))
+        assert torch.equal(out.loss, out.per_sample.mean())
+        per_sample[loss] = out.per_sample.double()
+    expected = (per_sample["mse"] + c * c).sqrt() - c
+    assert torch.allclose(per_sample["huber"], expected, rtol=1e-5), (per_sample, expected)
+    assert not torch.allclose(per_sample["huber"], per_sample["mse"], rtol=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"loss": "l1"}, "unknown loss 'l1': choose one of mse, huber"), ({"huber_c": 0.0}, "huber_c must be > 0")],
+)
+def test_bad_loss_options_are_one_line(tiny_velocity, options, message):
+    with pytest.raises(UserError, match=message):
+        ReflowModule(str(tiny_velocity), ema_decay=0.0, **{"loss": "huber", **options})
+
+
+def test_windowed_reflow_on_images_encodes_them_before_the_window_loss(tiny_sd, tmp_path):
+    """ImagePromptDataModule batches (images in [-1, 1], no X0): the VAE encodes them before the teacher solves
+    their windows, so the window targets see latents, and the fit trains, validates and samples."""
+    from instaflow_pl.data import ImagePromptDataModule
+    from instaflow_pl.tiny import build_tiny_images
+
+    images = build_tiny_images(tmp_path / "images", count=8, size=16)
+    data = ImagePromptDataModule(str(images), resolution=16, batch_size=3, val_fraction=0.25)  # 2 batches of 3
+    module = windowed(tiny_sd, teacher_solver="ddim", windows=2, val_steps=[2], encode_images=True)
+    seen = []
+    solve = module.window_targets
+
+    def spy(batch, cond, noise, t):
+        seen.append((batch.x0, tuple(batch.x1.shape), tuple(noise.shape)))
+        return solve(batch, cond, noise, t)
+
+    module.window_targets = spy
+    data.setup("fit")
+    raw = next(iter(data.train_dataloader()))
+    assert raw.x0 is None and tuple(raw.x1.shape) == (3, 3, 16, 16)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path / "run", num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=2,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    assert [s[0] for s in seen] == [None, None]
+    assert {s[1] for s in seen} == {s[2] for s in seen} == {(3, 4, 8, 8)}
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss"]) and torch.isfinite(metrics["val/mse@2"])
+
+
+@pytest.mark.parametrize(("teacher", "windows"), [(False, 1), (True, 1), (True, 2)], ids=["pairs", "K1", "K2"])
+def test_export_records_perflow_and_its_card_says_how_to_sample_it(tiny_sd, tmp_path, teacher, windows):
+    """A ReflowModule with a teacher exports as stage perflow with its teacher and window solves; with K > 1 windows
+    the card says it is piecewise and its snippets sample with K steps; a stored-pair reflow stays stage reflow."""
+    from instaflow_pl.export import export_checkpoint
+    from instaflow_pl.model_folder import read_info
+
+    data = write_dataset(tmp_path / "d", count=8)
+    options = {"ema_decay": 0.0, "val_steps": [windows]}
+    if teacher:
+        module = windowed(tiny_sd, teacher_solver="ddim", windows=windows, **options)
+    else:
+        module = ReflowModule(str(tiny_sd), **options)
+    fit_quietly(module, data, tmp_path / "run", steps=1)
+    out = tmp_path / "export"
+    export_checkpoint(sorted((tmp_path / "run").rglob("*.ckpt"))[-1], out)
+    info, card = read_info(out), (out / "README.md").read_text()
+    assert info["windows"] == windows and info["loss"] == "mse"
+    if not teacher:
+        assert info["stage"] == "reflow" and info["stages"] == ["reflow"] and "teacher" not in info
+        assert "piecewise" not in card and "num_inference_steps=1" in card
+        return
+    assert info["stage"] == "perflow" and info["stages"] == ["perflow"]
+    assert (info["teacher"], info["teacher_solver"], info["window_solver_steps"]) == (str(tiny_sd), "ddim", 2)
+    assert info["cfg_sync"] is False and info["teacher_guidance"] == 1.0
+    assert f"- teacher: `{tiny_sd}`, solved online in each of {windows} window(s) with 2 `ddim` steps" in card
+    if windows == 1:
+        assert "piecewise" not in card and "num_inference_steps=1" in card
+        return
+    text = " ".join(card.split())
+    assert "piecewise rectified flow with K = 2 time windows" in text and "sampled with n >= 2 Euler steps" in text
+    assert "n a multiple of K is best" in text
+    assert "num_inference_steps=2" in card and "--steps 2" in card and "num_inference_steps=1" not in card

@@ -247,3 +247,31 @@ def test_flux_recipe_specifics(family_folder, tmp_path, stage):
         config["data"]["init_args"]["batch_size"] * trainer["devices"] * trainer.get("accumulate_grad_batches", 1)
     )
     assert (global_batch, trainer["max_steps"]) == ((64, 70000) if stage == "reflow_lora" else (1024, 21500))
+
+
+def test_tiny_command_writes_captioned_images_that_the_image_datamodule_reads(tmp_path, capsys):
+    """``instaflow-pl tiny --images DIR``: PNGs with a metadata.jsonl naming each one's strongest colour channel,
+    the folder configs/tiny/sd/perflow_images.yaml trains on."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from instaflow_pl.data import ImagePromptDataModule
+
+    images = tmp_path / "images"
+    main(["tiny", str(tmp_path / "sd"), "--images", str(images)])
+    rows = [json.loads(line) for line in (images / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all((images / row["file_name"]).is_file() for row in rows)
+    for row in rows:
+        pixels = np.asarray(Image.open(images / row["file_name"])).reshape(-1, 3).mean(axis=0)
+        assert row["text"] == f"a {('red', 'green', 'blue')[int(pixels.argmax())]} picture"
+    data = ImagePromptDataModule(str(images), resolution=16, batch_size=4)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.x0 is None and tuple(batch.x1.shape) == (4, 3, 16, 16) and -1 <= batch.x1.min() < batch.x1.max() <= 1
+    main(["tiny", str(tmp_path / "sd"), "--images", str(images)])
+    assert "already holds images" in capsys.readouterr().out
+    config = yaml.safe_load((REPO / "configs/tiny/sd/perflow_images.yaml").read_text())
+    assert config["data"]["init_args"]["folder"] == "outputs/tiny/images"
+    assert config["model"]["init_args"]["encode_images"]

@@ -96,11 +96,14 @@ class SampleQuality(L.Callback):
                 self._features = inception_features(self.inception_weights)
         return self._features
 
-    def _evaluation_set(self, trainer: L.Trainer) -> tuple[list[str], torch.Tensor]:
+    def _evaluation_set(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[list[str], torch.Tensor]:
+        """The first ``num_samples`` validation prompts and their X1 in the model's latent space (image batches are
+        encoded by the module first, ``encode_images``)."""
         prompts, x1 = [], []
         for batch in trainer.datamodule.val_dataloader():
+            batch = pl_module.to_latents(batch.to(pl_module.device))
             prompts += list(batch.prompts)
-            x1.append(batch.x1)
+            x1.append(batch.x1.cpu())
             if len(prompts) >= self.num_samples:
                 break
         if len(prompts) < 2:
@@ -129,7 +132,7 @@ class SampleQuality(L.Callback):
         """Every metric for every step count."""
         from instaflow_pl.metrics import FID, CLIPScore
 
-        prompts, x1 = self._evaluation_set(trainer)
+        prompts, x1 = self._evaluation_set(trainer, pl_module)
         self._shape = tuple(x1.shape[1:])
         results: dict[str, float] = {}
         features = self._feature_net()
@@ -178,7 +181,8 @@ class SampleQuality(L.Callback):
             was_training = pl_module.training
             pl_module.eval()
             try:
-                return self._compute_reference(pl_module, self._feature_net(), self._evaluation_set(trainer)[1])
+                x1 = self._evaluation_set(trainer, pl_module)[1]
+                return self._compute_reference(pl_module, self._feature_net(), x1)
             finally:
                 pl_module.train(was_training)
 

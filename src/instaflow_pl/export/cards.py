@@ -17,7 +17,8 @@ def model_card(info: dict[str, Any], image_size: int) -> str:
         image_size: The export's native image height and width in pixels (its snippets sample at that size).
     """
     stages = " -> ".join(info["stages"])
-    steps = info.get("student_steps")
+    windows = int(info.get("windows") or 1)
+    steps = info.get("student_steps") or (windows if windows > 1 else None)
     metrics = info["metrics"]
     metric_lines = [f"- `{name}`: {value:.6g}" for name, value in sorted(metrics.items())] or ["- not recorded"]
     data = info["data"] or "not recorded"
@@ -34,8 +35,9 @@ def model_card(info: dict[str, Any], image_size: int) -> str:
         f"- guidance used in validation: {info['val_guidance']} (1 or less: none)",
         f"- training data: `{data}`" + (f" (pairs: {pairs})" if pairs else ""),
     ]
-    if steps is not None:
+    if info.get("student_steps") is not None:
         lines.append(f"- student steps: {steps} (sample with `--steps {steps}`)")
+    lines += _teacher_lines(info)
     lines += [
         "",
         "## Metrics",
@@ -44,10 +46,39 @@ def model_card(info: dict[str, Any], image_size: int) -> str:
         "",
         "## Use",
         "",
+        *_windows_note(windows),
         *_card_family(info).card_use(steps or 1, {**info, "image_size": image_size}),
         "",
     ]
     return "\n".join(lines)
+
+
+def _teacher_lines(info: dict[str, Any]) -> list[str]:
+    """The card's facts on the teacher of a piecewise reflow (stage ``perflow``): none for other stages."""
+    if info.get("stage") != "perflow":
+        return []
+    guidance = "the student's condition at guidance 1 (cfg_sync)" if info.get("cfg_sync") else (
+        f"guidance {info.get('teacher_guidance')}"
+    )  # fmt: skip
+    return [
+        f"- teacher: `{info.get('teacher')}`, solved online in each of {info.get('windows', 1)} window(s) with "
+        f"{info.get('window_solver_steps')} `{info.get('teacher_solver')}` steps, {guidance}",
+    ]
+
+
+def _windows_note(windows: int) -> list[str]:
+    """The "Use" section's first paragraph for a piecewise flow (K > 1 windows): how many steps it must take."""
+    if windows <= 1:
+        return []
+    return [
+        f"This is a piecewise rectified flow with K = {windows} time windows (PeRFlow): its paths are straight inside",
+        f"each window, not across windows, so it must be sampled with n >= {windows} Euler steps (n // K per window,",
+        "the remainder in the first windows, every window boundary on the grid). n a multiple of K is best: each",
+        "window then gets the same n / K uniform steps, and the whole grid is uniform. The snippets use",
+        f"n = {windows}. instaflow-pl (and the shipped `instaflow_pipeline.py`, where there is one) refuses fewer",
+        f"than {windows} steps.",
+        "",
+    ]
 
 
 def lora_card(info: dict[str, Any]) -> str:

@@ -14,7 +14,21 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.model_folder import ModelFolder
 
 EXPORTABLE_MODULES = {"ReflowModule": "reflow", "DistillModule": "distill", "DMDModule": "dmd"}
-"""Module kinds whose checkpoints export, and the stage each one is."""
+"""Module kinds whose checkpoints export, and the stage each one is (a ReflowModule with a teacher in it:
+:data:`PERFLOW_STAGE`)."""
+PERFLOW_STAGE = "perflow"
+"""The stage of a ReflowModule that learned a teacher's windows online (piecewise rectified flow)."""
+PERFLOW_OPTIONS = ("teacher", "teacher_solver", "window_solver_steps", "teacher_guidance", "cfg_sync", "teacher_dtype")
+"""The options of a piecewise reflow that an export records besides ``windows`` (which every export records)."""
+
+
+def export_stage(record: CheckpointRecord, hparams: dict[str, Any]) -> str:
+    """The stage a checkpoint's model is: its module's (:data:`EXPORTABLE_MODULES`), or ``perflow`` for a
+    ReflowModule that trained on its teacher's windows (``teacher`` set, whatever the number of windows) rather than
+    on stored pairs."""
+    if record.module == "ReflowModule" and hparams.get("teacher"):
+        return PERFLOW_STAGE
+    return EXPORTABLE_MODULES[record.module]
 
 
 def find_checkpoint(source: str | Path) -> Path:
@@ -158,7 +172,7 @@ def export_info(
     """What ``instaflow.json`` records about an export (besides ``kind`` and ``format_version``)."""
 
     hparams = checkpoint.get("hyper_parameters") or {}
-    stage = EXPORTABLE_MODULES[record.module]
+    stage = export_stage(record, hparams)
     family = checkpoint_family(record, str(ckpt_path))
     info: dict[str, Any] = {
         "module": record.module,
@@ -181,6 +195,12 @@ def export_info(
     }
     if record.module in ("DistillModule", "DMDModule"):  # one-step (or k-step) students
         info["student_steps"] = int(hparams.get("student_steps", 1))
+    if stage == PERFLOW_STAGE:  # what made the targets: the teacher and its window solves
+        info.update({name: hparams.get(name) for name in PERFLOW_OPTIONS if name in hparams})
+    if record.module == "ReflowModule":
+        info["loss"] = str(hparams.get("loss", "mse"))
+        if info["loss"] == "huber":
+            info["huber_c"] = hparams.get("huber_c")
     return info
 
 

@@ -25,6 +25,7 @@ from instaflow_pl.export.checkpoint import (
     exportable_record,
     find_checkpoint,
 )
+from instaflow_pl.export.delta import DELTA_DTYPES, DELTA_FILE, DELTA_KIND
 from instaflow_pl.export.folder import PIPELINE_FILE, read_json, write_folder
 from instaflow_pl.export.lora import LORA_KIND, LORA_WEIGHTS_FILE, write_lora_file
 from instaflow_pl.families import PARTS
@@ -33,13 +34,21 @@ from instaflow_pl.model_folder import ModelFolder
 
 LORA_FORMATS = ("merged", "file")
 """``--lora-format``: a whole folder with the adapters merged, or the adapters' file alone."""
-EXPORT_FILES = ("model_index.json", "instaflow.json", "README.md", PIPELINE_FILE, LORA_WEIGHTS_FILE)
+EXPORT_FORMATS = ("folder", "delta")
+"""``--format``: a diffusers-format model folder, or delta weights (the network minus its base model's)."""
+EXPORT_FILES = ("model_index.json", "instaflow.json", "README.md", PIPELINE_FILE, LORA_WEIGHTS_FILE, DELTA_FILE)
 """The top-level files an export writes (with the model parts, :data:`instaflow_pl.families.PARTS`, everything it
 owns in its folder)."""
 
 
 def export_checkpoint(
-    ckpt: str | Path, out: str | Path, force: bool = False, trust_checkpoint: bool = False, lora_format: str = "merged"
+    ckpt: str | Path,
+    out: str | Path,
+    force: bool = False,
+    trust_checkpoint: bool = False,
+    lora_format: str = "merged",
+    export_format: str = "folder",
+    delta_dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Export a ReflowModule / DistillModule checkpoint to a diffusers-format velocity folder.
 
@@ -56,6 +65,10 @@ def export_checkpoint(
         lora_format: For a LoRA run: ``merged`` (a whole model folder with the adapters folded in) or ``file``
             (only the adapters' file, :data:`~instaflow_pl.export.lora.LORA_WEIGHTS_FILE`, for diffusers'
             ``load_lora_weights`` on the base model).
+        export_format: ``folder`` (a diffusers-format model folder) or ``delta``: only the trained network minus
+            the base model's network (:mod:`~instaflow_pl.export.delta`), to add to another fine-tune of that base
+            with :func:`apply_delta`.
+        delta_dtype: The delta's dtype: ``fp32`` or ``fp64`` (see :data:`~instaflow_pl.export.delta.DELTA_DTYPES`).
 
     Returns:
         What was recorded in ``instaflow.json``, plus ``out`` and ``checkpoint``.
@@ -65,6 +78,10 @@ def export_checkpoint(
     """
     if lora_format not in LORA_FORMATS:
         raise UserError(f"lora format must be one of {', '.join(LORA_FORMATS)}, got {lora_format!r}")
+    if export_format not in EXPORT_FORMATS:
+        raise UserError(f"export format must be one of {', '.join(EXPORT_FORMATS)}, got {export_format!r}")
+    if delta_dtype not in DELTA_DTYPES:
+        raise UserError(f"delta dtype must be one of {', '.join(DELTA_DTYPES)}, got {delta_dtype!r}")
     ckpt_path = find_checkpoint(ckpt)
     out = Path(out).expanduser()
     check_target(out, force)
@@ -75,19 +92,75 @@ def export_checkpoint(
     source = str(ckpt_path)
     record = exportable_record(checkpoint, source)
     base = _base_model(checkpoint, source)
+    if export_format == "delta":
+        info = _write_atomically(out, lambda tmp: _write_delta(tmp, checkpoint, record, ckpt_path, base, delta_dtype))
+    else:
+        write = _write_lora if lora_format == "file" else _write_folder
+        info = _write_atomically(out, lambda tmp: write(tmp, checkpoint, record, ckpt_path, base))
+    return {**info, "out": str(out), "checkpoint": source}
+
+
+def apply_delta(delta: str | Path, model: str | Path, out: str | Path, force: bool = False) -> dict[str, Any]:
+    """Add a delta export to ``model``'s network and write the sum as a model folder, as an export is written.
+
+    ``model`` is the delta's base model (which gives the trained model back) or another fine-tune of that base (whose
+    network gains the same weight change, as PeRFlow applies its delta weights to SD 1.5 fine-tunes). The folder
+    takes its other parts (VAE, text encoders) from ``model`` and records the delta's stage and windows.
+
+    Args:
+        delta: A folder written by ``export --format delta``.
+        model: A diffusers-format folder of the delta's family with a network of the same architecture.
+        out: The folder to write (as in :func:`export_checkpoint`).
+        force: Replace an earlier export in ``out``.
+
+    Returns:
+        What was recorded in ``instaflow.json``, plus ``out``.
+
+    Raises:
+        UserError: not a delta, another family, or a network of another architecture.
+    """
+    from instaflow_pl.export.delta import add_delta, applied_info, read_delta
+    from instaflow_pl.families import family_named
+
+    delta_path = Path(delta).expanduser()
+    record, tensors = read_delta(delta_path)
+    target = ModelFolder.open(model)
+    family = family_named(record.get("family") or "sd", str(delta_path / "instaflow.json"))
+    if not target.family.answers_to(family.name):
+        raise UserError(
+            f"{delta_path} is a delta of an {family.name} model, but {target.root} is an {target.family.name} "
+            "model; apply it to a fine-tune of its base model"
+        )
+    out = Path(out).expanduser()
+    check_target(out, force)
+    network = target.load_network()
+    network.load_state_dict(add_delta(network.state_dict(), tensors, str(delta_path)))
+    network.requires_grad_(False)
+    info = applied_info(record, delta_path, target)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        write_folder(tmp, network, target.family, target, info)
+        size = target.geometry.size * target.pixels_per_latent
+        (tmp / "README.md").write_text(model_card(info, image_size=size))
+        return info
+
+    return {**_write_atomically(out, write), "out": str(out)}
+
+
+def _write_atomically(out: Path, write) -> dict[str, Any]:
+    """Run ``write(tmp)`` on a fresh folder next to ``out`` and move it into place when complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary folder
     try:
-        write = _write_lora if lora_format == "file" else _write_folder
-        info = write(tmp, checkpoint, record, ckpt_path, base)
+        info = write(tmp)
         _replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return {**info, "out": str(out), "checkpoint": source}
+    return info
 
 
 def _base_model(checkpoint: dict[str, Any], source: str) -> ModelFolder:
@@ -129,6 +202,34 @@ def _write_lora(
     return info
 
 
+def _write_delta(
+    tmp: Path, checkpoint: dict[str, Any], record: CheckpointRecord, ckpt_path: Path, base: ModelFolder, dtype: str
+) -> dict[str, Any]:
+    from instaflow_pl.export.delta import (
+        delta_card,
+        delta_weights,
+        network_fingerprint,
+        round_trip_mismatches,
+        write_delta,
+    )
+
+    source = str(ckpt_path)
+    network, is_ema = build_network(checkpoint, record, source, base)
+    base_network = base.load_network()
+    delta = delta_weights(network, base_network, DELTA_DTYPES[dtype], source)
+    info = export_info(checkpoint, record, ckpt_path, base, is_ema)
+    info["delta"] = {
+        "base_model": info["base_model"],
+        "base_network_sha256": network_fingerprint(base),
+        "family": info["family"],
+        "dtype": dtype,
+        "round_trip_mismatches": round_trip_mismatches(network, base_network, delta),
+    }
+    write_delta(tmp, delta, info)
+    (tmp / "README.md").write_text(delta_card(info))
+    return info
+
+
 def check_target(out: Path, force: bool) -> None:
     """Refuse a target that holds anything but a previous export, and a previous export unless ``force``.
 
@@ -155,7 +256,7 @@ def check_target(out: Path, force: bool) -> None:
 
 def _is_previous_export(root: Path) -> bool:
     marker = read_json(root / "instaflow.json")
-    return marker.get("kind") in (VELOCITY_KIND, LORA_KIND) and "exported_from" in marker
+    return marker.get("kind") in (VELOCITY_KIND, LORA_KIND, DELTA_KIND) and "exported_from" in marker
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -10,10 +10,17 @@ from instaflow_pl.conventions import images_to_latents
 from instaflow_pl.data.triples import TripleBatch
 from instaflow_pl.errors import UserError
 from instaflow_pl.modules.base import FlowModule, StepOutput
+from instaflow_pl.modules.losses import l2_distance, pseudo_huber_distance
 from instaflow_pl.modules.timesampling import T_DISTRIBUTIONS, sample_t
 from instaflow_pl.solver import piecewise_grid, window_targets
 from instaflow_pl.solver.windows import check_windows
 from instaflow_pl.velocity import ClassifierFreeGuidance, NetworkVelocity, TextCondition
+
+VELOCITY_LOSSES = ("mse", "huber")
+"""``loss``: the squared error of the velocity (InstaFlow, PeRFlow) or its pseudo-Huber (2-rectified flow++)."""
+DEFAULT_HUBER_C = 0.00054
+"""``huber_c``: iCT's ``c = 0.00054 sqrt(d)`` (d: elements per sample) in this per-element-mean form (see
+:meth:`ReflowModule.velocity_loss`)."""
 
 
 def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -61,6 +68,12 @@ class ReflowModule(FlowModule):
         cfg_sync: The teacher sees the student's condition (prompt dropout included) at guidance 1 (PeRFlow's SD 1.5
             recipe).
         teacher_dtype: The teacher's weight dtype: ``fp32``, ``fp16`` or ``bf16``.
+        loss: The distance between the predicted and the target velocity, per sample, on stored pairs and on
+            windows alike: ``mse`` (the mean squared error, InstaFlow's and PeRFlow's, whose ``train_perflow.py``
+            uses ``F.mse_loss``) or ``huber``, the pseudo-Huber distance of 2-rectified flow++ (Lee et al., arXiv
+            2405.20320, which takes it from iCT, Song & Dhariwal, arXiv 2310.14189): see :meth:`velocity_loss`.
+        huber_c: The pseudo-Huber constant c (> 0) of ``loss: huber``; the default 0.00054 is iCT's
+            ``0.00054 sqrt(d)`` in the per-element-mean form used here.
         **kwargs: The shared training options of FlowModule (optimizer, schedule, EMA, freezing, validation).
     """
 
@@ -81,6 +94,8 @@ class ReflowModule(FlowModule):
         teacher_guidance: float = 1.0,
         cfg_sync: bool = False,
         teacher_dtype: str = "fp32",
+        loss: str = "mse",
+        huber_c: float = DEFAULT_HUBER_C,
         **kwargs,
     ):
         if t_distribution not in T_DISTRIBUTIONS:
@@ -88,6 +103,7 @@ class ReflowModule(FlowModule):
         if loss_bins < 1:
             raise UserError(f"loss_bins must be >= 1, got {loss_bins}")
         check_window_options(teacher, windows, window_solver_steps, teacher_guidance, cfg_sync)
+        check_loss_options(loss, huber_c)
         super().__init__(base_model, velocity, **kwargs)
         if self.val_steps[0] < windows:
             raise UserError(
@@ -143,8 +159,22 @@ class ReflowModule(FlowModule):
         x0 = batch.x0 if batch.x0 is not None else torch.randn_like(x1)
         t = self.draw_t(x1.shape[0])
         prediction = self.velocity(interpolate(x0, x1, t), t, cond)
-        per_sample = (prediction.float() - (x1 - x0).float()).pow(2).flatten(1).mean(dim=1)
+        per_sample = self.velocity_loss(prediction, x1 - x0)
         return StepOutput(per_sample.mean(), per_sample, t, self._binned(per_sample.detach(), t))
+
+    def velocity_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The loss of each sample, (B,), in float32: with ``loss: mse`` the mean squared error
+        ``m = mean_i (v_i - u_i)^2`` over the n elements of a sample; with ``loss: huber`` the pseudo-Huber distance
+        ``sqrt(m + c^2) - c`` of the whole sample (not element by element).
+
+        That is 2-rectified flow++'s (and iCT's) ``sqrt(||v - u||^2 + C^2) - C`` with ``C = c sqrt(n)``, divided by
+        ``sqrt(n)``: with c = 0.00054 exactly iCT's ``C = 0.00054 sqrt(d)``, up to a constant factor. For a small
+        error (m << c^2) it is ``m / (2c)``, a scaled MSE; for a large one ``sqrt(m) - c``, the root mean square error,
+        so one badly fitted sample weighs on the gradient like ``1 / (2 sqrt(m + c^2))`` times its MSE gradient.
+        """
+        if self.hparams.get("loss", "mse") == "huber":
+            return pseudo_huber_distance(prediction, target, self.hparams.huber_c)
+        return l2_distance(prediction, target)
 
     def teacher_field(self, prompts: list[str], cond: TextCondition) -> tuple[ClassifierFreeGuidance, TextCondition]:
         """The teacher's model as its solver calls it, and its condition: the student's own at guidance 1 with
@@ -173,7 +203,7 @@ class ReflowModule(FlowModule):
         t = self.draw_t(x1.shape[0])
         out = self.window_targets(batch, cond, noise, t)
         prediction = self.velocity(interpolate(out.start, out.end, out.fraction), t, cond)
-        per_sample = (prediction.float() - out.target.float()).pow(2).flatten(1).mean(dim=1)
+        per_sample = self.velocity_loss(prediction, out.target)
         terms = self._binned(per_sample.detach(), t)
         terms["teacher_nfe"] = torch.tensor(out.nfe)
         return StepOutput(per_sample.mean(), per_sample, t, terms)
@@ -187,6 +217,14 @@ class ReflowModule(FlowModule):
             if mask.any():
                 out[f"loss_t{b / bins:.2f}-{(b + 1) / bins:.2f}"] = per_sample[mask].mean()
         return out
+
+
+def check_loss_options(loss: str, huber_c: float) -> None:
+    """One line for an unknown velocity loss or a pseudo-Huber constant that is not positive."""
+    if loss not in VELOCITY_LOSSES:
+        raise UserError(f"unknown loss {loss!r}: choose one of {', '.join(VELOCITY_LOSSES)}")
+    if not huber_c > 0:
+        raise UserError(f"huber_c must be > 0, got {huber_c}")
 
 
 def check_window_options(
