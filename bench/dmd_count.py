@@ -22,7 +22,8 @@ SD 1.5 size, for a minute), then drops them.
 
 Usage (``bench/scale.py`` runs it in a fresh child process)::
 
-    python -m bench.dmd_count FIT_CONFIG.yaml RESULT.json [--real] [--precision 32-true|bf16-mixed] [--foreach]
+    python -m bench.dmd_count FIT_CONFIG.yaml RESULT.json [--real] [--precision 32-true|bf16-mixed]
+                              [--foreach | --fused]
 """
 
 from __future__ import annotations
@@ -53,15 +54,18 @@ def _instantiate(spec: Any) -> Any:
     return functools.partial(cls, **spec.get("init_args", {}))
 
 
-def build_module(model: dict[str, Any], foreach: bool = False) -> nn.Module:
-    """The config's ``model`` section built as LightningCLI builds it (optimizers as factories); ``foreach``: the
-    optimizers take AdamW's multi-tensor path, as they do by default on a GPU (a CPU takes one tensor at a time)."""
+def build_module(model: dict[str, Any], optimizer_path: str = "") -> nn.Module:
+    """The config's ``model`` section built as LightningCLI builds it (optimizers as factories).
+
+    ``optimizer_path``: ``foreach`` makes the optimizers take AdamW's multi-tensor path, as they do by default on a
+    GPU (a CPU takes one tensor at a time); ``fused`` its fused kernel; empty: the config's options.
+    """
     args = dict(model.get("init_args", {}))
     for key in ("optimizer", "fake_optimizer"):
         if isinstance(args.get(key), dict):
             spec = args[key]
-            if foreach:
-                spec = {**spec, "init_args": {**spec.get("init_args", {}), "foreach": True}}
+            if optimizer_path:
+                spec = {**spec, "init_args": {**spec.get("init_args", {}), optimizer_path: True}}
             args[key] = _instantiate(spec)
     return _instantiate(model)(**args) if "class_path" in model else None
 
@@ -119,7 +123,7 @@ def iteration(
         del out, fake, x, cond
 
 
-def count(config: dict[str, Any], real: bool, precision: str, foreach: bool) -> dict[str, Any]:
+def count(config: dict[str, Any], real: bool, precision: str, optimizer_path: str = "") -> dict[str, Any]:
     """Build the fit config's module, run a generator iteration and a fake-score iteration, count live storages."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -127,7 +131,7 @@ def count(config: dict[str, Any], real: bool, precision: str, foreach: bool) -> 
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    module = build_module(config["model"], foreach=foreach)
+    module = build_module(config["model"], optimizer_path)
     module.train()
     built = time.perf_counter() - start
     mode = None if real else FakeTensorMode(allow_non_fake_inputs=True)
@@ -162,7 +166,7 @@ def count(config: dict[str, Any], real: bool, precision: str, foreach: bool) -> 
         "status": 0,
         "real_tensors": real,
         "precision": precision,
-        "foreach": foreach,
+        "optimizer_path": optimizer_path or "config",
         "fixed_gib": counter.start / GiB,
         "peak_gib": max(peaks) / GiB,
         "iteration_peaks_gib": [p / GiB for p in peaks],
@@ -188,9 +192,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--real", action="store_true", help="count on real tensors (small folders only)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"))
     parser.add_argument("--foreach", action="store_true", help="AdamW's multi-tensor path (a GPU's default)")
+    parser.add_argument("--fused", action="store_true", help="AdamW's fused kernel")
     opts = parser.parse_args(argv)
     config = yaml.safe_load(opts.config.read_text())
-    result = count(config, opts.real, opts.precision, opts.foreach)
+    path = "fused" if opts.fused else "foreach" if opts.foreach else ""
+    result = count(config, opts.real, opts.precision, path)
     result["process_peak_rss_gib"] = _peak_rss() / GiB
     opts.result.write_text(json.dumps(result))
 

@@ -28,13 +28,14 @@ Cases (``--only`` picks some):
 Activations per sample are the difference between batch 2 and batch 1. Results go to ``--out`` (JSON) and a
 markdown table on stdout; the exit status is 1 when a case failed. At SD size each fit step takes tens of seconds on
 a CPU: the whole run is about half an hour on 2 cores. ``--tiny`` runs every case the same way on the tiny SD folder
-(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about two minutes: a check that every case
-still runs (the tests do), whose figures mean nothing.
+(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about two minutes (the DMD cases about five
+more on busy cores): a check that every case still runs (the tests do), whose figures mean nothing. The DMD cases at
+SD size add about ten minutes (each count builds the module for real first: about 10 GiB, for a minute).
 
 Usage::
 
     .venv/bin/python -m bench.scale [--tiny] [--only reflow export] [--batches 1 2] [--src OTHER_CHECKOUT/src]
-                                    [--out FILE]
+                                    [--max-real-gib 17] [--out FILE]
 """
 
 from __future__ import annotations
@@ -462,22 +463,27 @@ def _dmd_record(checkpoints: Path) -> dict[str, Any]:
     return record
 
 
+def _dmd_runtime(batch: int, done: list[Case]) -> float:
+    """What a real DMD fit's peak RSS showed over its count (one of batch ``batch`` if any ran; RUNTIME_GIB if
+    none)."""
+    measured = {}
+    for fit in done:
+        count = next((c for c in done if (c.stage, c.batch, c.kind) == (fit.stage, fit.batch, "count")), None)
+        if fit.stage in DMD and not fit.kind and "peak_rss_gib" in fit.result and count and "peak_gib" in count.result:
+            measured[fit.batch] = fit.result["peak_rss_gib"] - count.result["peak_gib"]
+    return measured.get(batch, next(iter(measured.values()), RUNTIME_GIB))
+
+
 def skip_if_too_big(case: Case, done: list[Case], limit_gib: float) -> bool:
     """For a DMD fit: whether its count plus the runtime exceeds ``limit_gib``; then its result is the estimate
-    (the count plus the runtime a real DMD fit of the same batch showed over its count, else RUNTIME_GIB)."""
+    (the count plus the runtime a real DMD fit showed over its count, see ``_dmd_runtime``)."""
     if case.stage not in DMD or case.kind:
         return False
     counts = {c.kind: c.result for c in done if c.stage == case.stage and c.batch == case.batch and c.kind}
     counted = counts.get("count", {}).get("peak_gib")
     if counted is None:
         return False
-    runtime = RUNTIME_GIB
-    for other in done:
-        if other.stage in DMD and other.batch == case.batch and not other.kind and "peak_rss_gib" in other.result:
-            twin = next((c for c in done if c.stage == other.stage and c.batch == other.batch and c.kind == "count"),
-                        None)  # fmt: skip
-            if twin is not None and "peak_gib" in twin.result:
-                runtime = other.result["peak_rss_gib"] - twin.result["peak_gib"]
+    runtime = _dmd_runtime(case.batch, done)
     estimate = counted + runtime
     if estimate <= limit_gib:
         return False

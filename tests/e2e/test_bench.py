@@ -191,7 +191,7 @@ for folder in sys.argv[1:]:
                 "fake_optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}}},
             "data": {"init_args": {"batch_size": 2, "expected_latent_shape": [4, 8, 8]}},
         }
-        results.append([count(config, real, "32-true", False) for real in (False, True)])
+        results.append([count(config, real, "32-true") for real in (False, True)])
 print(json.dumps(results))
 """
 
