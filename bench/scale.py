@@ -28,9 +28,10 @@ Cases (``--only`` picks some):
 Activations per sample are the difference between batch 2 and batch 1. Results go to ``--out`` (JSON) and a
 markdown table on stdout; the exit status is 1 when a case failed. At SD size each fit step takes tens of seconds on
 a CPU: the whole run is about half an hour on 2 cores. ``--tiny`` runs every case the same way on the tiny SD folder
-(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about two minutes (the DMD cases about five
-more on busy cores): a check that every case still runs (the tests do), whose figures mean nothing. The DMD cases at
-SD size add about ten minutes (each count builds the module for real first: about 10 GiB, for a minute).
+(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about three minutes with the DMD cases (they
+took five alone on cores other agents kept busy): a check that every case still runs (the tests do), whose figures
+mean nothing. The DMD cases at SD size add about ten minutes at batch 1 (each count builds the module for real
+first: about 10 GiB, for a minute; the LoRA fit took 4 minutes on one busy core).
 
 Usage::
 

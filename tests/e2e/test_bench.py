@@ -99,7 +99,7 @@ def test_run_quick_strict_runs_every_benchmark():
     assert "goals missed: 0" in proc.stdout
 
 
-@pytest.mark.slow  # about 2 minutes on 2 idle cores, 5 more for the DMD cases on busy ones: `make test-all`
+@pytest.mark.slow  # about 3 minutes on 2 cores with the DMD cases (5 for those alone at load 7): `make test-all`
 def test_scale_tiny_runs_every_case(tmp_path: Path):
     out = tmp_path / "scale.json"
     proc = _run(["-m", "bench.scale", "--tiny", "--keep", str(tmp_path / "work"), "--out", str(out)], timeout=1800)
