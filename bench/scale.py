@@ -16,17 +16,27 @@ Cases (``--only`` picks some):
 * ``distill-l2`` / ``distill-lpips``: the one-step student with ``{l2: 1}`` or ``{lpips: 1, l2: 1}``, naive or lean
   LPIPS (VAE decoder gradient checkpointing, bf16 decode, ``lpips_resize`` 224), batch 1 and 2;
   ``distill-lpips-lean-fp32`` the lean options without bf16.
+* ``dmd`` / ``dmd-lora``: distribution-matching distillation (``configs/sd15/dmd.yaml``), ``fit`` for ``--steps``
+  iterations (iteration 0 updates the generator and the fake score) and a checkpoint: the generator mostly frozen
+  (as reflow) with the fake score trained in full, or LoRA rank 4 for both (``lora``, ``fake_lora``). Each is first
+  counted (:mod:`bench.dmd_count`: two iterations with every live tensor counted on fake tensors, at the fits'
+  precision, and in bf16-mixed with AdamW's multi-tensor path as on a GPU); the real fit runs only when the count
+  plus the runtime stays under ``--max-real-gib`` (default 17: the full fake score's ~24 GiB in fp32 is counted
+  only, and its peak RSS estimated as its count plus the runtime the LoRA case's real run showed). ``--tiny`` also
+  counts on real tensors, which must equal the fake count.
 
 Activations per sample are the difference between batch 2 and batch 1. Results go to ``--out`` (JSON) and a
 markdown table on stdout; the exit status is 1 when a case failed. At SD size each fit step takes tens of seconds on
 a CPU: the whole run is about half an hour on 2 cores. ``--tiny`` runs every case the same way on the tiny SD folder
-(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about two minutes: a check that every case
-still runs (the tests do), whose figures mean nothing.
+(latents 4x8x8, fp32, batch 1 unless ``--batches`` says otherwise) in about three minutes with the DMD cases (they
+took five alone on cores other agents kept busy): a check that every case still runs (the tests do), whose figures
+mean nothing. The DMD cases at SD size add about ten minutes at batch 1 (each count builds the module for real
+first: about 10 GiB, for a minute; the LoRA fit took 4 minutes on one busy core).
 
 Usage::
 
     .venv/bin/python -m bench.scale [--tiny] [--only reflow export] [--batches 1 2] [--src OTHER_CHECKOUT/src]
-                                    [--out FILE]
+                                    [--max-real-gib 17] [--out FILE]
 """
 
 from __future__ import annotations
@@ -72,9 +82,19 @@ CASES = (
     "lpips-naive",
     "lpips-lean",
     "lpips-lean-fp32",
+    "dmd",
+    "dmd-lora",
 )
 MICRO = ("unet-step", "lpips-naive", "lpips-lean", "lpips-lean-fp32")
 """Parts measured alone, at each batch size, for the memory each sample adds (no Trainer, no validation)."""
+DMD = {
+    "dmd-lora": ({"lora": LORA, "fake_lora": LORA}, "dmd, LoRA rank 4 generator and fake score"),
+    "dmd": ({"freeze": FROZEN_MOST}, "dmd, generator 92M of 860M, fake score full"),
+}
+"""The DMD cases: ``configs/sd15/dmd.yaml`` with these model options (LoRA first: its real run, when it runs, tells
+the full case's estimate what the runtime adds to the count)."""
+RUNTIME_GIB = 1.5
+"""What a process holds beyond its live tensors (libraries, allocator slack), before a real run has measured it."""
 
 
 def latent_shape(folder: Path) -> list[int]:
@@ -228,6 +248,8 @@ class Case:
         stage: ``pairs``, ``fit`` or ``export``.
         batch: Samples per step.
         args: The command's arguments.
+        kind: ``""`` (the command), ``count`` (its live tensors counted on fake tensors), ``count-gpu`` (the same in
+            bf16-mixed with AdamW's multi-tensor path, a GPU's layout) or ``count-real`` (on real tensors).
         result: What the child reported.
     """
 
@@ -235,6 +257,7 @@ class Case:
     stage: str
     batch: int
     args: list[str]
+    kind: str = ""
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -366,16 +389,51 @@ def plan(
                     ["export", "--ckpt", str(ckpt), "--out", str(work / "export")],
                 )
             )
+    for key in DMD:
+        for batch in batches:
+            cases += _dmd_cases(key, batch, work, folder, pairs_dir, accel, steps, precision, shape)
     return [c for c in cases if c.stage in only]
+
+
+def _dmd_cases(
+    key: str,
+    batch: int,
+    work: Path,
+    folder: Path,
+    pairs_dir: Path,
+    accel: str,
+    steps: int,
+    precision: str,
+    shape: list[int],
+) -> list[Case]:
+    """A DMD case: its counts (fake tensors at the fit's precision and a GPU's layout; real ones on a tiny folder),
+    then the fit, which ``main`` skips when the count says it does not fit ``--max-real-gib``."""
+    model_args, label = DMD[key]
+    name = f"{key}-b{batch}"
+    config = _fit_config("dmd.yaml", work, name, batch, {"base_model": str(folder), **model_args}, accel, steps,
+                         precision, shape)  # fmt: skip
+    config["data"]["init_args"].update(path=str(pairs_dir))
+    yaml_file = str(_write_yaml(work / f"{name}.yaml", config))
+    counts = [("count", f"counted on fake tensors ({precision})", ["--precision", precision])]
+    counts.append(("count-gpu", "counted on fake tensors (bf16-mixed, foreach AdamW)",
+                   ["--precision", "bf16-mixed", "--foreach"]))  # fmt: skip
+    if latent_shape(folder)[-1] <= 16:  # a tiny folder: the real count, which must equal the fake one
+        counts.append(("count-real", f"counted on real tensors ({precision})", ["--precision", precision, "--real"]))
+    cases = [Case(f"{label}, batch {batch}, {what}", key, batch, [yaml_file, *extra], kind)
+             for kind, what, extra in counts]  # fmt: skip
+    cases.append(Case(f"{label}, batch {batch}", key, batch, ["fit", "--config", yaml_file]))
+    return cases
 
 
 def run_case(case: Case, work: Path, src: Path | None) -> None:
     """Run one case in a fresh child process."""
-    result_file = work / f"result-{case.stage}-b{case.batch}.json"
+    result_file = work / f"result-{case.stage}{'-' + case.kind if case.kind else ''}-b{case.batch}.json"
     result_file.unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src) if src else "", str(REPO)) if p)
-    if case.stage in MICRO:
+    if case.kind.startswith("count"):
+        command = [sys.executable, "-m", "bench.dmd_count", case.args[0], str(result_file), *case.args[1:]]
+    elif case.stage in MICRO:
         command = [sys.executable, "-m", "bench.scale", *case.args, str(result_file)]
     else:
         command = [sys.executable, "-m", "bench.scale", "--child", str(result_file), "--", *case.args]
@@ -385,8 +443,54 @@ def run_case(case: Case, work: Path, src: Path | None) -> None:
         handle.flush()
         subprocess.run(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT, check=False)
     case.result = json.loads(result_file.read_text()) if result_file.is_file() else {"status": "crashed"}
+    if case.stage in DMD and not case.kind and case.result.get("status") == 0:
+        case.result.update(_dmd_record(work / f"{case.stage}-b{case.batch}" / "checkpoints"))
     if case.result.get("status") != 0:
         print(f"  {case.name}: FAILED (see {log})", flush=True)
+
+
+def _dmd_record(checkpoints: Path) -> dict[str, Any]:
+    """The DMD fit's checkpoint: its iteration count and generator updates (the fit must have taken both steps)."""
+    import torch
+
+    files = sorted(checkpoints.glob("*.ckpt"))
+    if not files:
+        return {"status": "no checkpoint"}
+    checkpoint = torch.load(files[-1], map_location="cpu", mmap=True, weights_only=True)
+    record = {"global_step": int(checkpoint["global_step"]),
+              "generator_updates": int(checkpoint.get("dmd", {}).get("generator_updates", 0))}  # fmt: skip
+    if record["global_step"] < 1 or record["generator_updates"] < 1:
+        record["status"] = "no generator or fake-score update"
+    return record
+
+
+def _dmd_runtime(batch: int, done: list[Case]) -> float:
+    """What a real DMD fit's peak RSS showed over its count (one of batch ``batch`` if any ran; RUNTIME_GIB if
+    none)."""
+    measured = {}
+    for fit in done:
+        count = next((c for c in done if (c.stage, c.batch, c.kind) == (fit.stage, fit.batch, "count")), None)
+        if fit.stage in DMD and not fit.kind and "peak_rss_gib" in fit.result and count and "peak_gib" in count.result:
+            measured[fit.batch] = fit.result["peak_rss_gib"] - count.result["peak_gib"]
+    return measured.get(batch, next(iter(measured.values()), RUNTIME_GIB))
+
+
+def skip_if_too_big(case: Case, done: list[Case], limit_gib: float) -> bool:
+    """For a DMD fit: whether its count plus the runtime exceeds ``limit_gib``; then its result is the estimate
+    (the count plus the runtime a real DMD fit showed over its count, see ``_dmd_runtime``)."""
+    if case.stage not in DMD or case.kind:
+        return False
+    counts = {c.kind: c.result for c in done if c.stage == case.stage and c.batch == case.batch and c.kind}
+    counted = counts.get("count", {}).get("peak_gib")
+    if counted is None:
+        return False
+    runtime = _dmd_runtime(case.batch, done)
+    estimate = counted + runtime
+    if estimate <= limit_gib:
+        return False
+    case.result = {"status": 0, "skipped": True, "estimate_gib": estimate, "runtime_gib": runtime, "step_s": [],
+                   "peak_text": f"~{estimate:.2f} (not run: count {counted:.2f} + runtime {runtime:.2f})"}  # fmt: skip
+    return True
 
 
 def table(cases: list[Case]) -> str:
@@ -399,6 +503,10 @@ def table(cases: list[Case]) -> str:
         step = f"{steps[len(steps) // 2]:.1f}" if steps else "-"
         peak = r.get("cuda_peak_gib", r.get("peak_rss_gib"))
         peak_text = f"{peak:.2f}" if isinstance(peak, float) else str(r.get("status"))
+        if "peak_text" in r:
+            peak_text = r["peak_text"]
+        elif case.kind.startswith("count") and r.get("status") == 0:
+            peak_text = f"{r['peak_gib']:.2f} counted (fixed {r['fixed_gib']:.2f})"
         lines.append(f"| {case.name} | {peak_text} | {step} | {r.get('wall_s', 0):.0f} |")
     return "\n".join(lines)
 
@@ -433,6 +541,12 @@ def main(argv: list[str] | None = None) -> int:
         "without bf16 units, where bf16 is emulated and slow: fp32 activations are larger, so its peaks are upper "
         "bounds)",
     )
+    parser.add_argument(
+        "--max-real-gib",
+        type=float,
+        default=17.0,
+        help="a DMD fit whose counted peak plus the runtime exceeds this is not run (its count stands for it)",
+    )
     parser.add_argument("--src", type=Path, default=None, help="measure another checkout's package (its src/)")
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench" / "scale.json", help="results JSON")
@@ -447,7 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "pairs" / "index.json").is_file():
         only.append("pairs")  # every fit reads the pairs
     cases = plan(work, folder, batches, only, opts.accelerator, opts.steps, precision)
-    for case in cases:
+    for index, case in enumerate(cases):
+        if skip_if_too_big(case, cases[:index], opts.max_real_gib):
+            print(f"not running {case.name}: {case.result['peak_text']}", flush=True)
+            continue
         print(f"running {case.name} ...", flush=True)
         run_case(case, work, opts.src)
         print(f"  {case.result}", flush=True)

@@ -52,8 +52,17 @@ SCALE_CASES = (
     "distill lpips naive, 92M",
     "distill lpips lean, 92M",
     "distill lpips lean fp32",
+    "dmd, LoRA rank 4 generator and fake score, batch 1, counted on fake tensors (32-true)",
+    "dmd, LoRA rank 4 generator and fake score, batch 1, counted on fake tensors (bf16-mixed",
+    "dmd, LoRA rank 4 generator and fake score, batch 1, counted on real tensors",
+    "dmd, LoRA rank 4 generator and fake score, batch 1 ",
+    "dmd, generator 92M of 860M, fake score full, batch 1, counted on fake tensors (32-true)",
+    "dmd, generator 92M of 860M, fake score full, batch 1, counted on fake tensors (bf16-mixed",
+    "dmd, generator 92M of 860M, fake score full, batch 1, counted on real tensors",
+    "dmd, generator 92M of 860M, fake score full, batch 1 ",
 )
-"""The first words of every case ``bench/scale.py`` runs (at batch 1 with ``--tiny``)."""
+"""The first words of every case ``bench/scale.py`` runs (at batch 1 with ``--tiny``; a DMD fit's row is its name
+and a space, its counts' rows say how they counted)."""
 
 
 def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -90,17 +99,37 @@ def test_run_quick_strict_runs_every_benchmark():
     assert "goals missed: 0" in proc.stdout
 
 
-@pytest.mark.slow  # about 2 minutes on 2 cores: `make test-all`
+@pytest.mark.slow  # about 3 minutes on 2 cores with the DMD cases (5 for those alone at load 7): `make test-all`
 def test_scale_tiny_runs_every_case(tmp_path: Path):
     out = tmp_path / "scale.json"
-    proc = _run(["-m", "bench.scale", "--tiny", "--keep", str(tmp_path / "work"), "--out", str(out)], timeout=900)
+    proc = _run(["-m", "bench.scale", "--tiny", "--keep", str(tmp_path / "work"), "--out", str(out)], timeout=1800)
     log = tmp_path / "work" / "child.log"
     assert proc.returncode == 0, proc.stdout[-3000:] + (log.read_text()[-5000:] if log.is_file() else "")
     cases = json.loads(out.read_text())
-    _assert_rows([case["name"] for case in cases], SCALE_CASES)
+    _assert_rows([case["name"] + " " for case in cases], SCALE_CASES)
     assert all(case["result"]["status"] == 0 for case in cases), cases
-    names = [row[0] for row in _table_rows(proc.stdout)]
+    names = [row[0] + " " for row in _table_rows(proc.stdout)]
     _assert_rows(names, SCALE_CASES)
+    _assert_dmd_cases(cases)
+
+
+def _assert_dmd_cases(cases: list[dict]) -> None:
+    """Each DMD fit ran (nothing is too big at tiny size) and took a generator and a fake-score step; its count on
+    fake tensors equals the count on real ones, byte for byte (the fake run is the real run's bookkeeping), and
+    the full fake score holds more than the LoRA one."""
+    peaks = {}
+    for stage in ("dmd", "dmd-lora"):
+        mine = {case["kind"]: case["result"] for case in cases if case["stage"] == stage}
+        assert set(mine) == {"", "count", "count-gpu", "count-real"}, mine
+        fit = mine[""]
+        assert not fit.get("skipped") and fit["global_step"] >= 1 and fit["generator_updates"] >= 1, fit
+        fake, real = mine["count"], mine["count-real"]
+        assert fake["count_bytes"] == real["count_bytes"], (fake, real)
+        assert fake["peak_gib"] > fake["fixed_gib"] > 0 and mine["count-gpu"]["peak_gib"] > 0
+        peaks[stage] = fake
+    full, lora = peaks["dmd"], peaks["dmd-lora"]
+    assert full["trained"]["fake_score"] > 20 * lora["trained"]["fake_score"] > 0
+    assert full["peak_gib"] > lora["peak_gib"]
 
 
 @pytest.mark.slow  # about 10 s; with the other SD-size benchmarks' checks in `make test-all`
@@ -146,3 +175,42 @@ def test_flux_memory_tiny_runs(tmp_path: Path):
     assert checked["fake_count"] == checked["count"] > 0, checked
     assert set(result["flops"]["step"]) == {"64", "128"} and result["flops"]["encoders"]["t5"] > 0
     assert "| layout | px | LoRA rank |" in proc.stdout
+
+
+DMD_COUNT_SCRIPT = """
+import json, sys
+from bench.dmd_count import count
+results = []
+for folder in sys.argv[1:]:
+    for lora in (None, {"rank": 4, "alpha": 4.0}):
+        config = {
+            "model": {"class_path": "instaflow_pl.modules.DMDModule", "init_args": {
+                "base_model": folder, "lora": lora, "fake_lora": lora, "real_guidance": 1.75, "max_grad_norm": 10.0,
+                "gradient_checkpointing": True, "ema_decay": 0.999,
+                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}},
+                "fake_optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-5}}}},
+            "data": {"init_args": {"batch_size": 2, "expected_latent_shape": [4, 8, 8]}},
+        }
+        results.append([count(config, real, "32-true") for real in (False, True)])
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow  # about 1.5 minutes on 2 busy cores: `make test-all`
+def test_dmd_count_on_fake_tensors_equals_the_count_on_real_ones(tiny_sd, tiny_velocity):
+    """``bench/dmd_count.py``, which stands in for the DMD fits too big to run at SD 1.5 size: on the tiny folders
+    (an SD eps teacher and a velocity teacher; full and LoRA fake scores) its count of two DMD iterations on fake
+    tensors is the count on real tensors, byte for byte, and the trained fake score's gradients and AdamW moments
+    show in the peak (at least three times its parameters above the weights)."""
+    proc = _run(["-c", DMD_COUNT_SCRIPT, str(tiny_sd), str(tiny_velocity)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 4
+    for fake, real in results:
+        assert not fake["real_tensors"] and real["real_tensors"]
+        assert fake["count_bytes"] == real["count_bytes"], (fake, real)
+        assert fake["peak_gib"] > fake["fixed_gib"] > 0
+    for (full, _), (lora, _) in zip(results[::2], results[1::2], strict=True):
+        trained = full["trained"]["fake_score"]
+        assert trained > lora["trained"]["fake_score"] > 0
+        assert (full["peak_gib"] - full["fixed_gib"]) * 2**30 >= 3 * 4 * trained  # grads + 2 moments, fp32
