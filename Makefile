@@ -43,7 +43,7 @@ format: $(STAMP) ## Apply ruff fixes and formatting
 bench: $(STAMP) ## Benchmarks: ratios against baselines run in the same process [BENCH_ARGS=--quick: tiny sizes, < 1 min]
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-bench-scale: $(STAMP) ## Memory and step time of every stage at SD 1.5 shapes (random weights; ~30 min on 2 cores)
+bench-scale: $(STAMP) ## Memory and step time of every stage at SD 1.5 shapes (random weights; ~40 min on 2 cores with the DMD cases)
 	$(BIN)/python -m bench.scale $(BENCH_ARGS)
 
 bench-recipes: $(STAMP) ## The shipped SD 1.5 recipes at real shapes on a CPU, as written (random weights; ~6 min)
