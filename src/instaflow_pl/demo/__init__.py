@@ -81,7 +81,8 @@ def demo_main(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="instaflow-pl demo",
         description="InstaFlow on handwritten digits: 1-RF -> pairs -> 2-RF (reflow) -> pairs -> one-step student, "
-        "plus direct distillation of the 1-RF and piecewise reflow (PeRFlow) of the 1-RF; writes report.md/json, "
+        "plus direct distillation of the 1-RF, piecewise reflow (PeRFlow) of the 1-RF and distribution-matching "
+        "distillation (DMD2) of the 2-RF against the 1-RF's scores; writes report.md/json, "
         "grid.png and straightness.png to --out. "
         "Finished stages are skipped on a rerun.",
     )
