@@ -348,6 +348,23 @@ def test_dmd_finding_follows_the_numbers_both_ways():
     assert collapsed.reproduced is False and "4.0%-10.7% vs 10.0%-10.0%" in collapsed.evidence
 
 
+@pytest.mark.parametrize("with_dmd", [False, True])
+def test_the_reports_wandb_table_takes_the_dmd_row_only_when_there_is_one(tmp_path, monkeypatch, with_dmd):
+    import wandb
+
+    from instaflow_pl.demo import report
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    added = []
+    monkeypatch.setattr(wandb.Table, "add_data", lambda self, *values: added.append(values[0]))
+    flows = [_row("1-RF", 1, 1.0, 7.5, s=0.08).to_json()]
+    summary = {"flows": flows, "students": [], "settings": {}, "findings": []}
+    if with_dmd:
+        summary["dmd"] = _row("DMD student", 1, 1.0, 1.6, budget=5000).to_json()
+    report._log_wandb(_plan(tmp_path / "demo"), summary, {})
+    assert added == ["1-RF", "DMD student"][: 1 + with_dmd]
+
+
 def test_coverage_counts_the_classifiers_readings_of_the_measured_samples(digits_base):
     from instaflow_pl.demo.classifier import DigitClassifier
     from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, load_flow

@@ -551,7 +551,8 @@ def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image
     run = wandb.init(project="instaflow-pl-demo", name="demo-report", dir=str(folder), config=report["settings"])
     columns = ["model", "budget", "steps", "guidance", "fid_mean", "fid_std", "accuracy", "straightness", "ms"]
     table = wandb.Table(columns=columns)
-    for r in report["flows"] + report["students"] + report.get("perflow", []) + [report["dmd"]] * ("dmd" in report):
+    dmd = [report["dmd"]] if "dmd" in report else []
+    for r in report["flows"] + report["students"] + report.get("perflow", []) + dmd:
         table.add_data(
             r["model"], r["budget"], r["steps"], r["guidance"], r["fid_mean"], r["fid_std"], r["accuracy_mean"],
             r["straightness"], r["ms_per_image"],
