@@ -203,7 +203,11 @@ TINY = {
     "distill-2rf:budgets": ["3", "6"],
     "distill-1rf:budgets": ["3", "6"],
     "perflow": ["--trainer.max_steps", "8", "--trainer.val_check_interval", "4", "--data.init_args.batch_size", "32"],
-}
+    "dmd": [
+        "--trainer.max_steps", "6", "--trainer.val_check_interval", "3", "--data.init_args.batch_size", "32",
+        "--model.init_args.generator_every", "2",
+    ],
+}  # fmt: skip
 
 
 def _plan(out):
@@ -224,12 +228,26 @@ def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, c
     times = run_stages(plan)
     assert list(times) == list(STAGES)
     report = json.loads((plan.out / "report.json").read_text())
-    assert [f["key"] for f in report["findings"]] == ["a", "b", "c", "d", "e"]
+    assert [f["key"] for f in report["findings"]] == ["a", "b", "c", "d", "e", "f"]
     assert {r["budget"] for r in report["students"]} == {0, 3, 6}
     assert [(r["steps"], r["guidance"]) for r in report["perflow"]] == [(1, 1.0), (4, 1.0), (1, 1.5), (4, 1.5)]
     assert report["perflow_windows"] == 4 and report["teacher_evaluations"]["PeRFlow"] == 2
     assert report["teacher_evaluations"]["2-RF"] == pytest.approx(200 * 4 * 2 / (8 * 32))  # 200 pairs of 4 guided
     assert json.loads((plan.model("perflow") / "instaflow.json").read_text())["windows"] == 4
+    dmd = report["dmd"]
+    assert (dmd["model"], dmd["steps"], dmd["guidance"], dmd["budget"]) == ("DMD student", 1, 1.0, 6)
+    assert len(dmd["fid"]) == 2 and 0 <= dmd["accuracy_mean"] <= 1
+    assert report["dmd_settings"] == {"iterations": 6, "batch_size": 32, "generator_every": 2, "real_guidance": 1.0}
+    assert [(c["model"], c["steps"]) for c in report["dmd_coverage"]] == [
+        ("1-RF", 4),
+        ("student (2-RF)", 1),
+        ("DMD student", 1),
+    ]
+    assert sum(report["dmd_coverage"][2]["shares"]) == pytest.approx(1.0)
+    assert json.loads((plan.model("dmd") / "instaflow.json").read_text())["training_steps"] == 6
+    markdown = (plan.out / "report.md").read_text()
+    assert "## Distribution-matching distillation" in markdown and "| DMD student | 6 | 1 | 1 |" in markdown
+    assert "**(f) distribution matching gives a one-step student" in markdown
     assert len(report["flows"]) == 2 * 2 * 2 and all(len(r["fid"]) == 2 for r in report["flows"])
     for name in ("report.md", "grid.png", "straightness.png"):
         assert (plan.out / name).stat().st_size > 0
@@ -248,7 +266,7 @@ def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, c
     untouched = (plan.out / "pairs" / "1rf" / "index.json").read_bytes()
     report_before = (plan.out / "report.md").read_text()
     times = run_stages(plan, ["2rf", "pairs-2rf", "distill-2rf", "report"], force=True)
-    assert list(times) == ["2rf", "pairs-2rf", "distill-2rf", "report"]
+    assert list(times) == ["2rf", "pairs-2rf", "distill-2rf", "dmd", "report"]  # dmd starts from the 2-RF
     assert (plan.out / "pairs" / "1rf" / "index.json").read_bytes() == untouched  # upstream kept
     assert (plan.out / "report.md").read_text() != report_before
     assert run_stages(plan) == {}  # distill-1rf does not depend on the 2-RF: kept and still valid
@@ -271,7 +289,7 @@ def test_the_report_reads_perflow_when_it_is_done_and_its_hash_says_so(tmp_path)
     (plan.out / "stages").mkdir(parents=True)
     assert stage("perflow").upstream == ("pairs-1rf",) and "perflow" not in stage("report").upstream
     assert dependents(["perflow"]) == ["perflow", "report"]  # --force --stage perflow redoes the report
-    assert dependents(["pairs-1rf"])[-2:] == ["perflow", "report"]
+    assert dependents(["pairs-1rf"])[-3:] == ["perflow", "dmd", "report"]  # dmd follows the 2-RF
     _finish(plan, "setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf")
     _check_upstream(plan, ["report"])  # the report does not need the perflow stage
     without = stage_hash(plan, stage("report"))
@@ -280,6 +298,85 @@ def test_the_report_reads_perflow_when_it_is_done_and_its_hash_says_so(tmp_path)
     assert stage_hash(plan, stage("report")) != without  # a report written before perflow is stale now
     with pytest.raises(UserError, match="report .*other settings"):
         is_done(plan, stage("report"))
+
+
+def test_the_report_reads_dmd_when_it_is_done_and_dmd_follows_the_2rf(tmp_path):
+    from instaflow_pl.demo.stages import dependents, dmd_settings, stage, stage_hash
+
+    plan = _plan(tmp_path / "demo")
+    (plan.out / "stages").mkdir(parents=True)
+    assert stage("dmd").upstream == ("2rf",) and stage("report").optional == ("perflow", "dmd")
+    assert dependents(["dmd"]) == ["dmd", "report"]
+    assert "dmd" in dependents(["2rf"]) and "dmd" not in dependents(["pairs-2rf", "distill-2rf", "perflow"])
+    _finish(plan, "setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf")
+    without = stage_hash(plan, stage("report"))
+    _finish(plan, "dmd")
+    assert stage_hash(plan, stage("report")) != without  # a report written before dmd is stale now
+    assert dmd_settings(plan) == {"iterations": 6, "batch_size": 32, "generator_every": 2, "real_guidance": 1.0}
+
+
+def _coverage(model, steps, shares, guidance=1.0):
+    from instaflow_pl.demo.evaluate import Coverage
+
+    return Coverage(model, steps, guidance, shares, [0.99] * 10, [0.9] * 10)
+
+
+def test_dmd_finding_follows_the_numbers_both_ways():
+    from instaflow_pl.demo import report
+
+    flows = [_row("1-RF", 25, w, fid) for w, fid in ((1.0, 1.4), (1.5, 1.6))] + [_row("1-RF", 1, 1.0, 7.5)]
+    students = [_row("student (2-RF)", 1, 1.0, fid, accuracy=0.995, budget=b) for b, fid in ((500, 2.2), (6000, 2.0))]
+    even = [0.1] * 10
+    coverage = [_coverage("1-RF", 25, even), _coverage("student (2-RF)", 1, even), _coverage("DMD student", 1, even)]
+    seconds = {"dmd": 118.0, "distill-2rf": 115.0}
+    dmd = _row("DMD student", 1, 1.0, 1.3, accuracy=0.99, budget=3000)
+    finding = report.finding_dmd(flows, students, dmd, coverage, seconds)
+    assert finding.key == "f" and finding.reproduced is True  # 1.3 <= 1.0 x 1.4 (the 1-RF's best, w = 1)
+    for text in ("3000 iterations", "FID 1.30 ± 0.00 = 0.93 x", "FID 1.40 ± 0.00 (w=1", "(6000 steps): FID 2.00",
+                 "= 1.43 x", "accuracy 99.0%", "10.0%-10.0% vs", "118 s (dmd) vs 115 s (distill-2rf)"):  # fmt: skip
+        assert text in finding.evidence, (text, finding.evidence)
+    dmd.fid = [1.8, 1.8]  # above the teacher, below the regression student: partly
+    assert report.finding_dmd(flows, students, dmd, coverage, seconds).reproduced is None
+    dmd.fid = [2.1, 2.1]
+    assert report.finding_dmd(flows, students, dmd, coverage, {}).verdict == "not reproduced"
+    dmd.fid = [1.3, 1.3]
+    dmd.accuracy = [0.85]
+    assert report.finding_dmd(flows, students, dmd, coverage, seconds).reproduced is False
+    dmd.accuracy = [0.99]
+    coverage[2] = _coverage("DMD student", 1, [0.04] + [0.96 / 9] * 9)  # one digit left out: a mode lost
+    collapsed = report.finding_dmd(flows, students, dmd, coverage, seconds)
+    assert collapsed.reproduced is False and "4.0%-10.7% vs 10.0%-10.0%" in collapsed.evidence
+
+
+@pytest.mark.parametrize("with_dmd", [False, True])
+def test_the_reports_wandb_table_takes_the_dmd_row_only_when_there_is_one(tmp_path, monkeypatch, with_dmd):
+    import wandb
+
+    from instaflow_pl.demo import report
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    added = []
+    monkeypatch.setattr(wandb.Table, "add_data", lambda self, *values: added.append(values[0]))
+    flows = [_row("1-RF", 1, 1.0, 7.5, s=0.08).to_json()]
+    summary = {"flows": flows, "students": [], "settings": {}, "findings": []}
+    if with_dmd:
+        summary["dmd"] = _row("DMD student", 1, 1.0, 1.6, budget=5000).to_json()
+    report._log_wandb(_plan(tmp_path / "demo"), summary, {})
+    assert added == ["1-RF", "DMD student"][: 1 + with_dmd]
+
+
+def test_coverage_counts_the_classifiers_readings_of_the_measured_samples(digits_base):
+    from instaflow_pl.demo.classifier import DigitClassifier
+    from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, load_flow
+
+    torch.manual_seed(0)
+    evaluator = Evaluator(DigitClassifier(width=16).eval(), EvalSettings(samples_per_prompt=6, seeds=2))
+    flow = load_flow(digits_base)
+    coverage = evaluator.coverage("base", flow, 2, 1.0)
+    row = evaluator.measure(Row("base", "", 2, 1.0), flow)
+    assert sum(coverage.shares) == pytest.approx(1.0)
+    assert sum(coverage.accuracy) / 10 == pytest.approx(row.accuracy_mean)  # every digit asked equally often
+    assert all(s > 0 for s in coverage.spread)
 
 
 def test_teacher_evaluations_per_training_sample_follow_the_pairs_and_the_settings(tmp_path):

@@ -39,9 +39,11 @@ SMALL_OVERRIDES: dict[str, list[str]] = {
     "distill-2rf:budgets": ["200", "600"],
     "distill-1rf:budgets": ["200", "600"],
     "perflow": SMALL_REFLOW,
+    "dmd": ["--trainer.max_steps", "500", "--trainer.val_check_interval", "250"],
 }
 """The notebook's scale: 2000 + 1000 + 2 x 600 training steps and 10000 pairs (about two minutes on 2 cores); the
-``perflow`` stage (not in the notebook) with the small 2rf stage's budget."""
+``perflow`` stage (not in the notebook) with the small 2rf stage's budget, the ``dmd`` stage (not in the notebook)
+with a tenth of its iterations, as the small students have a tenth of their steps."""
 SMALL_EVALUATION = {"samples_per_prompt": 30}
 
 
@@ -81,7 +83,8 @@ def demo_main(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="instaflow-pl demo",
         description="InstaFlow on handwritten digits: 1-RF -> pairs -> 2-RF (reflow) -> pairs -> one-step student, "
-        "plus direct distillation of the 1-RF and piecewise reflow (PeRFlow) of the 1-RF; writes report.md/json, "
+        "plus direct distillation of the 1-RF, piecewise reflow (PeRFlow) of the 1-RF and distribution-matching "
+        "distillation (DMD2) of the 2-RF against the 1-RF's scores; writes report.md/json, "
         "grid.png and straightness.png to --out. "
         "Finished stages are skipped on a rerun.",
     )

@@ -104,6 +104,40 @@ class Row:
         return {**asdict(self), "fid_mean": self.fid_mean, "fid_std": self.fid_std, "accuracy_mean": self.accuracy_mean}
 
 
+@dataclass
+class Coverage:
+    """The modes of a prompt-conditioned model as the classifier sees them, over every seed's samples.
+
+    The prompts ask for each digit equally often, so a model that covers every digit as asked gives each one a 10%
+    share of the classifier's readings. Within a digit, ``spread`` compares the samples' variety with real digits'.
+
+    Attributes:
+        model: Display name.
+        steps: Euler steps.
+        guidance: Guidance weight.
+        shares: Per digit 0-9, the share of all samples (every prompt) the classifier reads as that digit.
+        accuracy: Per digit, the share of that digit's prompt's samples read as that digit.
+        spread: Per digit, ``sqrt(trace(cov))`` of the classifier features of that prompt's samples over the same of
+            the held-out digits of that class (1: as varied as real digits; 0: one image per prompt).
+    """
+
+    model: str
+    steps: int
+    guidance: float
+    shares: list[float]
+    accuracy: list[float]
+    spread: list[float]
+
+    def to_json(self) -> dict:
+        """The fields as plain types."""
+        return asdict(self)
+
+
+def _feature_spread(features: torch.Tensor) -> float:
+    """``sqrt(trace(cov))`` of (N, D) features (0 for fewer than two)."""
+    return float(features.var(dim=0).sum().sqrt()) if len(features) > 1 else 0.0
+
+
 def eval_noise(seed: int, count: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """The noises, prompts and labels of evaluation seed ``seed``: sample i asks for digit ``i % 10``."""
     x0 = noise_for_indices(EVAL_SEED + seed * 1_000_000, range(count), (1, 8, 8))
@@ -161,6 +195,25 @@ class Evaluator:
             row.accuracy.append(float((self.classifier.predict(images.clamp(-1, 1)) == labels).float().mean()))
         row.ms_per_image = 1000 * elapsed / (len(self.noises) * self.count)
         return row
+
+    def coverage(self, model: str, teacher: Teacher, steps: int, guidance: float) -> Coverage:
+        """Per-digit shares, accuracy and feature spread of the samples :meth:`measure` draws (the same noises)."""
+        solver = at_steps(teacher, steps)
+        predicted, asked, features = [], [], []
+        for x0, prompts, labels in self.noises:
+            with torch.no_grad():
+                images = solver.sample(x0, prompts, guidance).x.clamp(-1, 1)
+                features.append(self.features(images))
+            predicted.append(self.classifier.predict(images))
+            asked.append(labels)
+        predicted, asked, features = torch.cat(predicted), torch.cat(asked), torch.cat(features)
+        held = load_digits("heldout")
+        with torch.no_grad():
+            real = self.features(held.images)
+        shares = [float((predicted == d).float().mean()) for d in range(10)]
+        accuracy = [float((predicted[asked == d] == d).float().mean()) for d in range(10)]
+        spread = [_feature_spread(features[asked == d]) / _feature_spread(real[held.labels == d]) for d in range(10)]
+        return Coverage(model, steps, guidance, shares, accuracy, spread)
 
     def trajectory(self, teacher: Teacher, guidance: float, count: int | None = None) -> ODESolution:
         """The flow's Euler trajectory on the first seed's noises (``count`` of them)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STAGES = ("setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf", "perflow", "report")
+STAGES = ("setup", "1rf", "pairs-1rf", "2rf", "pairs-2rf", "distill-2rf", "distill-1rf", "perflow", "dmd", "report")
 """The stages, in order."""
 
 

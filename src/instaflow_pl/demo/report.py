@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from instaflow_pl.demo.evaluate import EvalSettings, Evaluator, Row, digits_for_grid, distill_loss, load_flow
+from instaflow_pl.demo.evaluate import (
+    Coverage,
+    EvalSettings,
+    Evaluator,
+    Row,
+    digits_for_grid,
+    distill_loss,
+    load_flow,
+)
 from instaflow_pl.demo.plan import STAGES, DemoPlan, read_record, student_name
 from instaflow_pl.errors import UserError
 from instaflow_pl.teachers import Teacher
@@ -30,9 +38,17 @@ FEW_STEPS = 4
 """Finding (e) compares piecewise reflow with the 2-RF at this many steps (PeRFlow's SD 1.5 setting: 4 windows)."""
 ACCURACY_SLACK = 0.01
 """Finding (e): piecewise reflow's prompt accuracy may be at most this far below the 2-RF's."""
+DMD_FID_FACTOR = 1.0
+"""Finding (f): the DMD student's FID must be at most this factor of the 1-RF's best 25-step FID (DMD2's claim: a
+one-step student as good as its many-step teacher; InstaFlow's regression student is held to 1.5x in (d))."""
+COVERAGE_SHARE = 0.05
+"""Finding (f): every digit must get at least this share of the classifier's readings of the DMD student's samples
+(half the 10% the prompts ask for): the modes the classifier can see are all kept."""
 FLOWS = {"1-RF": "1rf", "2-RF": "2rf"}
 PERFLOW = "PeRFlow"
 """Label of the piecewise rectified flow (stage ``perflow``, model ``models/perflow``)."""
+DMD = "DMD student"
+"""Label of the distribution-matching student (stage ``dmd``, model ``models/dmd``)."""
 STUDENTS = {"2rf": ("student (2-RF)", "distill-2rf"), "1rf": ("student (1-RF)", "distill-1rf")}
 
 
@@ -41,7 +57,7 @@ class Finding:
     """One of the paper's findings, as measured here.
 
     Attributes:
-        key: ``a`` to ``d``.
+        key: ``a`` to ``f``.
         claim: What the paper found.
         reproduced: Whether the measured numbers show it (None: partly).
         evidence: The numbers, in words.
@@ -130,6 +146,34 @@ def measure_perflow(evaluator: Evaluator, flow: Teacher) -> list[Row]:
     return rows
 
 
+def measure_dmd(
+    evaluator: Evaluator, flows: list[Row], students: list[Row], student: Teacher, settings: dict[str, Any]
+) -> tuple[Row, list[Coverage]]:
+    """The DMD student's one-step row (w = 1), and the digit coverage of the 1-RF at the most steps (at its best
+    guidance there), of the regression student from the 2-RF (largest budget) and of the DMD student.
+
+    Args:
+        evaluator: Measures a model.
+        flows: The 1-RF's and 2-RF's rows (the 1-RF's reference setting is read from them).
+        students: The regression students' rows.
+        student: The DMD student, loaded.
+        settings: The dmd stage's settings (``iterations`` is the row's budget).
+    """
+    with _progress(4) as bar:
+        row = evaluator.measure(Row(DMD, str(student.source), 1, 1.0, budget=int(settings["iterations"])), student)
+        bar.update()
+        most = max(r.steps for r in flows)
+        reference = _best(flows, "1-RF", most)
+        coverage = [evaluator.coverage("1-RF", load_flow(reference.folder), most, reference.guidance)]
+        bar.update()
+        regression = _last_student(students, "2rf")
+        coverage.append(evaluator.coverage(regression.model, load_flow(regression.folder), 1, 1.0))
+        bar.update()
+        coverage.append(evaluator.coverage(DMD, student, 1, 1.0))
+        bar.update()
+    return row, coverage
+
+
 # ---- findings --------------------------------------------------------------------------------------------------
 
 
@@ -185,12 +229,17 @@ def finding_budget(students: list[Row]) -> Finding:
     return Finding("c", claim, reproduced, "; ".join(parts))
 
 
+def _last_student(students: list[Row], teacher: str) -> Row:
+    """The regression student of ``teacher`` (``2rf``, ``1rf``) with the largest budget."""
+    return max((r for r in students if r.model == STUDENTS[teacher][0]), key=lambda r: r.budget or 0)
+
+
 def finding_student(flows: list[Row], students: list[Row], guidance: tuple[float, ...]) -> Finding:
     """(d) The one-step student (2-RF, largest budget): accuracy >= 90%, FID within 1.5x of the 1-RF at 25 steps.
 
     "25 steps" is the largest step count evaluated (25 in the demo).
     """
-    student = max((r for r in students if r.model == STUDENTS["2rf"][0]), key=lambda r: r.budget or 0)
+    student = _last_student(students, "2rf")
     most = max(r.steps for r in flows)
     reference = min(_find(flows, "1-RF", most, w).fid_mean for w in guidance)
     ok_acc = student.accuracy_mean >= STUDENT_ACCURACY
@@ -239,6 +288,68 @@ def finding_perflow(
     return Finding("e", claim, win, evidence)
 
 
+def _shares(coverage: Coverage) -> str:
+    return f"{min(coverage.shares):.1%}-{max(coverage.shares):.1%}"
+
+
+def _spread(coverage: Coverage) -> float:
+    return sum(coverage.spread) / len(coverage.spread)
+
+
+def finding_dmd(
+    flows: list[Row], students: list[Row], dmd: Row, coverage: list[Coverage], seconds: dict[str, float]
+) -> Finding:
+    """(f) The DMD student against the 1-RF's best 25-step FID (DMD2's claim; keyed ``f``, after PeRFlow's ``e``).
+
+    Reproduced if its FID is at most ``DMD_FID_FACTOR`` x that reference, its prompt accuracy reaches
+    ``STUDENT_ACCURACY`` and every digit gets at least ``COVERAGE_SHARE`` of the classifier's readings; partly if
+    it misses the FID goal but beats the regression student from the 2-RF (largest budget) with the other two kept;
+    else not reproduced.
+
+    Args:
+        flows: The 1-RF's and 2-RF's rows ("25 steps" is the most steps evaluated).
+        students: The regression students' rows.
+        dmd: The DMD student's one-step row.
+        coverage: Digit coverage of the 1-RF (reference setting), the regression student and the DMD student, as
+            :func:`measure_dmd` returns it.
+        seconds: Recorded wall seconds of the stages (``dmd``, ``distill-2rf``).
+    """
+    most = max(r.steps for r in flows)
+    reference = _best(flows, "1-RF", most)
+    regression = _last_student(students, "2rf")
+    by_model = {c.model: c for c in coverage}
+    ratio = dmd.fid_mean / reference.fid_mean
+    ok_acc = dmd.accuracy_mean >= STUDENT_ACCURACY
+    ok_cov = min(by_model[DMD].shares) >= COVERAGE_SHARE
+    beats_regression = dmd.fid_mean < regression.fid_mean
+    clear = abs(dmd.fid_mean - regression.fid_mean) > dmd.fid_std + regression.fid_std
+    if ratio <= DMD_FID_FACTOR and ok_acc and ok_cov:
+        reproduced: bool | None = True
+    elif beats_regression and ok_acc and ok_cov:
+        reproduced = None
+    else:
+        reproduced = False
+
+    def wall(name: str) -> str:
+        return f"{seconds[name]:.0f} s ({name})" if name in seconds else "-"
+
+    teacher, student = by_model["1-RF"], by_model[regression.model]
+    evidence = (
+        f"DMD student after {dmd.budget} iterations: one-step FID {_fid(dmd)} = {ratio:.2f} x the 1-RF's best "
+        f"{most}-step FID {_fid(reference)} (w={reference.guidance:g}; goal <= {DMD_FID_FACTOR:g}); the regression "
+        f"student from the 2-RF ({regression.budget} steps): FID {_fid(regression)} = "
+        f"{regression.fid_mean / reference.fid_mean:.2f} x (DMD {'lower' if beats_regression else 'not lower'}"
+        f"{'' if clear else ', within the seed spread'}); prompt accuracy {dmd.accuracy_mean:.1%} (needs "
+        f"{STUDENT_ACCURACY:.0%}; regression student {regression.accuracy_mean:.1%}); share of the classifier's "
+        f"readings per digit (10% asked) {_shares(by_model[DMD])} vs {_shares(teacher)} for the 1-RF at {most} "
+        f"steps and {_shares(student)} for the regression student (each needs >= {COVERAGE_SHARE:.0%}); "
+        f"within-prompt feature spread (real digits 1) {_spread(by_model[DMD]):.2f} vs {_spread(teacher):.2f} and "
+        f"{_spread(student):.2f}; wall time {wall('dmd')} vs {wall('distill-2rf')}"
+    )
+    claim = f"distribution matching gives a one-step student as good as the {most}-step 1-RF (DMD2's claim)"
+    return Finding("f", claim, reproduced, evidence)
+
+
 # ---- pictures --------------------------------------------------------------------------------------------------
 
 
@@ -267,10 +378,15 @@ def grid_figure(rows: list[tuple[str, torch.Tensor]]) -> Image.Image:
 
 
 def draw_grid(
-    plan: DemoPlan, evaluator: Evaluator, students: list[Row], flows_by_label: dict, perflow: Teacher | None = None
+    plan: DemoPlan,
+    evaluator: Evaluator,
+    students: list[Row],
+    flows_by_label: dict,
+    perflow: Teacher | None = None,
+    dmd: Teacher | None = None,
 ) -> Image.Image:
-    """Real digits, the flows at 1 and 25 steps, the largest-budget students and the piecewise flow at
-    ``FEW_STEPS`` steps (when given)."""
+    """Real digits, the flows at 1 and 25 steps, the largest-budget students, the piecewise flow at ``FEW_STEPS``
+    steps and the DMD student at one step (each when given)."""
     rows: list[tuple[str, torch.Tensor]] = [("real (held-out)", digits_for_grid().images)]
     guided = max(evaluator.settings.guidance)
     for label, teacher in flows_by_label.items():
@@ -282,6 +398,8 @@ def draw_grid(
         rows.append((f"{label}, {last.budget} steps, 1 step", evaluator.samples(teacher, 1, 1.0)))
     if perflow is not None:
         rows.append((f"{PERFLOW}, {FEW_STEPS} steps, w=1", evaluator.samples(perflow, FEW_STEPS, 1.0)))
+    if dmd is not None:
+        rows.append((f"{DMD}, 1 step", evaluator.samples(dmd, 1, 1.0)))
     return grid_figure(rows)
 
 
@@ -347,6 +465,7 @@ def render_markdown(report: dict[str, Any], flows: list[Row], students: list[Row
         *_table(students, with_budget=True),
         "",
         *_perflow_section(report),
+        *_dmd_section(report),
         "## Pictures",
         "",
         "- `grid.png`: rows = models, columns = prompts (the same noise down each column).",
@@ -382,6 +501,48 @@ def _perflow_section(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _digit_table(coverage: list[dict[str, Any]], field: str, percent: bool) -> list[str]:
+    lines = ["| model | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|"]
+    for c in coverage:
+        values = " | ".join(f"{v:.1%}" if percent else f"{v:.2f}" for v in c[field])
+        label = f"{c['model']}, {c['steps']} step{'s' * (c['steps'] > 1)}, w={c['guidance']:g}"
+        lines.append(f"| {label} | {values} |")
+    return lines
+
+
+def _dmd_section(report: dict[str, Any]) -> list[str]:
+    if "dmd" not in report:
+        return []
+    row = Row(**{k: v for k, v in report["dmd"].items() if k in Row.__dataclass_fields__})
+    settings, coverage = report["dmd_settings"], report["dmd_coverage"]
+    return [
+        "## Distribution-matching distillation (DMD2) of the 2-RF against the 1-RF's scores",
+        "",
+        f"The generator starts from the 2-RF; the real score is the 1-RF (guidance {settings['real_guidance']:g}), "
+        f"the fake score a trainable copy of it; {settings['iterations']} iterations of {settings['batch_size']} "
+        f"digit prompts, the generator stepping every {settings['generator_every']}-th (configs/demo/dmd.yaml). "
+        "One step, no guidance. Budget = iterations (fake-score steps).",
+        "",
+        *_table([row], with_budget=True),
+        "",
+        "What the classifier sees of the modes, over every seed's samples: the share of all samples read as each "
+        "digit (the prompts ask for 10% each),",
+        "",
+        *_digit_table(coverage, "shares", percent=True),
+        "",
+        "the share of each digit's prompt's samples read as that digit,",
+        "",
+        *_digit_table(coverage, "accuracy", percent=True),
+        "",
+        "and the spread of each prompt's samples in the classifier's feature space (sqrt of the trace of their "
+        "covariance) over that of the held-out digits of that class (1: as varied as real digits; 0: one image "
+        "per prompt).",
+        "",
+        *_digit_table(coverage, "spread", percent=False),
+        "",
+    ]
+
+
 def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image.Image]) -> None:
     import wandb
 
@@ -390,7 +551,8 @@ def _log_wandb(plan: DemoPlan, report: dict[str, Any], pictures: dict[str, Image
     run = wandb.init(project="instaflow-pl-demo", name="demo-report", dir=str(folder), config=report["settings"])
     columns = ["model", "budget", "steps", "guidance", "fid_mean", "fid_std", "accuracy", "straightness", "ms"]
     table = wandb.Table(columns=columns)
-    for r in report["flows"] + report["students"] + report.get("perflow", []):
+    dmd = [report["dmd"]] if "dmd" in report else []
+    for r in report["flows"] + report["students"] + report.get("perflow", []) + dmd:
         table.add_data(
             r["model"], r["budget"], r["steps"], r["guidance"], r["fid_mean"], r["fid_std"], r["accuracy_mean"],
             r["straightness"], r["ms_per_image"],
@@ -405,6 +567,7 @@ def write_report(
     budgets: dict[str, list[int]],
     val_fractions: dict[str, float],
     teacher_cost: dict[str, float] | None = None,
+    dmd: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure, decide, and write report.md, report.json, grid.png and straightness.png to the demo's folder.
 
@@ -414,6 +577,8 @@ def write_report(
         val_fractions: Per teacher, the held-out share of its pairs in its distillation config.
         teacher_cost: Teacher evaluations per training sample of the ``2-RF`` and ``PeRFlow`` when the piecewise
             flow (``models/perflow``) is to be reported (finding (e)); None: the report leaves it out.
+        dmd: The dmd stage's settings (``iterations``, ``batch_size``, ``generator_every``, ``real_guidance``) when
+            the DMD student (``models/dmd``) is to be reported (finding (f)); None: the report leaves it out.
     """
     from instaflow_pl.demo.classifier import load_classifier
 
@@ -434,8 +599,13 @@ def write_report(
         piecewise = load_flow(plan.model("perflow"))
         perflow = measure_perflow(evaluator, piecewise)
         findings.append(finding_perflow(flows, perflow, teacher_cost, stage_seconds(plan), piecewise.windows))
+    dmd_student, dmd_row, coverage = None, None, []
+    if dmd is not None:
+        dmd_student = load_flow(plan.model("dmd"))
+        dmd_row, coverage = measure_dmd(evaluator, flows, students, dmd_student, dmd)
+        findings.append(finding_dmd(flows, students, dmd_row, coverage, stage_seconds(plan)))
     pictures = {
-        "grid": draw_grid(plan, evaluator, students, flow_models, piecewise),
+        "grid": draw_grid(plan, evaluator, students, flow_models, piecewise, dmd_student),
         "straightness": draw_straightness(evaluator, flow_models),
     }
     times = {**stage_seconds(plan), "report": time.perf_counter() - start}
@@ -454,6 +624,11 @@ def write_report(
                 "teacher_evaluations": teacher_cost,
             }
             if piecewise is not None
+            else {}
+        ),
+        **(
+            {"dmd": dmd_row.to_json(), "dmd_settings": dmd, "dmd_coverage": [c.to_json() for c in coverage]}
+            if dmd_row is not None
             else {}
         ),
         "findings": [{**vars(f), "verdict": f.verdict} for f in findings],

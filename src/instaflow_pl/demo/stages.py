@@ -1,9 +1,10 @@
 """The digits demo's stages, run through the project's own CLI and configs, each cached and checked.
 
-``setup -> 1rf -> pairs-1rf -> 2rf -> pairs-2rf -> distill-2rf -> distill-1rf -> perflow -> report``
+``setup -> 1rf -> pairs-1rf -> 2rf -> pairs-2rf -> distill-2rf -> distill-1rf -> perflow -> dmd -> report``
 
-(``perflow``, piecewise rectified flow from the 1-RF, is read by the report when it is done: the notebook's small run
-writes the report without it.)
+(``perflow``, piecewise rectified flow from the 1-RF, and ``dmd``, distribution-matching distillation of the 2-RF
+against the 1-RF's scores, are read by the report when they are done: the notebook's small run writes the report
+without them.)
 
 Each stage runs ``instaflow-pl fit|pairs`` on a YAML in ``configs/demo/`` (in this process, so the libraries load
 once), exports what it trained, and writes ``<out>/stages/<name>.json`` with a hash of its config, overrides and
@@ -160,6 +161,34 @@ def _perflow(plan: DemoPlan) -> None:
     _export(plan.run_dir("perflow") / "checkpoints" / "last.ckpt", plan.model("perflow"), max_steps(plan, current))
 
 
+def _dmd(plan: DemoPlan) -> None:
+    current = stage("dmd")
+    _fit(plan, current, plan.model("2rf"), None, "--model.init_args.teacher", str(plan.model("1rf")))
+    _export(plan.run_dir("dmd") / "checkpoints" / "last.ckpt", plan.model("dmd"), max_steps(plan, current))
+
+
+def dmd_settings(plan: DemoPlan) -> dict[str, Any]:
+    """What the report says of the dmd stage: iterations, batch size, generator_every and real guidance (the module's
+    defaults where its config leaves one out)."""
+    import inspect
+
+    from instaflow_pl.modules.dmd import DMDModule
+
+    current = stage("dmd")
+    defaults = inspect.signature(DMDModule.__init__).parameters
+
+    def value(name: str) -> Any:
+        given = setting(plan, current, f"model.init_args.{name}")
+        return defaults[name].default if given is None else given
+
+    return {
+        "iterations": max_steps(plan, current),
+        "batch_size": int(setting(plan, current, "data.init_args.batch_size")),
+        "generator_every": int(value("generator_every")),
+        "real_guidance": float(value("real_guidance")),
+    }
+
+
 EVALUATIONS_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 """Velocity evaluations per step of the LatentODE's methods (a velocity teacher's solvers)."""
 
@@ -239,6 +268,7 @@ def _report(plan: DemoPlan) -> None:
         budgets={teacher: budgets(plan, distill) for teacher, distill in distills.items()},
         val_fractions={teacher: val_fraction(plan, distill) for teacher, distill in distills.items()},
         teacher_cost=teacher_evaluations(plan) if finished(plan, "perflow") else None,
+        dmd=dmd_settings(plan) if finished(plan, "dmd") else None,
     )
 
 
@@ -269,10 +299,12 @@ def _stage_list() -> list[Stage]:
               lambda p: _student_outputs(p, "distill-1rf", "1rf")),
         Stage("perflow", "piecewise rectified flow (4 windows) from the 1-RF, its windows solved online",
               "perflow.yaml", ("pairs-1rf",), _perflow, lambda p: [p.model("perflow") / "instaflow.json"]),
+        Stage("dmd", "distribution-matching distillation (DMD2) of the 2-RF into one step, against the 1-RF's "
+              "scores", "dmd.yaml", ("2rf",), _dmd, lambda p: [p.model("dmd") / "instaflow.json"]),
         Stage("report", "FID, prompt accuracy, straightness, speed; report.md/json, grid and trajectory plots",
               None, ("1rf", "2rf", "distill-2rf", "distill-1rf"), _report,
               lambda p: [p.path("report.md"), p.path("report.json"), p.path("grid.png"), p.path("straightness.png")],
-              optional=("perflow",)),
+              optional=("perflow", "dmd")),
     ]  # fmt: skip
 
 
@@ -361,6 +393,7 @@ def _stage_owned(plan: DemoPlan, name: str) -> list[Path]:
         "distill-2rf": [plan.run_dir("distill-2rf"), *plan.path("models").glob("student-2rf-*")],
         "distill-1rf": [plan.run_dir("distill-1rf"), *plan.path("models").glob("student-1rf-*")],
         "perflow": [plan.run_dir("perflow"), plan.model("perflow")],
+        "dmd": [plan.run_dir("dmd"), plan.model("dmd")],
         "report": [plan.path(n) for n in ("report.md", "report.json", "grid.png", "straightness.png")],
     }
     return owned[name]
