@@ -186,3 +186,20 @@ def test_every_rank_gets_a_validation_batch(tmp_path):
     crowded.trainer = SimpleNamespace(world_size=9)
     with pytest.raises(UserError, match="has 8 samples, fewer than the 9 ranks, .*raise data.val_fraction"):
         crowded.setup("fit")
+
+
+def test_regenerated_noise_is_drawn_once_per_seed_within_the_cache(monkeypatch):
+    from types import SimpleNamespace
+
+    import instaflow_pl.data.triples as triples
+
+    manifest = SimpleNamespace(latent_shape=[2, 4, 4], x1_dtype="float16")  # 128 bytes of noise per sample
+    monkeypatch.setattr(triples, "NOISE_CACHE_MB", 3 * 128 / 2**20)  # room for three
+    decoder = triples.TripleDecoder(manifest)
+    drawn = []
+    monkeypatch.setattr(
+        triples, "noise_from_seed", lambda seed, shape: drawn.append(seed) or noise_from_seed(seed, shape)
+    )  # noqa: E501
+    for seed in [5, 6, 7, 8, 5, 6, 8, 8]:
+        assert torch.equal(decoder.noise(seed), noise_from_seed(seed, (2, 4, 4)))
+    assert drawn == [5, 6, 7, 8, 8, 8]  # 5, 6, 7 kept; 8 found no room and is drawn each time
