@@ -194,3 +194,34 @@ def test_window_targets_solve_each_window_from_its_marginal():
         assert torch.allclose(out.start[i : i + 1], z_s) and torch.allclose(out.end[i : i + 1], z_e, atol=1e-6)
         assert torch.allclose(out.target[i], (z_e[0] - z_s[0]) * 4, atol=1e-5)
         assert torch.isclose(out.fraction[i], t[i] * 4 - k, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_batched_window_solves_equal_one_solve_per_window_in_one_call_per_step(method):
+    x1, noise = torch.randn(32, 2, 4, 4), torch.randn(32, 2, 4, 4)
+    t = torch.rand(32, generator=torch.Generator().manual_seed(0))
+    solver = LatentODE(method, 8)
+    calls = []
+
+    def counted(x, tt, cond=None):
+        calls.append(x.shape[0])
+        return curved_field(x, tt, cond)
+
+    out = window_targets(solver, counted, x1, noise, t, windows=4)
+    assert calls == [32] * (solver.nfe // 4)  # the whole batch in each call: 2 steps per window
+    index = (t * 4).floor().long()
+    for k in range(4):
+        rows = index == k
+        z_s = k / 4 * x1[rows] + (1 - k / 4) * noise[rows]
+        z_e = solver.solve(curved_field, z_s, interval=(k / 4, (k + 1) / 4)).x
+        assert torch.equal(out.start[rows], z_s) and torch.equal(out.end[rows], z_e)  # bit for bit
+    assert out.nfe == solver.nfe // 4
+
+
+def test_windows_of_unequal_step_counts_are_solved_one_by_one():
+    grid = [0.0, 0.1, 0.2, 0.3, 0.5, 1.0]  # window [0, 0.5] holds 4 steps, [0.5, 1] one
+    solver = LatentODE("euler", time_grid=grid)
+    x1, noise, t = torch.randn(6, 3), torch.randn(6, 3), torch.tensor([0.1, 0.2, 0.4, 0.6, 0.7, 0.9])
+    out = window_targets(solver, curved_field, x1, noise, t, windows=2)
+    late = solver.solve(curved_field, 0.5 * x1[3:] + 0.5 * noise[3:], interval=(0.5, 1.0)).x
+    assert torch.equal(out.end[3:], late) and out.nfe == (3 * 4 + 3 * 1) / 6

@@ -41,7 +41,10 @@ class _CountedField:
 
     def __call__(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
+        if isinstance(t, torch.Tensor):  # one time per sample, shaped to broadcast against x
+            t_batch = t.reshape(-1).to(device=x.device, dtype=torch.float32)
+        else:
+            t_batch = torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32)
         return self.field(x, t_batch, self.cond).to(x.dtype)
 
 
@@ -100,6 +103,23 @@ def sub_grid(grid: Sequence[float], start: float, end: float) -> list[float]:
     return [float(start), *inside, float(end)]
 
 
+class UnequalIntervals(ValueError):
+    """Per-sample intervals that span different numbers of grid steps (they cannot share one batched solve)."""
+
+
+def per_sample_grid(grid: Sequence[float], start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Each sample's :func:`sub_grid` of ``grid`` inside its own ``[start_b, end_b]``, as a (steps + 1, B) float64
+    tensor; the intervals must span the same number of grid steps (equal windows of a grid uniform inside each)."""
+    bounds = torch.stack([start.double().cpu(), end.double().cpu()], dim=1)
+    distinct, inverse = torch.unique(bounds, dim=0, return_inverse=True)
+    grids = [sub_grid(grid, a, b) for a, b in distinct.tolist()]
+    if len({len(g) for g in grids}) != 1:
+        raise UnequalIntervals(
+            f"per-sample intervals span {sorted({len(g) - 1 for g in grids})} grid steps, not one count"
+        )
+    return torch.tensor(grids, dtype=torch.float64)[inverse].T
+
+
 class LatentODE:
     """Integrates ``dx/dt = v(x, t, cond)`` from t=0 (noise) to t=1 (data) with an explicit method.
 
@@ -125,6 +145,9 @@ class LatentODE:
     can_solve_interval = True
     """Any sub-interval ``[t_s, t_e]`` of [0, 1] can be solved (on the grid's points inside it)."""
 
+    solves_per_sample_intervals = True
+    """One solve can take one interval per sample (``interval`` as two (B,) tensors)."""
+
     @staticmethod
     def marginal(x1: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
         """The state of the straight forward process at time ``t``, ``t X1 + (1 - t) X0`` (a rectified flow's and a
@@ -141,6 +164,16 @@ class LatentODE:
         """Function evaluations one solve costs."""
         return self.steps * EVALS_PER_STEP[self.method]
 
+    def _grid(self, interval: tuple[Any, Any] | None, x0: torch.Tensor) -> list[float] | list[torch.Tensor]:
+        """The times a solve steps through: the grid, its part inside one interval, or per-sample times."""
+        if interval is None:
+            return self.time_grid
+        start, end = interval
+        if not isinstance(start, torch.Tensor):
+            return sub_grid(self.time_grid, start, end)
+        shape = (-1, *([1] * (x0.dim() - 1)))
+        return [row.to(x0.device).view(shape) for row in per_sample_grid(self.time_grid, start, end)]
+
     def solve(
         self,
         field: Field,
@@ -149,7 +182,7 @@ class LatentODE:
         *,
         return_trajectory: bool = False,
         enable_grad: bool = False,
-        interval: tuple[float, float] | None = None,
+        interval: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
     ) -> ODESolution:
         """Integrate ``field`` from ``x0`` along the time grid.
 
@@ -161,21 +194,27 @@ class LatentODE:
             enable_grad: Keep the autograd graph (for training through the solve).
             interval: Solve only ``[t_s, t_e]``, stepping through the grid's points inside it (:func:`sub_grid`):
                 solving ``[t_s, t_m]`` and then ``[t_m, t_e]`` at a grid point ``t_m`` is one solve of ``[t_s, t_e]``.
+                ``t_s`` and ``t_e`` may be (B,) tensors, one interval per sample, all spanning equally many grid
+                steps (:func:`per_sample_grid`): one batched call per step instead of one solve per interval, each
+                sample stepping through the same times as its own solve would.
 
         Returns:
             The end point, the number of evaluations and, on request, the trajectory.
         """
-        grid = self.time_grid if interval is None else sub_grid(self.time_grid, *interval)
+        grid = self._grid(interval, x0)
         f = _CountedField(field, cond)
         step = METHODS[self.method]
         x = x0
         states = [x0] if return_trajectory else None
         with torch.set_grad_enabled(enable_grad):
             for t, t_next in zip(grid, grid[1:], strict=False):
-                x = step(f, x, t, t_next - t)
+                dt = t_next - t
+                x = step(f, x, t, dt.to(x.dtype) if isinstance(dt, torch.Tensor) else dt)
                 if states is not None:
                     states.append(x)
         if states is None:
             return ODESolution(x=x, nfe=f.calls)
+        if isinstance(grid[0], torch.Tensor):
+            raise ValueError("return_trajectory needs one interval for the whole batch")
         times = torch.tensor(grid, dtype=torch.float32)
         return ODESolution(x=x, nfe=f.calls, states=torch.stack(states), times=times)
