@@ -30,6 +30,9 @@ RUN_SETTINGS = ("demo", "sweeps")
 CONFIGS = sorted(
     p for p in (REPO / "configs").rglob("*.yaml") if p.relative_to(REPO / "configs").parts[0] not in RUN_SETTINGS
 )
+SLOW_CONFIGS = ("tiny/sdxl/", "tiny/sd3/", "tiny/flux/", "tiny/digits/", "eval/coco5k.yaml")
+"""Run in make test-all only (make test's 10-minute budget): the other families' tiny configs (the real recipes of
+every family, configs/sd15|sdxl|sd3|flux, and the tiny SD ones stay in make test) and the 5000-prompt evaluation."""
 BATCH = 2
 """Per-device batch size of every run here (the recipes' own batch sizes are GPU-sized)."""
 
@@ -180,7 +183,14 @@ def test_every_config_is_run_here_or_elsewhere():
     assert set(kinds.values()) == {"fit", "pairs", "evaluate"}, kinds
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=_rel)
+def _config_params() -> list:
+    return [
+        pytest.param(p, id=_rel(p), marks=[pytest.mark.slow] if _rel(p).startswith(SLOW_CONFIGS) else [])
+        for p in CONFIGS
+    ]
+
+
+@pytest.mark.parametrize("path", _config_params())
 def test_config_runs_with_its_own_settings(path, folders, tmp_path):
     config = yaml.safe_load(path.read_text())
     kind = kind_of_config(config)

@@ -18,7 +18,7 @@ from instaflow_pl.export import export_checkpoint
 from instaflow_pl.metrics import straightness
 from instaflow_pl.teachers import load_teacher
 
-pytestmark = [pytest.mark.slow, pytest.mark.ci]  # the method end to end: worth its ~2 minutes in CI
+pytestmark = pytest.mark.slow
 
 RESULTS: dict[str, float] = {}
 
@@ -31,6 +31,7 @@ def teacher_straightness(teacher_folder, data_path) -> float:
     return straightness(teacher.sample(batch.x0, batch.prompts, guidance=1.0, return_trajectory=True)).mean().item()
 
 
+@pytest.mark.ci  # the method end to end: worth its minute in CI
 def test_reflow_then_distill_on_the_tiny_folder(tiny_sd, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")
@@ -54,7 +55,8 @@ def test_reflow_then_distill_on_the_tiny_folder(tiny_sd, tmp_path):
     assert torch.isfinite(torch.tensor(list(RESULTS.values()))).all()
 
 
-def test_piecewise_reflow_lowers_the_k_step_error_on_the_tiny_folder(tiny_sd, tmp_path):
+def test_piecewise_reflow_lowers_the_k_step_error_on_the_tiny_folder(tiny_sd, tmp_path):  # make test-all (and the
+    # per-family piecewise story, tests/families/test_perflow_story.py)
     """PeRFlow on the tiny folder (4 windows of 2 DDIM steps, the teacher in the module, the pairs' X1 as data): its
     4-step error against the teacher's X1 falls well below the teacher-initialised model's. The pairs come from the
     teacher's own solver (DDIM, 8 steps): the random tiny UNet's PNDM and DDIM solutions are unrelated (measured:

@@ -200,7 +200,10 @@ def test_random_draws_are_reproducible_with_a_seed(tmp_path):
     assert {v["x"] for v in values} <= {0, 5, 10} and {v["n"] for v in values} == {1, 2, 3}
 
 
-@pytest.mark.parametrize("path", SWEEPS, ids=NAMES)
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, id=p.name, marks=[] if p.name.startswith("reflow") else [pytest.mark.slow]) for p in SWEEPS],
+)  # one trial in make test (its budget), every sweep's in make test-all
 def test_one_local_trial_runs_and_is_summarized(path, tiny_sd, tiny_velocity, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     sweep = load_sweep(path)

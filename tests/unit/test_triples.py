@@ -188,18 +188,19 @@ def test_every_rank_gets_a_validation_batch(tmp_path):
         crowded.setup("fit")
 
 
-def test_regenerated_noise_is_drawn_once_per_seed_within_the_cache(monkeypatch):
+def test_regenerated_noise_is_drawn_once_per_seed_when_the_dataset_fits_the_cache(monkeypatch):
     from types import SimpleNamespace
 
     import instaflow_pl.data.triples as triples
 
-    manifest = SimpleNamespace(latent_shape=[2, 4, 4], x1_dtype="float16")  # 128 bytes of noise per sample
-    monkeypatch.setattr(triples, "NOISE_CACHE_MB", 3 * 128 / 2**20)  # room for three
-    decoder = triples.TripleDecoder(manifest)
     drawn = []
     monkeypatch.setattr(
         triples, "noise_from_seed", lambda seed, shape: drawn.append(seed) or noise_from_seed(seed, shape)
     )  # noqa: E501
-    for seed in [5, 6, 7, 8, 5, 6, 8, 8]:
-        assert torch.equal(decoder.noise(seed), noise_from_seed(seed, (2, 4, 4)))
-    assert drawn == [5, 6, 7, 8, 8, 8]  # 5, 6, 7 kept; 8 found no room and is drawn each time
+    monkeypatch.setattr(triples, "NOISE_CACHE_MB", 4 * 128 / 2**20)  # room for four samples' noise (128 bytes each)
+    for count, expected in [(4, [5, 6, 7, 8]), (5, [5, 6, 7, 8, 5, 6, 8, 8])]:  # fits: drawn once; too big: never kept
+        drawn.clear()
+        decoder = triples.TripleDecoder(SimpleNamespace(latent_shape=[2, 4, 4], x1_dtype="float16", count=count))
+        for seed in [5, 6, 7, 8, 5, 6, 8, 8]:
+            assert torch.equal(decoder.noise(seed), noise_from_seed(seed, (2, 4, 4)))
+        assert drawn == expected

@@ -59,16 +59,17 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-NOISE_CACHE_MB = 64
-"""Regenerated X0 kept per decoder (per data-loader worker): a small dataset's noises are drawn once, not every
-epoch (the digits demo's 20000 pairs take 5 MB; a seeded draw costs about 10 us per sample)."""
+NOISE_CACHE_MB = 8
+"""A dataset whose regenerated X0 take at most this many MB keeps them (per decoder, i.e. per data-loader worker):
+its noises are drawn once, not every epoch (the digits demo's 20000 pairs: 5 MB; a seeded draw costs about 10 us per
+sample). Larger datasets keep none, so streaming memory stays flat in the dataset's size."""
 
 
 class TripleDecoder:
     """Turns a stored record into float32 (x0, x1): X0 is regenerated from its seed unless it was stored.
 
-    Regenerated noises are kept by seed until ``NOISE_CACHE_MB`` is used (the same tensors, so nothing changes but
-    the time); a dataset larger than that keeps its first ones and draws the rest each time.
+    Regenerated noises are kept by seed when all of the dataset's fit in ``NOISE_CACHE_MB`` (the same tensors, so
+    nothing changes but the time); a larger dataset draws each one every time.
 
     Args:
         manifest: The dataset's manifest (latent shape, storage dtype).
@@ -78,7 +79,8 @@ class TripleDecoder:
         self.latent_shape = tuple(manifest.latent_shape)
         self.dtype = manifest.x1_dtype
         self._noise: dict[int, torch.Tensor] = {}
-        self._noise_room = int(NOISE_CACHE_MB * 2**20 // (4 * max(1, math.prod(self.latent_shape))))
+        fits = int(manifest.count) * 4 * math.prod(self.latent_shape) <= NOISE_CACHE_MB * 2**20
+        self._noise_room = int(manifest.count) if fits else 0
 
     def noise(self, seed: int) -> torch.Tensor:
         """The X0 of a sample's seed (:func:`~instaflow_pl.conventions.noise_from_seed`), from the cache if drawn."""
