@@ -29,7 +29,7 @@ install: $(STAMP) ## Create .venv and install the package with dev tools (once; 
 test: $(STAMP) ## Run the test suite CI runs (CPU, no network; ~10 min on 2 cores): fast tests and those marked ci
 	$(BIN)/pytest -q -m "not slow or ci"
 
-test-all: $(STAMP) ## Run every test, the slow ones too (~35 min on 2 cores: resume, DDP, notebook, family stories)
+test-all: $(STAMP) ## Run every test, the slow ones too (~50 min on 2 cores: resume, DDP, notebook, family stories)
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff check and format check
