@@ -42,6 +42,26 @@ def fit_quietly(module: L.LightningModule, data: Path, root: Path, steps: int = 
     return train(module, data, root, 0.0, max_steps=steps, num_sanity_val_steps=0, limit_val_batches=0)
 
 
+def two_step_checkpoint(module: L.LightningModule, data: Path, root: Path) -> Path:
+    """Two CPU training steps of ``module`` on the triples at ``data`` (batch 4, no validation); its checkpoint."""
+    from instaflow_pl.data import TriplesDataModule
+
+    trainer = L.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=root,
+    )
+    trainer.fit(module, TriplesDataModule(str(data), batch_size=4))
+    trainer.save_checkpoint(root / "last.ckpt")
+    return root / "last.ckpt"
+
+
 def adam(params):
     """AdamW with a learning rate large enough that LoRA adapters move away from B = 0 in 3 steps."""
     return torch.optim.AdamW(params, lr=0.05)

@@ -194,16 +194,22 @@ def build_tiny_reference(out_dir: str | Path, count: int = 32, size: int = 16, s
     """
     from PIL import Image
 
-    out = Path(out_dir)
-    names = {f"{i:05d}.png" for i in range(count)}
-    if out.exists() and any(p.name not in names for p in out.iterdir()):
-        from instaflow_pl.errors import UserError
-
-        raise UserError(f"{out} holds other files; choose a new folder for the tiny reference images")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _image_folder(out_dir, count, set(), "tiny reference images")
     generator = torch.Generator().manual_seed(seed)
     for i in range(count):
         Image.fromarray(_smooth_pixels(generator, size)).save(out / f"{i:05d}.png")
+    return out
+
+
+def _image_folder(out_dir: str | Path, count: int, extra: set[str], what: str) -> Path:
+    """``out_dir``, created; one line when it holds files other than the ``count`` PNGs and ``extra`` it will get."""
+    out = Path(out_dir)
+    names = {f"{i:05d}.png" for i in range(count)} | extra
+    if out.exists() and any(p.name not in names for p in out.iterdir()):
+        from instaflow_pl.errors import UserError
+
+        raise UserError(f"{out} holds other files; choose a new folder for the {what}")
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -240,13 +246,7 @@ def build_tiny_images(out_dir: str | Path, count: int = 16, size: int = 16, seed
 
     from instaflow_pl.data.images import METADATA_FILE
 
-    out = Path(out_dir)
-    names = {f"{i:05d}.png" for i in range(count)} | {METADATA_FILE}
-    if out.exists() and any(p.name not in names for p in out.iterdir()):
-        from instaflow_pl.errors import UserError
-
-        raise UserError(f"{out} holds other files; choose a new folder for the tiny images")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _image_folder(out_dir, count, {METADATA_FILE}, "tiny images")
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for i in range(count):

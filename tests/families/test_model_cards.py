@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import diffusers
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from conftest import write_dataset
+from helpers import two_step_checkpoint
 
 from instaflow_pl.conventions import noise_for_indices
 from instaflow_pl.export import export_checkpoint
@@ -45,26 +45,12 @@ def needs_stock_diffusers(name: str) -> None:
 
 def _fit(base: Path, family: str, root: Path, **module_args) -> Path:
     """Two CPU steps of a ReflowModule on random triples; returns the checkpoint."""
-    from instaflow_pl.data import TriplesDataModule
     from instaflow_pl.model_folder import ModelFolder
 
     shape = ModelFolder.open(base).geometry.shape
     data = write_dataset(root / "pairs", count=8, shard_size=8, shape=shape, family=family)
     module = ReflowModule(base_model=str(base), ema_decay=0.5, val_steps=[1], **module_args)
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    trainer.fit(module, TriplesDataModule(str(data), batch_size=4))
-    trainer.save_checkpoint(root / "last.ckpt")
-    return root / "last.ckpt"
+    return two_step_checkpoint(module, data, root)
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -13,14 +13,13 @@ import json
 from pathlib import Path
 
 import diffusers
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from conftest import write_dataset
+from helpers import two_step_checkpoint
 
 from instaflow_pl.conventions import noise_for_indices
-from instaflow_pl.data import TriplesDataModule
 from instaflow_pl.export import export_checkpoint
 from instaflow_pl.families import FAMILIES
 from instaflow_pl.model_folder import ModelFolder
@@ -41,20 +40,7 @@ def windowed_fit(base: Path, family: str, root: Path) -> Path:
     module = ReflowModule(
         str(base), teacher=str(base), windows=WINDOWS, window_solver_steps=1, ema_decay=0.5, val_steps=[WINDOWS]
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    trainer.fit(module, TriplesDataModule(str(data), batch_size=4))
-    trainer.save_checkpoint(root / "last.ckpt")
-    return root / "last.ckpt"
+    return two_step_checkpoint(module, data, root)
 
 
 @pytest.fixture(scope="module", params=FLOW_FAMILIES)

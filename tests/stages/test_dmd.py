@@ -17,6 +17,7 @@ from instaflow_pl.errors import UserError
 from instaflow_pl.modules import DMDModule
 from instaflow_pl.modules.dmd import DiffusionParametrisation, FlowParametrisation
 from instaflow_pl.modules.dmd_gan import generator_gan_loss
+from instaflow_pl.tiny import build_tiny_images
 
 PROMPTS = ["a cat", "a dog", "a red car", "a house"]
 
@@ -149,24 +150,6 @@ def _resume_matches(make, data, tmp_path, steps: int = 4) -> tuple[DMDModule, L.
     return whole, trainer
 
 
-def image_folder(folder, count: int = 8, size: int = 16):
-    """PNG images with a metadata.jsonl (the Hugging Face imagefolder layout ImagePromptDataModule reads)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(count):
-        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": PROMPTS[i % len(PROMPTS)]}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
-# ---- the GAN head (DMD2 stage 2) ------------------------------------------------------------------------------------
-
-
 def test_the_gan_term_reaches_the_generator_while_the_dmd_gradient_is_zero(tiny_velocity):
     """At construction the DMD gradient is 0 (fake score = teacher, no guidance): the generator's gradient is then
     the GAN term's alone, through the fake score's bottleneck and the head."""
@@ -206,7 +189,7 @@ def test_gan_stage_resumes_exactly_and_trains_the_head_with_the_fake_score(tiny_
 
 def test_gan_stage_on_images_encodes_them_as_the_real_side(tiny_velocity, tmp_path):
     """Images + prompts (ImagePromptDataModule, encode_images): the real side of the critic is their VAE latents."""
-    data = ImagePromptDataModule(str(image_folder(tmp_path / "images")), resolution=16, batch_size=4)
+    data = ImagePromptDataModule(str(build_tiny_images(tmp_path / "images", count=8)), resolution=16, batch_size=4)
     module = dmd(tiny_velocity, encode_images=True, gan_generator_weight=1e-3, gan_critic_weight=1e-2)
     trainer = _fit(module, None, tmp_path / "run", steps=3, datamodule=data)
     assert trainer.global_step == 3 and module.generator_updates == 2
@@ -261,7 +244,7 @@ def test_regression_term_is_the_one_step_distance_to_the_stored_x1(tiny_velocity
 
 
 def test_regression_without_stored_x0_is_one_line(tiny_velocity, tmp_path):
-    data = ImagePromptDataModule(str(image_folder(tmp_path / "images")), resolution=16, batch_size=4)
+    data = ImagePromptDataModule(str(build_tiny_images(tmp_path / "images", count=8)), resolution=16, batch_size=4)
     with pytest.raises(UserError, match="regression_weight > 0 needs triples") as error:
         _fit(dmd(tiny_velocity, encode_images=True, regression_weight=1.0), None, tmp_path / "run", 2, datamodule=data)
     assert "\n" not in str(error.value)

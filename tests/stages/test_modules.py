@@ -18,6 +18,7 @@ from instaflow_pl.modules import DistillModule, ReflowModule
 from instaflow_pl.modules.losses import Distance, LPIPSDistance, l2_distance, pseudo_huber_distance
 from instaflow_pl.modules.reflow import interpolate
 from instaflow_pl.modules.timesampling import sample_t
+from instaflow_pl.tiny import build_tiny_images
 
 
 class ConstantVelocity(nn.Module):
@@ -239,28 +240,11 @@ def test_ema_averages_trainable_parameters_only():
         restored.load_state_dict({"n_averaged": torch.tensor(1)})
 
 
-def write_image_folder(folder, count=12, size=16):
-    """PNG images with a metadata.jsonl, the Hugging Face imagefolder layout."""
-    import json
-
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
-    rows = []
-    for i in range(count):
-        pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture number {i}"}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
-
-
 def test_one_rectified_flow_from_images_with_fresh_noise(tiny_sd, tmp_path):
     """Images + prompts, no pairs: X0 is fresh noise each step, X1 the VAE latents; validation uses fixed noises."""
     from instaflow_pl.data import ImagePromptDataModule
 
-    folder = write_image_folder(tmp_path / "images")
+    folder = build_tiny_images(tmp_path / "images", count=12)
     data = ImagePromptDataModule(str(folder), resolution=16, batch_size=4, val_fraction=0.25)
     module = ReflowModule(str(tiny_sd), encode_images=True, ema_decay=0.0, val_steps=[1, 2])
     data.setup("fit")
@@ -284,9 +268,9 @@ def test_image_folder_errors(tmp_path):
 
     with pytest.raises(UserError, match="metadata.jsonl not found"):
         ImagePromptDataModule(str(tmp_path)).setup("fit")
-    folder = write_image_folder(tmp_path / "images", count=2)
-    (folder / "1.png").unlink()
-    with pytest.raises(UserError, match=r"image .*1.png .* not found"):
+    folder = build_tiny_images(tmp_path / "images", count=2)
+    (folder / "00001.png").unlink()
+    with pytest.raises(UserError, match=r"image .*00001.png .* not found"):
         ImagePromptDataModule(str(folder)).setup("fit")
 
 
