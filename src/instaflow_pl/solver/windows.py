@@ -142,10 +142,12 @@ def _batched_window_targets(
 ) -> WindowTargets:  # fmt: skip
     """Every window's solve in one batched solve, each sample on its own window's times (a LatentODE whose windows
     span equally many grid steps; one call of the field per step for the whole batch instead of one per window)."""
-    t_s, t_e = window_bounds(index, windows)
-    shape = (-1, *([1] * (x1.dim() - 1)))
+    t_s, t_e = index.double() / windows, (index + 1).double() / windows  # k / K as the per-window solves take it
+    start = torch.empty_like(x1)
     with torch.no_grad():
-        start = solver.marginal(x1, noise, t_s.to(x1.device).view(shape).to(x1.dtype))
+        for k in index.unique().tolist():  # elementwise, at the window's start as a Python float (no network call)
+            rows = index == k
+            start[rows] = solver.marginal(x1[rows], noise[rows], k / windows)
         solution = solver.solve(field, start, cond, interval=(t_s, t_e))
     return _targets(start, solution.x.to(x1.dtype), t, index, windows, float(solution.nfe))
 
