@@ -11,12 +11,12 @@ FAMILY := sd
 TINY_CONFIGS := configs/tiny/$(FAMILY)
 TINY_RUNS := outputs/tiny/$(FAMILY)-
 export WANDB_MODE ?= offline
+DEMO_TARGETS := $(addprefix demo-,setup 1rf pairs-1rf 2rf pairs-2rf distill-2rf distill-1rf perflow dmd report)
 
-.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt bench-flux-memory bench-recipes demo demo-setup demo-1rf demo-pairs-1rf \
-	demo-2rf 	demo-pairs-2rf demo-distill-2rf demo-distill-1rf demo-perflow demo-dmd demo-report tiny pairs reflow distill export sample sweep evaluate clean
+.PHONY: help install test test-all lint format bench bench-scale bench-gpu bench-prompt bench-flux-memory bench-recipes demo $(DEMO_TARGETS) tiny pairs reflow distill export sample sweep evaluate clean
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_%$$()-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/^[$$](DEMO_TARGETS): demo-%/demo-STAGE/' | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,7 +61,8 @@ bench-gpu: $(STAMP) ## GPU benchmark (<= 8 min on one GPU): SD 1.5 pairs, traini
 demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outputs/demo/report.md [DEMO_ARGS=--force]
 	$(BIN)/instaflow-pl demo $(DEMO_ARGS)
 
-demo-%: $(STAMP) ## One demo stage: demo-setup, demo-1rf, demo-pairs-1rf, demo-2rf, demo-pairs-2rf, demo-distill-2rf, demo-distill-1rf, demo-perflow, demo-dmd, demo-report
+# a static pattern rule: make skips implicit-rule search for .PHONY targets, so a plain `demo-%:` never ran
+$(DEMO_TARGETS): demo-%: $(STAMP) ## One demo stage: demo-setup, demo-1rf, demo-pairs-1rf, demo-2rf, demo-pairs-2rf, demo-distill-2rf, demo-distill-1rf, demo-perflow, demo-dmd, demo-report
 	$(BIN)/instaflow-pl demo --stage $* $(DEMO_ARGS)
 
 tiny: $(STAMP) ## Write the tiny folder of FAMILY (outputs/tiny/FAMILY) the tiny configs use, a tiny CLIP and tiny captioned images
