@@ -97,7 +97,7 @@ def child(path: Path, batch_size: int, threads: int) -> dict[str, object]:
 
     silence_libraries()
     torch.set_num_threads(threads)
-    dm = TriplesDataModule(str(path), batch_size=batch_size, num_workers=0, shuffle=True)
+    dm = TriplesDataModule(str(path), batch_size=batch_size, num_workers=0, shuffle=True, in_memory=False)
     dm.setup("fit")
     loader = dm.train_dataloader()
     peak_before = _peak_rss()

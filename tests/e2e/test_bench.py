@@ -29,6 +29,7 @@ RUN_ROWS = (
     "stream: nw=2 after 1st batch samples/s / training",
     "stream: nw=0 epoch samples/s / in-memory safetensors",
     "stream: nw=2 epoch samples/s / in-memory safetensors",
+    "stream: held in memory / streamed (nw=0), after 1st batch samples/s",
     "memory: peak RSS streaming 10x / 1x dataset",
     "memory: extra RSS growth / extra data",
     "memory: 10x stream samples/s, last 10% / first 10%",

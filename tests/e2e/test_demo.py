@@ -225,8 +225,9 @@ def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, c
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     plan = _plan(tmp_path / "demo")
-    times = run_stages(plan)
+    times = run_stages(plan, jobs=2)  # the stages after pairs-1rf two at a time, each in its own process
     assert list(times) == list(STAGES)
+    assert (plan.out / "logs" / "perflow.log").stat().st_size > 0 and not (plan.out / "logs" / "1rf.log").exists()
     report = json.loads((plan.out / "report.json").read_text())
     assert [f["key"] for f in report["findings"]] == ["a", "b", "c", "d", "e", "f"]
     assert {r["budget"] for r in report["students"]} == {0, 3, 6}
@@ -265,7 +266,7 @@ def test_demo_stages_run_cache_and_refuse_stale_results(tmp_path, monkeypatch, c
         run_stages(plan)
     untouched = (plan.out / "pairs" / "1rf" / "index.json").read_bytes()
     report_before = (plan.out / "report.md").read_text()
-    times = run_stages(plan, ["2rf", "pairs-2rf", "distill-2rf", "report"], force=True)
+    times = run_stages(plan, ["2rf", "pairs-2rf", "distill-2rf", "report"], force=True)  # in this process
     assert list(times) == ["2rf", "pairs-2rf", "distill-2rf", "dmd", "report"]  # dmd starts from the 2-RF
     assert (plan.out / "pairs" / "1rf" / "index.json").read_bytes() == untouched  # upstream kept
     assert (plan.out / "report.md").read_text() != report_before

@@ -40,6 +40,42 @@ def test_shuffled_stream_covers_every_sample_once(tmp_path, num_workers):
     assert seen != list(range(40))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_dataset_held_in_memory_gives_the_streams_batches(tmp_path, num_workers):
+    """Same samples, same order, every epoch, in both splits (the validation split's chunks are numbered from 0 by
+    litdata, so a row lookup that ignored the split would read the training samples)."""
+    root = write_dataset(tmp_path / "d", count=52, shard_size=8)
+
+    def batches(in_memory: bool) -> list[TripleBatch]:
+        data = TriplesDataModule(
+            str(root), batch_size=5, seed=2, val_fraction=0.25, num_workers=num_workers, in_memory=in_memory
+        )
+        data.setup("fit")
+        assert (data.table is not None) == in_memory
+        train = data.train_dataloader()
+        return [*train, *train, *data.val_dataloader()]  # two epochs, then validation
+
+    streamed, held = batches(False), batches(True)
+    assert len(streamed) == len(held) == 2 * 8 + 3
+    for a, b in zip(streamed, held, strict=True):
+        assert torch.equal(a.index, b.index) and a.prompts == b.prompts
+        assert torch.equal(a.x0, b.x0) and torch.equal(a.x1, b.x1)
+    assert torch.cat([b.index for b in held[-3:]]).min() >= 39  # validation: the last quarter
+
+
+def test_a_small_local_dataset_is_held_in_memory_and_a_large_one_streams(tmp_path, monkeypatch):
+    import instaflow_pl.data.triples as triples
+
+    root = write_dataset(tmp_path / "d", count=16, shard_size=8)  # 16 x 2 x 4x8x8 float32: 32 KiB
+    data = TriplesDataModule(str(root))
+    data.setup("fit")
+    assert data.table is not None and len(data.table) == 16
+    monkeypatch.setattr(triples, "IN_MEMORY_MB", 0.02)
+    data = TriplesDataModule(str(root))
+    data.setup("fit")
+    assert data.table is None
+
+
 def test_val_split_is_disjoint(tmp_path):
     root = write_dataset(tmp_path / "d", count=40, shard_size=8)
     data = TriplesDataModule(str(root), batch_size=4, shuffle=False, val_fraction=0.25)
@@ -114,10 +150,12 @@ class Recorder(L.LightningModule):
 RECORDERS: list[Recorder] = []
 
 
-def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None, num_workers=0):
+def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None, num_workers=0, in_memory=None):
     module = Recorder(crash_at)
     RECORDERS.append(module)
-    data = TriplesDataModule(str(root), batch_size=4, shuffle=True, seed=5, num_workers=num_workers)
+    data = TriplesDataModule(
+        str(root), batch_size=4, shuffle=True, seed=5, num_workers=num_workers, in_memory=in_memory
+    )
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=3, save_top_k=-1, save_last=True)
     trainer = L.Trainer(
         max_steps=max_steps,
@@ -131,17 +169,18 @@ def fit(root, ckpt_dir, max_steps, crash_at=None, ckpt_path=None, num_workers=0)
     return module
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_a_checkpoint_continues_at_the_exact_sample(tmp_path, num_workers):
+@pytest.mark.parametrize("num_workers, in_memory", [(0, False), (2, False), (0, True), (2, True)])
+def test_resume_from_a_checkpoint_continues_at_the_exact_sample(tmp_path, num_workers, in_memory):
     """Killed mid-epoch, resumed from the last checkpoint: the same samples in the same order, across epochs."""
     root = write_dataset(tmp_path / "d", count=40, shard_size=8)  # 10 batches per epoch
-    full = fit(root, tmp_path / "full", max_steps=24, num_workers=num_workers)
+    run = {"num_workers": num_workers, "in_memory": in_memory}
+    full = fit(root, tmp_path / "full", max_steps=24, **run)
     with pytest.raises(Killed):
-        fit(root, tmp_path / "run", max_steps=24, crash_at=7, num_workers=num_workers)  # last checkpoint: step 6
+        fit(root, tmp_path / "run", max_steps=24, crash_at=7, **run)  # last checkpoint: step 6
     interrupted = RECORDERS[-1]
     assert len(interrupted.seen) == 7
     last = str(tmp_path / "run" / "last.ckpt")
-    resumed = fit(root, tmp_path / "run", max_steps=24, ckpt_path=last, num_workers=num_workers)
+    resumed = fit(root, tmp_path / "run", max_steps=24, ckpt_path=last, **run)
     assert interrupted.seen[:6] + resumed.seen == full.seen
     assert torch.equal(resumed.weight, full.weight)
     state = torch.load(tmp_path / "run" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]

@@ -22,6 +22,13 @@ from instaflow_pl.data.litdata_compat import resumable_loader_class
 from instaflow_pl.data.manifest import MANIFEST_FILE, Manifest
 from instaflow_pl.data.remote import is_url, read_remote_manifest
 from instaflow_pl.data.store import INDEX_FILE, commit_record, decode_tensor, tail_sha256
+from instaflow_pl.data.triples_memory import (
+    IN_MEMORY_MB,
+    TripleTable,
+    in_memory_dataset_class,
+    read_table,
+    table_megabytes,
+)
 from instaflow_pl.errors import UserError
 from instaflow_pl.ranks import setup_on_every_rank
 
@@ -150,7 +157,9 @@ class TriplesDataModule(L.LightningDataModule):
     """Streams a generated triples dataset for reflow or distillation.
 
     The position in the stream is part of every Lightning checkpoint (litdata's ``StreamingDataLoader`` state), so a
-    resumed fit continues from the exact sample it stopped at.
+    resumed fit continues from the exact sample it stopped at. A small local dataset is decoded into memory once and
+    its batches gathered from there (:mod:`instaflow_pl.data.triples_memory`): the same samples in the same order,
+    the same resume state, without litdata's ~60 us per sample read.
 
     Args:
         path: Dataset folder, or an object-store URL (``s3://bucket/prefix``, ``gs://...``) litdata can stream.
@@ -163,6 +172,9 @@ class TriplesDataModule(L.LightningDataModule):
             takes the same number of steps (litdata's rule; the left-over samples differ each epoch when shuffling).
         cache_dir: Local cache for remote datasets.
         expected_latent_shape: If set, refuse a dataset whose latents have another (C, H, W).
+        in_memory: Hold the decoded dataset in memory (True), stream every sample from its shards (False), or decide
+            (None): in memory when the dataset is local and its float32 X0 and X1 take at most ``IN_MEMORY_MB``
+            (256 MB). Either way the batches, their order and the resume state are the same.
     """
 
     def __init__(
@@ -176,6 +188,7 @@ class TriplesDataModule(L.LightningDataModule):
         drop_last: bool = False,
         cache_dir: str | None = None,
         expected_latent_shape: list[int] | None = None,
+        in_memory: bool | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -195,7 +208,9 @@ class TriplesDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.cache_dir = cache_dir
         self.expected_latent_shape = expected_latent_shape
+        self.in_memory = in_memory
         self.manifest: Manifest | None = None
+        self.table: TripleTable | None = None
         self._train = None
         self._val = None
         self._val_batch_size = batch_size
@@ -204,18 +219,25 @@ class TriplesDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return trainer.world_size if trainer is not None else 1
 
-    def _dataset(self, shuffle: bool):
+    def _holds_in_memory(self) -> bool:
+        if self.in_memory is not None:
+            return self.in_memory
+        return not is_url(self.path) and table_megabytes(self.manifest) <= IN_MEMORY_MB
+
+    def _dataset(self, shuffle: bool, rows: bool = False):
+        """The stream of decoded samples, or (``rows``) of their global indices, rows of :attr:`table`."""
         from litdata import StreamingDataset
 
         # Several ranks must take the same number of training steps (each step is a collective).
         drop_last = self.drop_last or self._world_size() > 1
-        return StreamingDataset(
+        dataset_class = in_memory_dataset_class() if rows else StreamingDataset
+        return dataset_class(
             self.path if is_url(self.path) else str(Path(self.path).expanduser()),
             cache_dir=self.cache_dir,
             shuffle=shuffle,
             seed=self.seed,
             drop_last=drop_last if shuffle else False,
-            transform=TripleDecoder(self.manifest),
+            transform=None if rows else TripleDecoder(self.manifest),
             # litdata's "auto" batch decoding re-decodes many neighbours per item read when shuffling (measured:
             # 28 decodes per sample); one decode per sample is 3-8x faster and gives the same order and data.
             batch_decode=False,
@@ -236,11 +258,14 @@ class TriplesDataModule(L.LightningDataModule):
             )
         if not is_url(self.path):
             check_local_dataset(Path(self.path).expanduser())
+        rows = self._holds_in_memory()
+        if rows:
+            self.table = read_table(self._dataset(shuffle=False))
         if self.val_fraction > 0:
             from litdata import train_test_split
 
             train, val = train_test_split(
-                self._dataset(self.shuffle), [1.0 - self.val_fraction, self.val_fraction], shuffle=False
+                self._dataset(self.shuffle, rows), [1.0 - self.val_fraction, self.val_fraction], shuffle=False
             )
             val.set_drop_last(False)  # every held-out sample counts; uneven val batches across ranks are fine
             # The same samples in the same order at every validation (and after a resume): with limit_val_batches,
@@ -251,7 +276,7 @@ class TriplesDataModule(L.LightningDataModule):
                 sum(end - start for start, end in val.region_of_interest)
             )
         else:
-            self._train = self._dataset(self.shuffle)
+            self._train = self._dataset(self.shuffle, rows)
 
     def _rank_safe_val_batch_size(self, count: int) -> int:
         """A validation batch size that gives every rank at least one batch.
@@ -276,7 +301,7 @@ class TriplesDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size or self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=collate_triples,
+            collate_fn=collate_triples if self.table is None else self.table.collate,
         )
 
     def train_dataloader(self):

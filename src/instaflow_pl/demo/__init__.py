@@ -66,14 +66,24 @@ def run_demo(
     small: bool = False,
     force: bool = False,
     configs: str | Path = "configs/demo",
+    jobs: int = 1,
 ) -> dict[str, float]:
     """Run the demo's stages (all by default), skipping finished ones; W&B stays offline unless configured.
+
+    Args:
+        out: Output folder.
+        stages: Stages to run (default: all).
+        small: The notebook's small scale.
+        force: Redo the chosen stages and those that depend on them.
+        configs: Folder of the stage configs.
+        jobs: Independent stages at most side by side, each in its own process (see
+            :mod:`instaflow_pl.demo.parallel`); 1: every stage in this process on every core.
 
     Returns:
         Wall seconds of each stage run now.
     """
     os.environ.setdefault("WANDB_MODE", "offline")
-    return run_stages(make_plan(out, configs, small), stages, force)
+    return run_stages(make_plan(out, configs, small), stages, force, jobs)
 
 
 def demo_main(args: Sequence[str]) -> None:
@@ -97,8 +107,22 @@ def demo_main(args: Sequence[str]) -> None:
     parser.add_argument(
         "--force", action="store_true", help="redo the chosen stages (default: all) and the stages that depend on them"
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="independent stages (after pairs-1rf) at most side by side, each in its own process on cores/jobs "
+        "threads, its output in <out>/logs/<stage>.log; 1: every stage in this process on every core (default: 2 "
+        "on a machine with 2 or more cores). A stage's threads follow from --jobs alone, so its numbers do not "
+        "depend on what runs beside it; they differ from --jobs 1 in the last bits",
+    )
     opts = parser.parse_args(args)
-    times = run_demo(opts.out, opts.stage, opts.small, opts.force, opts.configs)
+    if opts.jobs is not None and opts.jobs < 1:
+        parser.error(f"--jobs must be 1 or more, got {opts.jobs}")
+    from instaflow_pl.runtime import available_cores
+
+    jobs = opts.jobs if opts.jobs is not None else min(2, available_cores())
+    times = run_demo(opts.out, opts.stage, opts.small, opts.force, opts.configs, jobs)
     if times:
         print(
             "wall time: "

@@ -427,17 +427,23 @@ def _write_record(plan: DemoPlan, current: Stage, state: str, seconds: float | N
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def run_stages(plan: DemoPlan, names: Sequence[str] | None = None, force: bool = False) -> dict[str, float]:
+def run_stages(
+    plan: DemoPlan, names: Sequence[str] | None = None, force: bool = False, jobs: int = 1
+) -> dict[str, float]:
     """Run the demo's stages (all, or ``names`` in order), skipping finished ones.
 
     Args:
         plan: Output folder, configs, overrides.
         names: Stages to run (their upstream stages must be done or listed too); None: all.
         force: Redo the named stages (all: every stage) and every stage that depends on them (those are run too).
+        jobs: Stages at most side by side (:mod:`instaflow_pl.demo.parallel`); 1: one after the other, each in this
+            process on every core.
 
     Returns:
-        Wall seconds of each stage run now (skipped stages are not listed).
+        Wall seconds of each stage run now, in stage order (skipped stages are not listed).
     """
+    from instaflow_pl.demo.parallel import run_scheduled
+
     chosen = list(STAGES) if not names else [stage(n).name for n in names]
     order = dependents(chosen) if force else [n for n in STAGES if n in chosen]
     check_out_folder(plan)
@@ -446,21 +452,33 @@ def run_stages(plan: DemoPlan, names: Sequence[str] | None = None, force: bool =
         clear(plan, order)
     (plan.out / "stages").mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
-    for index, name in enumerate(order, start=1):
-        current = stage(name)
-        header = f"[{index}/{len(order)}] {name}: {current.title}"
-        if is_done(plan, current):
-            print(f"{header} -- done earlier, skipped", flush=True)
-            continue
-        print(f"\n{header}", flush=True)
-        _write_record(plan, current, "started")  # an interrupted stage resumes only with these settings
-        start = time.perf_counter()
-        current.run(plan)
-        seconds = time.perf_counter() - start
-        missing = [str(p) for p in current.outputs(plan) if not p.exists()]
+    headers = {name: f"[{i}/{len(order)}] {name}: {stage(name).title}" for i, name in enumerate(order, start=1)}
+
+    def skip(name: str) -> bool:
+        if is_done(plan, stage(name)):
+            print(f"{headers[name]} -- done earlier, skipped", flush=True)
+            return True
+        return False
+
+    def begin(name: str) -> None:
+        print(f"\n{headers[name]}", flush=True)
+        _write_record(plan, stage(name), "started")  # an interrupted stage resumes only with these settings
+
+    def end(name: str, seconds: float) -> None:
+        missing = [str(p) for p in stage(name).outputs(plan) if not p.exists()]
         if missing:
             raise UserError(f"demo stage {name} finished without writing {missing[0]}")
-        _write_record(plan, current, "done", seconds)
+        _write_record(plan, stage(name), "done", seconds)
         times[name] = seconds
         print(f"{name} done in {seconds:.0f} s", flush=True)
-    return times
+
+    if jobs > 1:
+        run_scheduled(plan, order, jobs, skip, begin, end)
+    else:
+        for name in order:
+            if not skip(name):
+                begin(name)
+                start = time.perf_counter()
+                stage(name).run(plan)
+                end(name, time.perf_counter() - start)
+    return {name: times[name] for name in order if name in times}
