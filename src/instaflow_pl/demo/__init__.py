@@ -39,7 +39,7 @@ SMALL_OVERRIDES: dict[str, list[str]] = {
     "distill-2rf:budgets": ["200", "600"],
     "distill-1rf:budgets": ["200", "600"],
     "perflow": SMALL_REFLOW,
-    "dmd": ["--trainer.max_steps", "500", "--trainer.val_check_interval", "250"],
+    "dmd": ["--trainer.max_steps", "425", "--trainer.val_check_interval", "425"],
 }
 """The notebook's scale: 2000 + 1000 + 2 x 600 training steps and 10000 pairs (about two minutes on 2 cores); the
 ``perflow`` stage (not in the notebook) with the small 2rf stage's budget, the ``dmd`` stage (not in the notebook)
