@@ -58,7 +58,7 @@ bench-flux-memory: $(STAMP) ## FLUX.1 [dev] LoRA reflow step's peak memory at 51
 bench-gpu: $(STAMP) ## GPU benchmark (<= 8 min on one GPU): SD 1.5 pairs, training, a row per family, sharded (2+ GPUs), latency
 	$(BIN)/python -m bench.gpu $(BENCH_ARGS)
 
-demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped): outputs/demo/report.md [DEMO_ARGS=--force]
+demo: $(STAMP) ## The digits demo, every stage (finished ones are skipped; two at a time): outputs/demo/report.md [DEMO_ARGS="--force --jobs 1"]
 	$(BIN)/instaflow-pl demo $(DEMO_ARGS)
 
 # a static pattern rule: make skips implicit-rule search for .PHONY targets, so a plain `demo-%:` never ran
