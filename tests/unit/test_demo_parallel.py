@@ -21,17 +21,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_stages_that_can_run_side_by_side_follow_from_the_stage_graph():
-    side_by_side = [n for n in STAGES if parallel.concurrent(n)]
+    graph = {s.name: s for s in stages._stage_list()}
+    side_by_side = [n for n in STAGES if parallel.concurrent(n, graph)]
     assert side_by_side == ["2rf", "pairs-2rf", "distill-2rf", "distill-1rf", "perflow", "dmd"]
-    assert parallel.stage_threads("2rf", jobs=2, cores=2) == 1
-    assert parallel.stage_threads("2rf", jobs=2, cores=16) == 8
-    assert parallel.stage_threads("2rf", jobs=1, cores=2) is None  # --jobs 1: in this process, every core
-    assert parallel.stage_threads("1rf", jobs=2, cores=2) is None
+    assert parallel.stage_threads("2rf", jobs=2, cores=2, graph=graph) == 1
+    assert parallel.stage_threads("2rf", jobs=2, cores=16, graph=graph) == 8
+    assert parallel.stage_threads("2rf", jobs=1, cores=2, graph=graph) is None  # --jobs 1: here, every core
+    assert parallel.stage_threads("1rf", jobs=2, cores=2, graph=graph) is None
     after_pairs = ["2rf", "pairs-2rf", "distill-2rf", "distill-1rf", "perflow", "dmd", "report"]
-    assert parallel.ready(after_pairs, {"setup", "1rf", "pairs-1rf"}) == ["2rf", "perflow", "distill-1rf"]
+    assert parallel.ready(after_pairs, {"setup", "1rf", "pairs-1rf"}, graph) == ["2rf", "perflow", "distill-1rf"]
     # the report waits for the optional stages still to run, not for those not asked for
-    assert "report" not in parallel.ready(["perflow", "report"], set(STAGES) - {"perflow", "report"})
-    assert parallel.ready(["report"], set(STAGES) - {"report", "perflow", "dmd"}) == ["report"]
+    assert "report" not in parallel.ready(["perflow", "report"], set(STAGES) - {"perflow", "report"}, graph)
+    assert parallel.ready(["report"], set(STAGES) - {"report", "perflow", "dmd"}, graph) == ["report"]
 
 
 class Finished:
@@ -77,7 +78,7 @@ def test_side_by_side_stages_run_in_their_own_processes_longest_chain_first(fake
     plan, ran = fake_stages
     launched = []
 
-    def launch(plan, name, threads, log):
+    def launch(run, plan, name, threads, log):
         launched.append(name)
         stages.stage(name).run(plan)
         ran[-1] = (name, threads)
@@ -99,7 +100,7 @@ def test_a_failed_stage_is_named_with_its_log_and_nothing_new_starts(fake_stages
     plan, ran = fake_stages
     launched = []
 
-    def launch(plan, name, threads, log):
+    def launch(run, plan, name, threads, log):
         launched.append(name)
         if name == "2rf":
             log.write_text("step 1\rstep 2\nerror: the pairs are corrupt\n")

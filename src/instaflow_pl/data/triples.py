@@ -8,6 +8,7 @@ DataModule. Reading a dataset on object storage is :mod:`instaflow_pl.data.remot
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -116,6 +117,15 @@ def collate_triples(items: list[dict[str, Any]]) -> TripleBatch:
         x1=torch.stack([it["x1"] for it in items]),
         prompts=[it["prompt"] for it in items],
         index=torch.tensor([int(it["index"]) for it in items]),
+    )
+
+
+def collate_rows(table: TripleTable, rows: list[int]) -> TripleBatch:
+    """The :class:`TripleBatch` of these rows of a dataset held in memory (its loader's ``collate_fn``, bound to
+    the table)."""
+    at = torch.as_tensor(rows, dtype=torch.long)
+    return TripleBatch(
+        x0=table.x0[at], x1=table.x1[at], prompts=[table.prompts[r] for r in rows], index=table.index[at]
     )
 
 
@@ -301,7 +311,7 @@ class TriplesDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size or self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=collate_triples if self.table is None else self.table.collate,
+            collate_fn=collate_triples if self.table is None else functools.partial(collate_rows, self.table),
         )
 
     def train_dataloader(self):

@@ -6,7 +6,7 @@ into one table (:class:`TripleTable`), and :func:`in_memory_dataset_class` gives
 are row numbers instead of stored records. Everything that decides which sample comes when (shuffle, epochs, the
 split into train and validation, ranks, workers, the resume state in checkpoints) is still litdata's own, so a fit
 sees the same samples in the same order and resumes at the same sample as when streaming; the collate function
-gathers the batch's rows from the table.
+(:func:`~instaflow_pl.data.triples.collate_rows`) gathers the batch's rows from the table.
 """
 
 from __future__ import annotations
@@ -47,23 +47,16 @@ class TripleTable:
     def __len__(self) -> int:
         return self.x1.shape[0]
 
-    def collate(self, rows: list[int]):
-        """The :class:`~instaflow_pl.data.triples.TripleBatch` of these rows (a DataLoader's ``collate_fn``)."""
-        from instaflow_pl.data.triples import TripleBatch
-
-        at = torch.as_tensor(rows, dtype=torch.long)
-        return TripleBatch(
-            x0=self.x0[at], x1=self.x1[at], prompts=[self.prompts[r] for r in rows], index=self.index[at]
-        )
-
 
 def read_table(dataset: Any) -> TripleTable:
     """Decode every sample of an unsplit, unshuffled ``StreamingDataset`` whose transform is a
     :class:`~instaflow_pl.data.triples.TripleDecoder` (its ``i``-th item is the stored sample with global index ``i``,
     the number litdata's iteration hands to ``__getitem__``)."""
+    from litdata.utilities.dataset_utilities import load_index_file
     from tqdm.auto import tqdm
 
-    count = len(dataset)
+    # every stored sample: under DDP len(dataset) is this rank's share, but an int index reaches the whole dataset
+    count = sum(chunk["chunk_size"] for chunk in load_index_file(dataset.input_dir.path)["chunks"])
     items = (dataset[i] for i in range(count))
     items = tqdm(items, total=count, desc="reading triples into memory", unit="sample", disable=count < 100_000)
     x0, x1, prompts, index = [], [], [], []

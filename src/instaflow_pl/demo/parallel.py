@@ -18,9 +18,10 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from instaflow_pl.demo.plan import STAGES, DemoPlan
 from instaflow_pl.errors import UserError
@@ -33,14 +34,23 @@ STATUS_SECONDS = 60.0
 """How often the running stages' progress is printed."""
 
 
-def ancestors(name: str) -> set[str]:
-    """Stages whose outputs ``name`` reads, directly or not (optional inputs included)."""
-    from instaflow_pl.demo.stages import stage
+class Node(Protocol):
+    """What the scheduler reads of a stage (:class:`~instaflow_pl.demo.stages.Stage`)."""
 
+    upstream: tuple[str, ...]
+    optional: tuple[str, ...]
+
+
+Graph = Mapping[str, Node]
+"""The stages by name."""
+
+
+def ancestors(name: str, graph: Graph) -> set[str]:
+    """Stages whose outputs ``name`` reads, directly or not (optional inputs included)."""
     found: set[str] = set()
     todo = [name]
     while todo:
-        current = stage(todo.pop())
+        current = graph[todo.pop()]
         for upstream in current.upstream + current.optional:
             if upstream not in found:
                 found.add(upstream)
@@ -48,24 +58,22 @@ def ancestors(name: str) -> set[str]:
     return found
 
 
-def concurrent(name: str) -> bool:
+def concurrent(name: str, graph: Graph) -> bool:
     """Whether some stage can run beside ``name``: one that is neither upstream nor downstream of it."""
-    mine = ancestors(name)
-    return any(other != name and other not in mine and name not in ancestors(other) for other in STAGES)
+    mine = ancestors(name, graph)
+    return any(other != name and other not in mine and name not in ancestors(other, graph) for other in graph)
 
 
-def stage_threads(name: str, jobs: int, cores: int) -> int | None:
+def stage_threads(name: str, jobs: int, cores: int, graph: Graph) -> int | None:
     """Threads of a stage's own process, or None when it runs in this process on every core."""
-    if jobs <= 1 or not concurrent(name):
+    if jobs <= 1 or not concurrent(name, graph):
         return None
     return max(1, cores // jobs)
 
 
-def ready(pending: list[str], done: set[str]) -> list[str]:
+def ready(pending: list[str], done: set[str], graph: Graph) -> list[str]:
     """Pending stages whose upstream stages are done, the first to start first."""
-    from instaflow_pl.demo.stages import stage
-
-    names = [n for n in pending if set(stage(n).upstream) | (set(stage(n).optional) & set(pending)) <= done]
+    names = [n for n in pending if set(graph[n].upstream) | (set(graph[n].optional) & set(pending)) <= done]
     return sorted(names, key=lambda n: (PRIORITY.index(n) if n in PRIORITY else -1, STAGES.index(n)))
 
 
@@ -88,7 +96,11 @@ def log_tail(log: Path, lines: int = 15) -> str:
     return "\n".join([row for row in rows if row.strip()][-lines:])
 
 
-def run_in_child(plan: DemoPlan, name: str, threads: int, log: Path) -> None:
+Runner = Callable[[DemoPlan, str], None]
+"""Runs a stage by name (a module-level function, so a spawned process can be handed it)."""
+
+
+def run_in_child(run: Runner, plan: DemoPlan, name: str, threads: int, log: Path) -> None:
     """A stage in a spawned process on ``threads`` threads, its output appended to ``log`` (exit 2 on a
     :class:`~instaflow_pl.errors.UserError`, whose line ends the log)."""
     os.environ["INSTAFLOW_THREADS"] = str(threads)  # read when the stage's command starts: fixed, not adapted
@@ -99,10 +111,8 @@ def run_in_child(plan: DemoPlan, name: str, threads: int, log: Path) -> None:
     descriptor = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(descriptor, 1)
     os.dup2(descriptor, 2)
-    from instaflow_pl.demo.stages import stage
-
     try:
-        stage(name).run(plan)
+        run(plan, name)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -118,16 +128,16 @@ class Running:
     start: float = field(default_factory=time.perf_counter)
 
 
-Launch = Callable[[DemoPlan, str, int, Path], object]
+Launch = Callable[[Runner, DemoPlan, str, int, Path], object]
 """Starts a stage's process (``multiprocessing.Process``-like: ``sentinel``, ``exitcode``, ``join``)."""
 
 
-def spawn(plan: DemoPlan, name: str, threads: int, log: Path) -> object:
+def spawn(run: Runner, plan: DemoPlan, name: str, threads: int, log: Path) -> object:
     """Start :func:`run_in_child` in a fresh interpreter (``spawn``: torch's threads do not survive a fork)."""
     import multiprocessing
 
     process = multiprocessing.get_context("spawn").Process(
-        target=run_in_child, args=(plan, name, threads, log), name=f"demo-{name}"
+        target=run_in_child, args=(run, plan, name, threads, log), name=f"demo-{name}"
     )
     process.start()
     return process
@@ -144,6 +154,8 @@ def run_scheduled(
     plan: DemoPlan,
     pending: list[str],
     jobs: int,
+    graph: Graph,
+    run: Runner,
     skip: Callable[[str], bool],
     begin: Callable[[str], None],
     end: Callable[[str, float], None],
@@ -156,6 +168,8 @@ def run_scheduled(
         plan: The demo's plan (handed to each stage's process).
         pending: Stages to run unless ``skip`` says they are done; every other stage is done.
         jobs: Stages at most side by side.
+        graph: Every stage by name (its upstream and optional stages).
+        run: Runs a stage, here or in its process.
         skip: Whether a stage whose upstream stages are done is done already (asked once, as it becomes ready).
         begin: Called as a stage starts (prints its header, records it as started).
         end: Called with its wall seconds when it has finished (checks its outputs, records it as done).
@@ -165,18 +179,17 @@ def run_scheduled(
     Raises:
         UserError: a stage failed; the stages running beside it are finished first and nothing new is started.
     """
-    from instaflow_pl.demo.stages import stage
     from instaflow_pl.runtime import available_cores
 
     cores, launch = cores or available_cores(), launch or spawn
     pending, running, failed = list(pending), [], []
-    done = {n for n in STAGES if n not in pending}
+    done = {n for n in graph if n not in pending}
     next_status = time.perf_counter() + STATUS_SECONDS
     try:
         while pending or running:
             here = None
-            for name in [] if failed else ready(pending, done):
-                threads = stage_threads(name, jobs, cores)
+            for name in [] if failed else ready(pending, done, graph):
+                threads = stage_threads(name, jobs, cores, graph)
                 if skip(name):
                     pending.remove(name)
                     done.add(name)
@@ -192,14 +205,14 @@ def run_scheduled(
                     log.parent.mkdir(parents=True, exist_ok=True)
                     begin(name)
                     print(f"   in its own process on {threads} thread(s); its output: {log}", flush=True)
-                    running.append(Running(name, launch(plan, name, threads, log), log))
+                    running.append(Running(name, launch(run, plan, name, threads, log), log))
             if here == "":
                 continue
             if here is not None:
                 pending.remove(here)
                 begin(here)
                 start = time.perf_counter()
-                stage(here).run(plan)
+                run(plan, here)
                 end(here, time.perf_counter() - start)
                 done.add(here)
                 continue

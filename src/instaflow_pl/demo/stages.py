@@ -427,6 +427,11 @@ def _write_record(plan: DemoPlan, current: Stage, state: str, seconds: float | N
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
+def run_stage(plan: DemoPlan, name: str) -> None:
+    """Do one stage's work (no records, no checks: :func:`run_stages` does those)."""
+    stage(name).run(plan)
+
+
 def run_stages(
     plan: DemoPlan, names: Sequence[str] | None = None, force: bool = False, jobs: int = 1
 ) -> dict[str, float]:
@@ -473,12 +478,12 @@ def run_stages(
         print(f"{name} done in {seconds:.0f} s", flush=True)
 
     if jobs > 1:
-        run_scheduled(plan, order, jobs, skip, begin, end)
+        run_scheduled(plan, order, jobs, {s.name: s for s in _stage_list()}, run_stage, skip, begin, end)
     else:
         for name in order:
             if not skip(name):
                 begin(name)
                 start = time.perf_counter()
-                stage(name).run(plan)
+                run_stage(plan, name)
                 end(name, time.perf_counter() - start)
     return {name: times[name] for name in order if name in times}
