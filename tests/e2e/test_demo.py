@@ -362,7 +362,10 @@ def test_the_reports_wandb_table_takes_the_dmd_row_only_when_there_is_one(tmp_pa
     summary = {"flows": flows, "students": [], "settings": {}, "findings": []}
     if with_dmd:
         summary["dmd"] = _row("DMD student", 1, 1.0, 1.6, budget=5000).to_json()
-    report._log_wandb(_plan(tmp_path / "demo"), summary, {})
+    try:
+        report._log_wandb(_plan(tmp_path / "demo"), summary, {})
+    finally:  # wandb keeps a process's first settings (the mode too): a later test in this process gets its own
+        wandb.teardown()
     assert added == ["1-RF", "DMD student"][: 1 + with_dmd]
 
 
