@@ -26,11 +26,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create .venv and install the package with dev tools (once; redone when pyproject.toml changes)
 
-test: $(STAMP) ## Run the test suite CI runs (CPU, no network; ~10 min on 2 cores): fast tests and those marked ci
-	$(BIN)/pytest -q -m "not slow or ci"
+TEST_JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+# The tests run in TEST_JOBS processes of one torch thread each (pytest-xdist; TEST_JOBS=0: all in this process).
+TEST_RUN = $(BIN)/pytest -q -n $(TEST_JOBS) --dist worksteal
+
+test: $(STAMP) ## Run the test suite CI runs (CPU, no network; under 10 min on 2 cores) [TEST_JOBS=N processes]
+	$(TEST_RUN) -m "not slow or ci"
 
 test-all: $(STAMP) ## Run every test, the slow ones too (~50 min on 2 cores: resume, DDP, notebook, family stories)
-	$(BIN)/pytest -q
+	$(TEST_RUN)
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

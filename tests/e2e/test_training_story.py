@@ -31,7 +31,6 @@ def teacher_straightness(teacher_folder, data_path) -> float:
     return straightness(teacher.sample(batch.x0, batch.prompts, guidance=1.0, return_trajectory=True)).mean().item()
 
 
-@pytest.mark.ci  # the method end to end: worth its minute in CI
 def test_reflow_then_distill_on_the_tiny_folder(tiny_sd, tmp_path):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("\n".join(PROMPTS) + "\n")

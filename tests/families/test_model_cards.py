@@ -227,7 +227,7 @@ torch.save({"class": type(pipe).__module__ + "." + type(pipe).__name__, "images"
 """
 
 
-@pytest.mark.parametrize("zeros_for_null", [True, False])
+@pytest.mark.parametrize("zeros_for_null", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_shipped_pipeline_file_equals_instaflow_pipeline(export, tmp_path, zeros_for_null):
     """SD and SDXL: the shipped file, loaded by stock diffusers without instaflow-pl, samples InstaFlowPipeline's
     latents exactly, with and without guidance (SDXL: with a zero or an encoded null prompt)."""
