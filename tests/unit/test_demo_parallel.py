@@ -74,7 +74,7 @@ def fake_stages(monkeypatch, tmp_path):
     return plan, ran
 
 
-def test_side_by_side_stages_run_in_their_own_processes_longest_chain_first(fake_stages, monkeypatch):
+def test_side_by_side_stages_run_in_their_own_processes_long_stages_first(fake_stages, monkeypatch):
     plan, ran = fake_stages
     launched = []
 
@@ -90,7 +90,7 @@ def test_side_by_side_stages_run_in_their_own_processes_longest_chain_first(fake
     assert list(times) == list(STAGES)  # in stage order, whatever order they finished in
     assert ran[:3] == [("setup", None), ("1rf", None), ("pairs-1rf", None)]  # in this process, every core
     # two at a time, each pair of launches in PRIORITY order among the ready stages
-    assert launched == ["2rf", "perflow", "pairs-2rf", "dmd", "distill-2rf", "distill-1rf"]
+    assert launched == ["2rf", "perflow", "distill-1rf", "pairs-2rf", "dmd", "distill-2rf"]
     assert all(threads == 2 for name, threads in ran[3:-1])
     assert ran[-1] == ("report", None)
     assert stages.run_stages(plan, jobs=2) == {}  # all done: skipped
