@@ -29,8 +29,9 @@ from instaflow_pl.errors import UserError
 PRIORITY = ("2rf", "perflow", "distill-1rf", "pairs-2rf", "dmd", "distill-2rf")
 """Which ready stage starts first when a process is free: the long stages that only need the 1-RF's pairs first (the
 2-RF opens the longest chain), then the short pairs-2rf and the 2-RF's students. With the stage times measured at
-one thread (2rf 273 s, perflow 429, pairs-2rf 56, distill-2rf 279, dmd 271, distill-1rf 272 on 2026-12-03) the two
-processes end 824 s after they start, against 880 s for the 2-RF's chain first; the best any order can do is 790."""
+one thread (2rf 273 s, perflow 429, pairs-2rf 56, distill-2rf 279, dmd 271, distill-1rf 272 on 2026-12-03), a
+simulation of this scheduler has the two processes end 824 s after they start, against 880 s for the 2-RF's chain
+first (the measured figure of that run); the best any order can do is 790."""
 
 STATUS_SECONDS = 60.0
 """How often the running stages' progress is printed."""
